@@ -1,0 +1,52 @@
+// swift-tools-version:6.0
+// NormKit: normalization methods for deep learning, under one Π → Φ → Ψ framework.
+import PackageDescription
+
+let package = Package(
+    name: "NormKit",
+    products: [
+        // MARK: - Public API
+        .library(name: "NormKit", targets: ["NormKit"]),
+        .executable(name: "normkit", targets: ["normkit"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0")
+    ],
+    targets: [
+        // MARK: - Public API
+        /// Umbrella module: `import NormKit` brings in every layer below.
+        .target(
+            name: "NormKit",
+            dependencies: ["TensorCore", "NormKernels", "Normalization", "NormIO"]
+        ),
+        .executableTarget(
+            name: "normkit",
+            dependencies: ["NormKitCLI"]
+        ),
+
+        // MARK: - Implementation details
+        /// Dense tensors of Float and Double with value semantics.
+        .target(name: "TensorCore"),
+        /// Stateless kernels over raw buffers; each fast kernel sits beside its reference.
+        .target(name: "NormKernels"),
+        /// The Π → Φ → Ψ core and the public normalization layers.
+        .target(name: "Normalization", dependencies: ["TensorCore", "NormKernels"]),
+        /// NumPy `.npy` and safetensors readers and writers.
+        .target(name: "NormIO", dependencies: ["TensorCore"]),
+        /// The `normkit` commands, as a library so that tests can run them in-process.
+        .target(
+            name: "NormKitCLI",
+            dependencies: [
+                "NormKit",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+
+        // MARK: - Tests
+        .testTarget(name: "TensorCoreTests", dependencies: ["TensorCore"]),
+        .testTarget(name: "NormKernelsTests", dependencies: ["NormKernels"]),
+        .testTarget(name: "NormalizationTests", dependencies: ["NormKit"]),
+        .testTarget(name: "NormIOTests", dependencies: ["NormIO"]),
+        .testTarget(name: "NormKitCLITests", dependencies: ["NormKitCLI"]),
+    ]
+)

@@ -1,0 +1,5 @@
+// NormKit: one import for the whole library.
+@_exported import NormIO
+@_exported import NormKernels
+@_exported import Normalization
+@_exported import TensorCore

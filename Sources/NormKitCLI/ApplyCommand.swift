@@ -1,0 +1,205 @@
+import ArgumentParser
+import NormKit
+
+/// `normkit apply`: one forward (and optionally backward) call of a layer on `.npy` data, with
+/// parameters and buffers in PyTorch's `state_dict` names in safetensors files.
+struct ApplyCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "apply",
+        abstract: "Apply a normalization layer to an .npy tensor (forward, and backward if asked).",
+        discussion: """
+            A float32 input computes in Float, a float64 input in Double (outputs keep the input's \
+            dtype). Parameters and buffers use PyTorch's state_dict names (weight, bias, \
+            running_mean, running_var, num_batches_tracked); a missing weight or bias means ones \
+            or zeros, a missing running buffer PyTorch's initial value.
+            """)
+
+    @Argument(help: "The layer: \(LayerName.allCases.map(\.rawValue).joined(separator: ", ")).")
+    var layer: String
+
+    @Option(help: "Input tensor (.npy, float32 or float64).")
+    var input: String
+
+    @Option(help: "Where to write the output (.npy).")
+    var output: String
+
+    @Option(help: "Parameters and buffers (.safetensors) under PyTorch's state_dict names.")
+    var params: String?
+
+    @Flag(help: "Inference mode: use running statistics where the layer tracks them.")
+    var eval = false
+
+    @Option(help: "ε inside the square root (default 1e-5; RMSNorm: the dtype's machine epsilon).")
+    var eps: Double?
+
+    @Option(help: "Weight of the new batch in running statistics (default 0.1), or 'none' for a cumulative average.")
+    var momentum: String?
+
+    @Option(help: "Number of groups (groupnorm).")
+    var groups: Int?
+
+    @Option(help: "Number of trailing dimensions to normalize (layernorm, rmsnorm; default 1).")
+    var normalizedDims: Int = 1
+
+    @Option(help: "Channel axis position: nchw (default) or nhwc.")
+    var layout: String = "nchw"
+
+    @Option(help: "Affine parameters: true or false (default: PyTorch's default for the layer).")
+    var affine: Bool?
+
+    @Option(help: "Track running statistics: true or false (default: PyTorch's default for the layer).")
+    var trackRunningStats: Bool?
+
+    @Option(help: "Output gradient dL/dy (.npy); needs --grad-input.")
+    var gradOutput: String?
+
+    @Option(help: "Where to write dL/dx (.npy).")
+    var gradInput: String?
+
+    @Option(help: "Where to write dL/dweight and dL/dbias (.safetensors).")
+    var gradParams: String?
+
+    @Option(help: "Where to write all parameters and buffers after the call (.safetensors).")
+    var updatedParams: String?
+
+    func validate() throws {
+        guard LayerName(rawValue: layer) != nil else {
+            throw ValidationError(
+                "unknown layer '\(layer)'; expected one of: \(LayerName.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        guard Layout(rawValue: layout.lowercased()) != nil else {
+            throw ValidationError("unknown layout '\(layout)'; expected nchw or nhwc")
+        }
+        if gradOutput != nil && gradInput == nil && gradParams == nil {
+            throw ValidationError("--grad-output needs --grad-input or --grad-params to say where gradients go")
+        }
+        if (gradInput != nil || gradParams != nil) && gradOutput == nil {
+            throw ValidationError("--grad-input and --grad-params need --grad-output (dL/dy)")
+        }
+        _ = try parsedMomentum()
+    }
+
+    func parsedMomentum() throws -> Momentum {
+        guard let momentum else { return .pytorchDefault }
+        if ["none", "cumulative"].contains(momentum.lowercased()) { return .cumulative }
+        guard let value = Double(momentum), value >= 0, value <= 1 else {
+            throw ValidationError("--momentum must be a number in [0, 1] or 'none', got '\(momentum)'")
+        }
+        return .exponential(weightOfNew: value)
+    }
+
+    func run() throws {
+        let request = ApplyRequest(
+            layer: LayerName(rawValue: layer)!, input: input, output: output, params: params,
+            mode: eval ? .inference : .training,
+            options: {
+                var o = LayerOptions()
+                o.epsilon = eps
+                o.momentum = (try? parsedMomentum()) ?? .pytorchDefault
+                o.groups = groups
+                o.normalizedDims = normalizedDims
+                o.layout = Layout(rawValue: layout.lowercased()) ?? .channelsFirst
+                o.affine = affine
+                o.trackRunningStatistics = trackRunningStats
+                return o
+            }(),
+            gradOutput: gradOutput, gradInput: gradInput, gradParams: gradParams, updatedParams: updatedParams)
+        try request.run()
+    }
+}
+
+/// Everything `normkit apply` does, separate from argument parsing.
+public struct ApplyRequest: Sendable {
+    /// The layer.
+    public var layer: LayerName
+    /// Paths.
+    public var input: String
+    /// Output path.
+    public var output: String
+    /// Parameter file.
+    public var params: String?
+    /// Training or inference.
+    public var mode: Mode
+    /// Hyperparameters.
+    public var options: LayerOptions
+    /// dL/dy path.
+    public var gradOutput: String?
+    /// dL/dx path.
+    public var gradInput: String?
+    /// Parameter-gradient path.
+    public var gradParams: String?
+    /// Updated state path.
+    public var updatedParams: String?
+
+    /// Runs the request: reads, computes in the input's precision, writes.
+    public func run() throws {
+        let x = try Numpy.read(contentsOf: input)
+        let state = try params.map { try Safetensors.read(contentsOf: $0) }
+        switch x {
+        case .float32(let tensor): try compute(tensor, state: state)
+        case .float64(let tensor): try compute(tensor, state: state)
+        case .int64: throw FileFormatError.unsupportedDType(format: "npy", dtype: "<i8")
+        }
+    }
+
+    private func compute<T: NormScalar>(_ x: Tensor<T>, state: Safetensors.File?) throws {
+        let names = Set(state?.tensors.keys.map { $0 } ?? [])
+        let layer = try LayerFactory.make(
+            self.layer, inputShape: x.shape, options: options, parameterNames: names, as: T.self)
+        if let state {
+            var tensors: [String: Tensor<T>] = [:]
+            var batches: Int?
+            for (key, array) in state.tensors {
+                if key == ParameterKey.batchesTracked.rawValue {
+                    guard case .int64(_, let values) = array, values.count == 1 else {
+                        throw NormError.parameterShapeMismatch(name: key, expected: [], actual: array.shape)
+                    }
+                    // A layer without running statistics ignores the counter, as PyTorch's
+                    // state_dict of such a layer would not have it.
+                    batches = layer.runningStatistics == nil ? nil : Int(values[0])
+                    continue
+                }
+                if case .int64 = array { throw FileFormatError.wrongDType(name: key, expected: T.dtypeName, actual: "int64") }
+                tensors[key] = array.tensor(as: T.self)
+            }
+            try layer.load(tensors, batchesTracked: batches)
+        }
+        let (y, cache) = try layer.forward(x, mode: mode)
+        var gradients: NormLayer<T>.Gradients?
+        if let gradOutput {
+            let dy = try Numpy.read(contentsOf: gradOutput).tensor(as: T.self)
+            gradients = try layer.backward(dy, cache: cache)
+        }
+        // Every computation succeeded: now write the outputs.
+        try Numpy.write(y, to: output)
+        if let gradients {
+            if let gradInput { try Numpy.write(gradients.input, to: gradInput) }
+            if let gradParams {
+                var file = Safetensors.File()
+                if let g = gradients.scale { file.tensors[ParameterKey.scale.rawValue] = .init(g) }
+                if let g = gradients.offset { file.tensors[ParameterKey.offset.rawValue] = .init(g) }
+                try Safetensors.write(file, to: gradParams)
+            }
+        }
+        if let updatedParams {
+            let (tensors, batches) = layer.state()
+            var file = Safetensors.File()
+            for (key, value) in tensors { file.tensors[key] = .init(value) }
+            if let batches {
+                file.tensors[ParameterKey.batchesTracked.rawValue] = .int64(shape: [], values: [Int64(batches)])
+            }
+            try Safetensors.write(file, to: updatedParams)
+        }
+    }
+}
+
+extension StoredArray {
+    /// Wraps a tensor of either float type.
+    init<T: NormScalar>(_ tensor: Tensor<T>) {
+        if let t = tensor as? Tensor<Float> {
+            self = .float32(t)
+        } else {
+            self = .float64(tensor.converted(to: Double.self))
+        }
+    }
+}

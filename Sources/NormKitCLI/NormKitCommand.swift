@@ -1,0 +1,12 @@
+import ArgumentParser
+
+/// The `normkit` command-line tool: a thin layer of argument parsing over the libraries.
+public struct NormKitCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "normkit",
+        abstract: "Normalization layers for deep learning: apply, check and explore them.",
+        subcommands: [ApplyCommand.self, TourCommand.self]
+    )
+
+    public init() {}
+}

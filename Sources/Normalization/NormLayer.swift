@@ -1,0 +1,447 @@
+import NormKernels
+import TensorCore
+
+/// A normalization layer built from a ``Normalizer``: parameters, running state and the
+/// forward and backward passes of any Π → Φ → Ψ combination.
+///
+/// ```
+/// y = γ ⊙ Φ(x; Π) + β,   Φ = (x − μ)/√(σ² + ε), (x − μ), or x/√(E[x²] + ε)
+/// ```
+/// The five standard layers (``BatchNorm``, ``LayerNorm``, ``InstanceNorm``, ``GroupNorm``,
+/// ``RMSNorm``) are this class with a fixed configuration, and a user can compose one nobody
+/// shipped:
+/// ```swift
+/// // Standardize over (N, H) separately for every (C, W).
+/// let odd = try NormLayer<Double>(normalizer: Normalizer(partition: .axes([0, 2])))
+/// let (y, cache) = try odd.forward(x, mode: .training)
+/// let grads = try odd.backward(dy, cache: cache)
+/// ```
+///
+/// Training mode normalizes with batch statistics and, when the layer tracks them, updates
+/// ``runningStatistics`` (see ``RunningStatistics`` for the rule). Inference and frozen modes
+/// normalize with the running statistics when the layer tracks them, and otherwise with the
+/// input's own statistics. A call that throws changes nothing.
+///
+/// The ``Cache`` holds the input (shared, not copied) and μ, rstd per statistic; backward
+/// recomputes x̂ from them instead of storing it (half the memory for one more multiply).
+///
+/// ## Shape
+/// Input and output: any shape the partition accepts (see ``Normalizer/Partition``). Statistics:
+/// the kept axes of the partition's view, e.g. `[C]` for BatchNorm, `[N, G]` for GroupNorm.
+public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
+    /// Π, Φ, Ψ, the variance estimator and ε.
+    public let normalizer: Normalizer
+    /// Where the channel axis is.
+    public let layout: Layout
+    /// The layer's name in messages (`"BatchNorm"`).
+    public let name: String
+    /// The channel count the input must have, when the layer has one.
+    public let channelCount: Int?
+    /// The trailing shape the input must end with, when the layer has one.
+    public let trailingShape: [Int]?
+    /// Whether training refuses a statistic over a single value (BatchNorm, InstanceNorm).
+    public let requiresMultipleValues: Bool
+    /// What training does when a statistic would be over a single value.
+    public let singleValuePolicy: SingleValuePolicy
+
+    /// γ (`weight`), or nil when the recovery has no parameters. Initially 1.
+    public var scale: Tensor<Scalar>?
+    /// β (`bias`), or nil when the recovery has no offset. Initially 0.
+    public var offset: Tensor<Scalar>?
+    /// Running estimates for inference, or nil when the layer does not track them.
+    public var runningStatistics: RunningStatistics<Scalar>?
+    /// The momentum of lazily created running statistics (layers whose statistic shape is only
+    /// known from the first input).
+    let lazyRunningMomentum: Momentum?
+
+    /// Creates a layer from a normalizer.
+    ///
+    /// - Parameters:
+    ///   - normalizer: Π, Φ, Ψ, variance and ε.
+    ///   - layout: where the channel axis is.
+    ///   - runningMomentum: track running statistics with this rule (nil: do not track).
+    ///   - runningShape: their shape when known in advance; nil creates them (mean 0, variance 1)
+    ///     on the first training call, from the partition's statistics with the batch axis
+    ///     averaged out.
+    ///   - channelCount: the channel count inputs must have (checked on every call).
+    ///   - trailingShape: the trailing dimensions inputs must have.
+    ///   - requiresMultipleValues: refuse single-value statistics in training.
+    ///   - singleValuePolicy: what to do instead of refusing.
+    ///   - name: the name used in error messages.
+    /// - Throws: ``NormError/invalidHyperparameter(name:value:requirement:)`` for a negative or
+    ///   non-finite ε, a momentum outside [0, 1], or an empty parameter shape.
+    public init(
+        normalizer: Normalizer, layout: Layout = .channelsFirst, runningMomentum: Momentum? = nil,
+        runningShape: [Int]? = nil, channelCount: Int? = nil, trailingShape: [Int]? = nil,
+        requiresMultipleValues: Bool = false, singleValuePolicy: SingleValuePolicy = .throwError,
+        name: String = "NormLayer"
+    ) throws(NormError) {
+        guard normalizer.epsilon >= 0, normalizer.epsilon.isFinite else {
+            throw .invalidHyperparameter(
+                name: "epsilon", value: "\(normalizer.epsilon)", requirement: "must be finite and ≥ 0")
+        }
+        if let channelCount, channelCount < 1 {
+            throw .invalidHyperparameter(
+                name: "channel count", value: "\(channelCount)", requirement: "must be ≥ 1")
+        }
+        try runningMomentum?.validate()
+        self.normalizer = normalizer
+        self.layout = layout
+        self.name = name
+        self.channelCount = channelCount
+        self.trailingShape = trailingShape
+        self.requiresMultipleValues = requiresMultipleValues
+        self.singleValuePolicy = singleValuePolicy
+        if let shape = normalizer.recovery.parameterShape {
+            guard !shape.isEmpty, shape.allSatisfy({ $0 >= 1 }) else {
+                throw .invalidHyperparameter(
+                    name: "parameter shape", value: "\(shape)", requirement: "every dimension must be ≥ 1")
+            }
+            do {
+                scale = try Tensor(repeating: 1, shape: shape)
+                offset = normalizer.recovery.hasOffset ? try Tensor(zeros: shape) : nil
+            } catch { throw .tensor(error) }
+        }
+        if let runningMomentum, let runningShape {
+            runningStatistics = try RunningStatistics(shape: runningShape, momentum: runningMomentum)
+        }
+        lazyRunningMomentum = runningStatistics == nil ? runningMomentum : nil
+    }
+
+    // MARK: - Forward
+
+    /// What ``forward(_:mode:)`` keeps for ``backward(_:cache:)``.
+    public struct Cache: Sendable {
+        /// The input (shares storage with the caller's tensor).
+        public let input: Tensor<Scalar>
+        /// The reduction plan whose sets the statistics belong to.
+        public let plan: ReductionPlan
+        /// μ per statistic (0 where Φ does not center).
+        public let mean: [Double]
+        /// 1/√(σ² + ε) per statistic (1 where Φ does not scale).
+        public let rstd: [Double]
+        /// True when the statistics came from running estimates: no gradient flows through them.
+        public let statisticsAreConstant: Bool
+    }
+
+    /// Normalizes `x`; in training mode updates running statistics.
+    ///
+    /// - Returns: the output (same shape as `x`) and the cache for ``backward(_:cache:)``.
+    /// - Throws: ``NormError`` for an input the layer cannot take; nothing changes then.
+    public func forward(_ x: Tensor<Scalar>, mode: Mode) throws(NormError) -> (
+        output: Tensor<Scalar>, cache: Cache
+    ) {
+        var plan = try validatedPlan(for: x)
+        let op = normalizer.kernelOperation
+        let runningPlan = plan.reducing([0])
+        try validateRunningShape(runningPlan)
+
+        var useRunning = mode.usesRunningStatistics && (runningStatistics != nil)
+        var updateRunning = mode == .training && (runningStatistics != nil || lazyRunningMomentum != nil)
+        if mode == .training, plan.setSize == 1,
+            requiresMultipleValues || updateRunning || normalizer.variance == .unbiased
+        {
+            switch singleValuePolicy {
+            case .throwError:
+                throw .singleValuePerStatistic(layer: name, shape: x.shape)
+            case .useRunningStatistics:
+                guard runningStatistics != nil else { throw .runningStatisticsUnavailable(layer: name) }
+                useRunning = true
+            case .useInstanceStatistics:
+                // Per (sample, channel) over the spatial axes; a rank-2 input has none, so
+                // every element is its own set.
+                plan =
+                    x.rank >= 3
+                    ? try Normalizer.Partition.instance.plan(for: x.shape, layout: layout)
+                    : ReductionPlan(viewShape: x.shape, reduced: [Bool](repeating: false, count: x.rank))
+            }
+            updateRunning = false
+        }
+
+        let mean: [Double]
+        let rstd: [Double]
+        if useRunning, let running = runningStatistics {
+            plan = runningPlan
+            mean = op.centers ? running.mean.scalars.map(Double.init) : [Double](repeating: 0, count: plan.setCount)
+            let variance = running.variance.scalars.map(Double.init)
+            rstd = ReferenceNormKernel.reciprocalStandardDeviation(variance: variance, operation: op)
+        } else {
+            let setIndex = plan.setIndices()
+            let moments = x.withUnsafeBufferPointer {
+                ReferenceNormKernel.moments($0, setIndex: setIndex, setCount: plan.setCount, operation: op)
+            }
+            if updateRunning {
+                try updateRunningStatistics(moments, plan: plan, runningPlan: runningPlan)
+            }
+            mean = moments.mean
+            rstd = ReferenceNormKernel.reciprocalStandardDeviation(variance: moments.variance, operation: op)
+        }
+
+        let setIndex = plan.setIndices()
+        var y = [Scalar](repeating: 0, count: x.count)
+        let indexing = parameterIndexing(for: x.shape)
+        x.withUnsafeBufferPointer { xb in
+            y.withUnsafeMutableBufferPointer { yb in
+                withOptionalBuffers(scale, offset) { sb, ob in
+                    ReferenceNormKernel.forward(
+                        xb, setIndex: setIndex, mean: mean, rstd: rstd, scale: sb, offset: ob,
+                        parameterIndexing: indexing, into: yb)
+                }
+            }
+        }
+        let output = try tensor(shape: x.shape, scalars: y)
+        let cache = Cache(input: x, plan: plan, mean: mean, rstd: rstd, statisticsAreConstant: useRunning)
+        return (output, cache)
+    }
+
+    // MARK: - Backward
+
+    /// Gradients of a scalar loss with respect to the input and the affine parameters.
+    public struct Gradients: Sendable {
+        /// dL/dx, the input's shape.
+        public var input: Tensor<Scalar>
+        /// dL/dγ (`weight`), nil without γ.
+        public var scale: Tensor<Scalar>?
+        /// dL/dβ (`bias`), nil without β.
+        public var offset: Tensor<Scalar>?
+    }
+
+    /// Back-propagates `dy` through the forward call that produced `cache`.
+    ///
+    /// Within each reduction set of m elements, with g = dy ⊙ γ and x̂ the normalized input:
+    /// ```
+    /// dx = rstd · (g − mean(g) − x̂ · mean(g x̂))      (standardize, biased variance)
+    /// dγ = Σ dy ⊙ x̂,   dβ = Σ dy
+    /// ```
+    /// and `dx = rstd · g` when the statistics were running estimates (constants). See
+    /// ``ReferenceNormKernel/backward(_:outputGradient:setIndex:setCount:mean:rstd:operation:statisticsAreConstant:scale:parameterIndexing:inputGradient:scaleGradient:offsetGradient:)``
+    /// for the other operations.
+    /// - Throws: ``NormError/gradientShapeMismatch(expected:actual:)``.
+    public func backward(_ dy: Tensor<Scalar>, cache: Cache) throws(NormError) -> Gradients {
+        let x = cache.input
+        guard dy.shape == x.shape else {
+            throw .gradientShapeMismatch(expected: x.shape, actual: dy.shape)
+        }
+        try validateParameters()
+        let setIndex = cache.plan.setIndices()
+        let indexing = parameterIndexing(for: x.shape)
+        var dx = [Scalar](repeating: 0, count: x.count)
+        var dScale: [Double] = []
+        var dOffset: [Double] = []
+        x.withUnsafeBufferPointer { xb in
+            dy.withUnsafeBufferPointer { dyb in
+                dx.withUnsafeMutableBufferPointer { dxb in
+                    withOptionalBuffers(scale, nil) { sb, _ in
+                        ReferenceNormKernel.backward(
+                            xb, outputGradient: dyb, setIndex: setIndex, setCount: cache.plan.setCount,
+                            mean: cache.mean, rstd: cache.rstd, operation: normalizer.kernelOperation,
+                            statisticsAreConstant: cache.statisticsAreConstant, scale: sb,
+                            parameterIndexing: indexing, inputGradient: dxb,
+                            scaleGradient: &dScale, offsetGradient: &dOffset)
+                    }
+                }
+            }
+        }
+        var gradients = Gradients(input: try tensor(shape: x.shape, scalars: dx))
+        if let shape = normalizer.recovery.parameterShape {
+            gradients.scale = try tensor(shape: shape, scalars: dScale.map { Scalar($0) })
+            if normalizer.recovery.hasOffset {
+                gradients.offset = try tensor(shape: shape, scalars: dOffset.map { Scalar($0) })
+            }
+        }
+        return gradients
+    }
+
+    // MARK: - State
+
+    /// Parameters and buffers under PyTorch's `state_dict` names (see ``ParameterKey``);
+    /// `num_batches_tracked` is returned separately as an integer.
+    public func state() -> (tensors: [String: Tensor<Scalar>], batchesTracked: Int?) {
+        var tensors: [String: Tensor<Scalar>] = [:]
+        if let scale { tensors[ParameterKey.scale.rawValue] = scale }
+        if let offset { tensors[ParameterKey.offset.rawValue] = offset }
+        if let running = runningStatistics {
+            tensors[ParameterKey.runningMean.rawValue] = running.mean
+            tensors[ParameterKey.runningVariance.rawValue] = running.variance
+        }
+        return (tensors, runningStatistics?.batchesTracked)
+    }
+
+    /// Loads parameters and buffers by PyTorch name; missing entries keep their values.
+    ///
+    /// - Throws: ``NormError/parameterShapeMismatch(name:expected:actual:)`` for a wrong shape or
+    ///   a name the layer does not have; nothing is loaded then.
+    public func load(_ tensors: [String: Tensor<Scalar>], batchesTracked: Int? = nil) throws(NormError) {
+        var newScale = scale
+        var newOffset = offset
+        var newRunning = runningStatistics
+        for (key, value) in tensors {
+            switch ParameterKey(rawValue: key) {
+            case .scale? where scale != nil:
+                try checkShape(key, value.shape, scale!.shape)
+                newScale = value
+            case .offset? where offset != nil:
+                try checkShape(key, value.shape, offset!.shape)
+                newOffset = value
+            case .runningMean? where runningStatistics != nil:
+                try checkShape(key, value.shape, runningStatistics!.mean.shape)
+                newRunning?.mean = value
+            case .runningVariance? where runningStatistics != nil:
+                try checkShape(key, value.shape, runningStatistics!.variance.shape)
+                newRunning?.variance = value
+            default:
+                throw .parameterShapeMismatch(name: key, expected: [], actual: value.shape)
+            }
+        }
+        if let batchesTracked {
+            guard newRunning != nil, batchesTracked >= 0 else {
+                throw .invalidHyperparameter(
+                    name: ParameterKey.batchesTracked.rawValue, value: "\(batchesTracked)",
+                    requirement: "needs running statistics and a count ≥ 0")
+            }
+            newRunning?.batchesTracked = batchesTracked
+        }
+        scale = newScale
+        offset = newOffset
+        runningStatistics = newRunning
+    }
+
+    // MARK: - Validation and helpers
+
+    private func validatedPlan(for x: Tensor<Scalar>) throws(NormError) -> ReductionPlan {
+        guard x.count > 0 else { throw .emptyTensor(layer: name, shape: x.shape) }
+        if let channelCount {
+            guard x.rank >= 2 else {
+                throw .invalidRank(layer: name, expected: "rank ≥ 2 (N, C, …)", shape: x.shape)
+            }
+            let actual = x.shape[layout.channelAxis(rank: x.rank)]
+            guard actual == channelCount else {
+                throw .channelMismatch(layer: name, expected: channelCount, actual: actual, shape: x.shape)
+            }
+        }
+        if let trailingShape {
+            guard x.rank >= trailingShape.count, Array(x.shape.suffix(trailingShape.count)) == trailingShape
+            else { throw .normalizedShapeMismatch(layer: name, expected: trailingShape, shape: x.shape) }
+        }
+        let plan = try normalizer.partition.plan(for: x.shape, layout: layout)
+        try validateParameters(inputShape: x.shape)
+        return plan
+    }
+
+    private func validateParameters(inputShape: [Int]? = nil) throws(NormError) {
+        guard let shape = normalizer.recovery.parameterShape else { return }
+        if let scale { try checkShape(ParameterKey.scale.rawValue, scale.shape, shape) }
+        if let offset { try checkShape(ParameterKey.offset.rawValue, offset.shape, shape) }
+        guard let inputShape else { return }
+        switch normalizer.recovery {
+        case .channelAffine(let channels, _):
+            let actual = inputShape.count >= 2 ? inputShape[layout.channelAxis(rank: inputShape.count)] : 0
+            guard actual == channels else {
+                throw .channelMismatch(layer: name, expected: channels, actual: actual, shape: inputShape)
+            }
+        case .elementwiseAffine(let trailing, _):
+            guard Array(inputShape.suffix(trailing.count)) == trailing else {
+                throw .normalizedShapeMismatch(layer: name, expected: trailing, shape: inputShape)
+            }
+        case .none:
+            break
+        }
+    }
+
+    private func validateRunningShape(_ runningPlan: ReductionPlan) throws(NormError) {
+        guard let running = runningStatistics else { return }
+        let expected = runningPlan.statisticShape
+        let count = runningPlan.setCount
+        guard running.mean.count == count else {
+            throw .parameterShapeMismatch(
+                name: ParameterKey.runningMean.rawValue, expected: expected, actual: running.mean.shape)
+        }
+        guard running.variance.count == count else {
+            throw .parameterShapeMismatch(
+                name: ParameterKey.runningVariance.rawValue, expected: expected, actual: running.variance.shape)
+        }
+    }
+
+    private func checkShape(_ name: String, _ actual: [Int], _ expected: [Int]) throws(NormError) {
+        guard actual == expected else {
+            throw .parameterShapeMismatch(name: name, expected: expected, actual: actual)
+        }
+    }
+
+    /// Applies one training batch to the running statistics (all-or-nothing).
+    private func updateRunningStatistics(
+        _ moments: ReferenceNormKernel.Moments, plan: ReductionPlan, runningPlan: ReductionPlan
+    ) throws(NormError) {
+        guard moments.mean.allSatisfy(\.isFinite), moments.biasedVariance.allSatisfy(\.isFinite) else {
+            throw .nonFiniteStatistics(layer: name)
+        }
+        var running: RunningStatistics<Scalar>
+        if let existing = runningStatistics {
+            running = existing
+        } else {
+            running = try RunningStatistics(shape: runningPlan.statisticShape, momentum: lazyRunningMomentum!)
+        }
+        let m = Double(plan.setSize)
+        let slots = runningPlan.setCount
+        // Sets are numbered row-major over the kept view axes; when the batch axis is kept it is
+        // the outermost, so set s belongs to running slot s % slots (averaged over the batch).
+        let perSlot = Double(plan.setCount / slots)
+        var batchMean = [Double](repeating: 0, count: slots)
+        var batchVariance = [Double](repeating: 0, count: slots)
+        let centers = normalizer.operation.centers
+        for s in 0..<plan.setCount {
+            let variance = centers ? moments.biasedVariance[s] * m / (m - 1) : moments.variance[s]
+            batchMean[s % slots] += moments.mean[s] / perSlot
+            batchVariance[s % slots] += variance / perSlot
+        }
+        running.batchesTracked += 1
+        let f = running.momentum.weightOfNew(batchesTracked: running.batchesTracked)
+        let oldMean = running.mean.scalars
+        let oldVariance = running.variance.scalars
+        let newMean = (0..<slots).map { Scalar((1 - f) * Double(oldMean[$0]) + f * batchMean[$0]) }
+        let newVariance = (0..<slots).map {
+            Scalar((1 - f) * Double(oldVariance[$0]) + f * batchVariance[$0])
+        }
+        running.mean = try tensor(shape: running.mean.shape, scalars: newMean)
+        running.variance = try tensor(shape: running.variance.shape, scalars: newVariance)
+        runningStatistics = running
+    }
+
+    private func parameterIndexing(for shape: [Int]) -> ParameterIndexing? {
+        switch normalizer.recovery {
+        case .none:
+            return nil
+        case .channelAffine(let channels, _):
+            let axis = layout.channelAxis(rank: shape.count)
+            return ParameterIndexing(divisor: Shape.strides(shape)[axis], modulus: channels)
+        case .elementwiseAffine(let trailing, _):
+            return ParameterIndexing(divisor: 1, modulus: trailing.reduce(1, *))
+        }
+    }
+
+    private func tensor(shape: [Int], scalars: [Scalar]) throws(NormError) -> Tensor<Scalar> {
+        do { return try Tensor(shape: shape, scalars: scalars) } catch { throw .tensor(error) }
+    }
+
+    // MARK: - CustomStringConvertible
+
+    /// One line with the layer's configuration, like PyTorch's `extra_repr`.
+    public var description: String {
+        var parts = [normalizer.description, "layout=\(layout)"]
+        if let running = runningStatistics { parts.append("running(\(running.momentum))") }
+        return "\(name)(\(parts.joined(separator: ", ")))"
+    }
+}
+
+/// Calls `body` with buffers for the optional tensors (nil stays nil).
+func withOptionalBuffers<S: NormScalar, R>(
+    _ a: Tensor<S>?, _ b: Tensor<S>?,
+    _ body: (UnsafeBufferPointer<S>?, UnsafeBufferPointer<S>?) -> R
+) -> R {
+    func inner(_ pa: UnsafeBufferPointer<S>?) -> R {
+        if let b { return b.withUnsafeBufferPointer { body(pa, $0) } }
+        return body(pa, nil)
+    }
+    if let a { return a.withUnsafeBufferPointer { inner($0) } }
+    return inner(nil)
+}

@@ -1,0 +1,2 @@
+import NormKitCLI
+NormKitCommand.main()
