@@ -43,10 +43,12 @@ let package = Package(
         ),
 
         // MARK: - Tests
+        /// Fixture loading and comparison helpers shared by the test targets.
+        .target(name: "NormTestSupport", dependencies: ["NormKit"], path: "Tests/_TestSupport"),
         .testTarget(name: "TensorCoreTests", dependencies: ["TensorCore"]),
-        .testTarget(name: "NormKernelsTests", dependencies: ["NormKernels"]),
-        .testTarget(name: "NormalizationTests", dependencies: ["NormKit"]),
-        .testTarget(name: "NormIOTests", dependencies: ["NormIO"]),
-        .testTarget(name: "NormKitCLITests", dependencies: ["NormKitCLI"]),
+        .testTarget(name: "NormKernelsTests", dependencies: ["NormKernels", "NormTestSupport"]),
+        .testTarget(name: "NormalizationTests", dependencies: ["NormKit", "NormTestSupport"]),
+        .testTarget(name: "NormIOTests", dependencies: ["NormIO", "NormTestSupport"]),
+        .testTarget(name: "NormKitCLITests", dependencies: ["NormKitCLI", "NormTestSupport"]),
     ]
 )

@@ -14,7 +14,7 @@ struct ApplyCommand: ParsableCommand {
             or zeros, a missing running buffer PyTorch's initial value.
             """)
 
-    @Argument(help: "The layer: \(LayerName.allCases.map(\.rawValue).joined(separator: ", ")).")
+    @Argument(help: "The layer: \(StandardLayer.allCases.map(\.rawValue).joined(separator: ", ")).")
     var layer: String
 
     @Option(help: "Input tensor (.npy, float32 or float64).")
@@ -63,9 +63,9 @@ struct ApplyCommand: ParsableCommand {
     var updatedParams: String?
 
     func validate() throws {
-        guard LayerName(rawValue: layer) != nil else {
+        guard StandardLayer(rawValue: layer) != nil else {
             throw ValidationError(
-                "unknown layer '\(layer)'; expected one of: \(LayerName.allCases.map(\.rawValue).joined(separator: ", "))")
+                "unknown layer '\(layer)'; expected one of: \(StandardLayer.allCases.map(\.rawValue).joined(separator: ", "))")
         }
         guard Layout(rawValue: layout.lowercased()) != nil else {
             throw ValidationError("unknown layout '\(layout)'; expected nchw or nhwc")
@@ -90,7 +90,7 @@ struct ApplyCommand: ParsableCommand {
 
     func run() throws {
         let request = ApplyRequest(
-            layer: LayerName(rawValue: layer)!, input: input, output: output, params: params,
+            layer: StandardLayer(rawValue: layer)!, input: input, output: output, params: params,
             mode: eval ? .inference : .training,
             options: {
                 var o = LayerOptions()
@@ -111,7 +111,7 @@ struct ApplyCommand: ParsableCommand {
 /// Everything `normkit apply` does, separate from argument parsing.
 public struct ApplyRequest: Sendable {
     /// The layer.
-    public var layer: LayerName
+    public var layer: StandardLayer
     /// Paths.
     public var input: String
     /// Output path.
@@ -144,8 +144,7 @@ public struct ApplyRequest: Sendable {
 
     private func compute<T: NormScalar>(_ x: Tensor<T>, state: Safetensors.File?) throws {
         let names = Set(state?.tensors.keys.map { $0 } ?? [])
-        let layer = try LayerFactory.make(
-            self.layer, inputShape: x.shape, options: options, parameterNames: names, as: T.self)
+        let layer = try self.layer.make(inputShape: x.shape, options: options, parameterNames: names, as: T.self)
         if let state {
             var tensors: [String: Tensor<T>] = [:]
             var batches: Int?

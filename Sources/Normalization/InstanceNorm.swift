@@ -8,7 +8,9 @@ import TensorCore
 /// PyTorch's defaults: no affine parameters and no running statistics, so inference computes
 /// exactly what training does. With running statistics, training averages the per-sample mean
 /// and unbiased variance over the batch before the ``Momentum`` update, and inference uses
-/// them. This is ``GroupNorm`` with one channel per group (plus optional running statistics);
+/// them. As in PyTorch, the batch counter (`num_batches_tracked`) does not move, except under
+/// `.cumulative`, which needs it: there NormKit keeps a true running average, whereas PyTorch's
+/// InstanceNorm treats `momentum=None` as 0 and never updates. This is ``GroupNorm`` with one channel per group (plus optional running statistics);
 /// the tests prove the equivalence.
 ///
 /// ## Shape
@@ -32,6 +34,6 @@ public final class InstanceNorm<Scalar: NormScalar>: NormLayer<Scalar> {
                 recovery: affine ? .channelAffine(channels: featureCount) : .none, epsilon: epsilon),
             layout: layout, runningMomentum: trackRunningStatistics ? momentum : nil,
             runningShape: [featureCount], channelCount: featureCount, requiresMultipleValues: true,
-            singleValuePolicy: singleValuePolicy, name: "InstanceNorm")
+            singleValuePolicy: singleValuePolicy, countsEveryBatch: false, name: "InstanceNorm")
     }
 }

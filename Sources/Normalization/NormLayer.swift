@@ -43,6 +43,9 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
     public let requiresMultipleValues: Bool
     /// What training does when a statistic would be over a single value.
     public let singleValuePolicy: SingleValuePolicy
+    /// Whether every training batch increments ``RunningStatistics/batchesTracked`` (PyTorch's
+    /// BatchNorm does; its InstanceNorm does not, so NormKit's counts only for `.cumulative`).
+    public let countsEveryBatch: Bool
 
     /// γ (`weight`), or nil when the recovery has no parameters. Initially 1.
     public var scale: Tensor<Scalar>?
@@ -67,6 +70,8 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
     ///   - trailingShape: the trailing dimensions inputs must have.
     ///   - requiresMultipleValues: refuse single-value statistics in training.
     ///   - singleValuePolicy: what to do instead of refusing.
+    ///   - countsEveryBatch: increment the batch counter on every training batch, not only
+    ///     for a cumulative average.
     ///   - name: the name used in error messages.
     /// - Throws: ``NormError/invalidHyperparameter(name:value:requirement:)`` for a negative or
     ///   non-finite ε, a momentum outside [0, 1], or an empty parameter shape.
@@ -74,7 +79,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         normalizer: Normalizer, layout: Layout = .channelsFirst, runningMomentum: Momentum? = nil,
         runningShape: [Int]? = nil, channelCount: Int? = nil, trailingShape: [Int]? = nil,
         requiresMultipleValues: Bool = false, singleValuePolicy: SingleValuePolicy = .throwError,
-        name: String = "NormLayer"
+        countsEveryBatch: Bool = true, name: String = "NormLayer"
     ) throws(NormError) {
         guard normalizer.epsilon >= 0, normalizer.epsilon.isFinite else {
             throw .invalidHyperparameter(
@@ -92,6 +97,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         self.trailingShape = trailingShape
         self.requiresMultipleValues = requiresMultipleValues
         self.singleValuePolicy = singleValuePolicy
+        self.countsEveryBatch = countsEveryBatch
         if let shape = normalizer.recovery.parameterShape {
             guard !shape.isEmpty, shape.allSatisfy({ $0 >= 1 }) else {
                 throw .invalidHyperparameter(
@@ -394,7 +400,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             batchMean[s % slots] += moments.mean[s] / perSlot
             batchVariance[s % slots] += variance / perSlot
         }
-        running.batchesTracked += 1
+        if countsEveryBatch || running.momentum == .cumulative { running.batchesTracked += 1 }
         let f = running.momentum.weightOfNew(batchesTracked: running.batchesTracked)
         let oldMean = running.mean.scalars
         let oldVariance = running.variance.scalars
