@@ -314,8 +314,35 @@ def cases():
     return out
 
 
+def write_npy_samples(out_dir):
+    """.npy files written by NumPy itself, to test the reader against the real writer."""
+    import numpy as np
+    from numpy.lib import format as npf
+
+    folder = os.path.join(out_dir, "npy")
+    os.makedirs(folder, exist_ok=True)
+    values = np.arange(24, dtype=np.float64).reshape(2, 3, 4) / 8 - 1
+
+    def save(name, array, version=None):
+        with open(os.path.join(folder, name), "wb") as f:
+            npf.write_array(f, array, version=version)
+
+    save("f4_v1.npy", values.astype("<f4"), (1, 0))
+    save("f8_v1.npy", values.astype("<f8"), (1, 0))
+    save("f8_v2.npy", values.astype("<f8"), (2, 0))
+    save("f4_v3.npy", values.astype("<f4"), (3, 0))
+    save("scalar.npy", np.array(2.5, dtype="<f8"), (1, 0))
+    save("empty.npy", np.zeros((0, 3), dtype="<f4"), (1, 0))
+    save("vector.npy", np.array([1.5, -2.0, 3.25], dtype="<f4"), (1, 0))
+    save("big_endian.npy", values.astype(">f4"), (1, 0))
+    save("int32.npy", values.astype("<i4"), (1, 0))
+    save("fortran.npy", np.asfortranarray(values[0]), (1, 0))
+    save("float16.npy", values.astype("<f2"), (1, 0))
+
+
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "Tests/Fixtures"
+    write_npy_samples(out_dir)
     specs = cases()
     for spec in specs:
         generate(spec, out_dir)

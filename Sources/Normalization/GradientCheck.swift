@@ -81,7 +81,7 @@ public enum GradientCheck {
         return results
     }
 
-    static func compare(_ name: String, _ analytic: [Double], _ numeric: [Double]) -> Result {
+    public static func compare(_ name: String, _ analytic: [Double], _ numeric: [Double]) -> Result {
         var worst = 0.0
         var scale = 1e-12
         for (a, n) in zip(analytic, numeric) {
