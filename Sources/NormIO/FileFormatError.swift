@@ -20,6 +20,7 @@ public enum FileFormatError: Error, Equatable, CustomStringConvertible {
     /// A tensor has a dtype other than the one requested.
     case wrongDType(name: String, expected: String, actual: String)
 
+    /// A readable one-line description.
     public var description: String {
         switch self {
         case .io(let path, let reason):
@@ -94,7 +95,9 @@ enum ByteReader {
         _ bytes: UnsafeRawBufferPointer, at offset: Int, count: Int, as _: T.Type
     ) -> [T] {
         let width = T.byteCount
-        return (0..<count).map { T(littleEndianBits: uint(bytes, at: offset + $0 * width, width: width)) }
+        return (0..<count).map {
+            T(littleEndianBits: uint(bytes, at: offset + $0 * width, width: width))
+        }
     }
 
     static func int64s(_ bytes: UnsafeRawBufferPointer, at offset: Int, count: Int) -> [Int64] {

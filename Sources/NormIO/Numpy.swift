@@ -10,7 +10,8 @@ import TensorCore
 /// ## References
 /// 1. NumPy Enhancement Proposal 1, "A simple file format for NumPy arrays".
 public enum Numpy {
-    static let magic: [UInt8] = [0x93, 0x4E, 0x55, 0x4D, 0x50, 0x59]  // \x93NUMPY
+    /// The six magic bytes every `.npy` file starts with.
+    public static let magic: [UInt8] = [0x93, 0x4E, 0x55, 0x4D, 0x50, 0x59]  // \x93NUMPY
     static let format = "npy"
 
     /// Reads an array from a file.
@@ -19,14 +20,17 @@ public enum Numpy {
     }
 
     /// Reads a float array from a file as a tensor of the requested type.
-    public static func readTensor<T: NormScalar>(contentsOf path: String, as _: T.Type) throws(FileFormatError)
+    public static func readTensor<T: NormScalar>(contentsOf path: String, as _: T.Type)
+        throws(FileFormatError)
         -> Tensor<T>
     {
         try read(contentsOf: path).tensor(as: T.self)
     }
 
     /// Writes a tensor to a file (replacing it atomically).
-    public static func write<T: NormScalar>(_ tensor: Tensor<T>, to path: String) throws(FileFormatError) {
+    public static func write<T: NormScalar>(_ tensor: Tensor<T>, to path: String)
+        throws(FileFormatError)
+    {
         try FileBytes.write(encode(tensor), to: path)
     }
 
@@ -38,17 +42,21 @@ public enum Numpy {
         let major = bytes[6]
         let minor = bytes[7]
         guard (1...3).contains(major), minor == 0 else {
-            throw .malformedHeader(format: format, reason: "unsupported format version \(major).\(minor)")
+            throw .malformedHeader(
+                format: format, reason: "unsupported format version \(major).\(minor)")
         }
         let lengthWidth = major == 1 ? 2 : 4
         guard bytes.count >= 8 + lengthWidth else {
             throw .notAFile(format: format, reason: "file ends inside the header length")
         }
-        let headerLength = bytes.withUnsafeBytes { Int(ByteReader.uint($0, at: 8, width: lengthWidth)) }
+        let headerLength = bytes.withUnsafeBytes {
+            Int(ByteReader.uint($0, at: 8, width: lengthWidth))
+        }
         let headerStart = 8 + lengthWidth
         guard headerLength <= bytes.count - headerStart else {
             throw .notAFile(
-                format: format, reason: "header length \(headerLength) exceeds the file size \(bytes.count)")
+                format: format,
+                reason: "header length \(headerLength) exceeds the file size \(bytes.count)")
         }
         let headerBytes = bytes[headerStart..<(headerStart + headerLength)]
         let headerText: String
@@ -73,20 +81,28 @@ public enum Numpy {
         default: throw .unsupportedDType(format: format, dtype: header.descr)
         }
         if header.fortranOrder && header.shape.filter({ $0 > 1 }).count > 1 {
-            throw .malformedHeader(format: format, reason: "Fortran-order arrays are not supported; save in C order")
+            throw .malformedHeader(
+                format: format, reason: "Fortran-order arrays are not supported; save in C order")
         }
         let (needed, overflow) = count.multipliedReportingOverflow(by: itemSize)
         let available = bytes.count - dataStart
         guard !overflow, needed == available else {
             throw .sizeMismatch(
-                format: format, name: "array \(header.shape)", expectedBytes: overflow ? Int.max : needed,
+                format: format, name: "array \(header.shape)",
+                expectedBytes: overflow ? Int.max : needed,
                 actualBytes: available)
         }
         return bytes.withUnsafeBytes { raw in
             if itemSize == 4 {
-                return .float32(Tensor(unchecked: header.shape, ByteReader.floats(raw, at: dataStart, count: count, as: Float.self)))
+                return .float32(
+                    Tensor(
+                        unchecked: header.shape,
+                        ByteReader.floats(raw, at: dataStart, count: count, as: Float.self)))
             }
-            return .float64(Tensor(unchecked: header.shape, ByteReader.floats(raw, at: dataStart, count: count, as: Double.self)))
+            return .float64(
+                Tensor(
+                    unchecked: header.shape,
+                    ByteReader.floats(raw, at: dataStart, count: count, as: Double.self)))
         }
     }
 
@@ -98,7 +114,8 @@ public enum Numpy {
         case 1: shapeText = "(\(tensor.shape[0]),)"
         default: shapeText = "(" + tensor.shape.map(String.init).joined(separator: ", ") + ")"
         }
-        var header = "{'descr': '\(T.numpyDescriptor)', 'fortran_order': False, 'shape': \(shapeText), }"
+        var header =
+            "{'descr': '\(T.numpyDescriptor)', 'fortran_order': False, 'shape': \(shapeText), }"
         var major: UInt8 = 1
         var lengthWidth = 2
         // Pad with spaces so that magic + version + length + header is a multiple of 64.
@@ -117,7 +134,9 @@ public enum Numpy {
         ByteReader.append(UInt64(header.utf8.count), width: lengthWidth, to: &out)
         out.append(contentsOf: header.utf8)
         out.reserveCapacity(out.count + tensor.count * T.byteCount)
-        for value in tensor.scalars { ByteReader.append(value.littleEndianBits, width: T.byteCount, to: &out) }
+        for value in tensor.scalars {
+            ByteReader.append(value.littleEndianBits, width: T.byteCount, to: &out)
+        }
         return out
     }
 }
@@ -140,7 +159,9 @@ struct NumpyHeader: Equatable {
     /// Parses the literal with a small tokenizer: strings, True/False, tuples of integers.
     static func parse(_ text: String) throws(FileFormatError) -> NumpyHeader {
         var scanner = LiteralScanner(Array(text.unicodeScalars))
-        func fail(_ reason: String) -> FileFormatError { .malformedHeader(format: "npy", reason: reason) }
+        func fail(_ reason: String) -> FileFormatError {
+            .malformedHeader(format: "npy", reason: reason)
+        }
         var descr: String?
         var fortran: Bool?
         var shape: [Int]?
@@ -154,11 +175,17 @@ struct NumpyHeader: Equatable {
                 guard let value = scanner.string() else { throw fail("'descr' must be a string") }
                 descr = value
             case "fortran_order":
-                guard let value = scanner.boolean() else { throw fail("'fortran_order' must be True or False") }
+                guard let value = scanner.boolean() else {
+                    throw fail("'fortran_order' must be True or False")
+                }
                 fortran = value
             case "shape":
-                guard let value = scanner.intTuple() else { throw fail("'shape' must be a tuple of integers") }
-                guard value.allSatisfy({ $0 >= 0 }) else { throw fail("'shape' has a negative dimension") }
+                guard let value = scanner.intTuple() else {
+                    throw fail("'shape' must be a tuple of integers")
+                }
+                guard value.allSatisfy({ $0 >= 0 }) else {
+                    throw fail("'shape' has a negative dimension")
+                }
                 shape = value
             default:
                 throw fail("unexpected key '\(key)'")
@@ -197,7 +224,9 @@ struct LiteralScanner {
 
     mutating func string() -> String? {
         skipSpace()
-        guard position < scalars.count, scalars[position] == "'" || scalars[position] == "\"" else { return nil }
+        guard position < scalars.count, scalars[position] == "'" || scalars[position] == "\"" else {
+            return nil
+        }
         let quote = scalars[position]
         var end = position + 1
         while end < scalars.count, scalars[end] != quote { end += 1 }
@@ -244,7 +273,8 @@ enum FileBytes {
         do {
             return [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
         } catch {
-            let reason = FileManager.default.fileExists(atPath: path) ? "it cannot be read" : "no such file"
+            let reason =
+                FileManager.default.fileExists(atPath: path) ? "it cannot be read" : "no such file"
             throw .io(path: path, reason: reason)
         }
     }

@@ -26,7 +26,9 @@ public enum Safetensors {
         }
 
         /// The named tensor as the requested float type.
-        public func tensor<T: NormScalar>(_ name: String, as _: T.Type = T.self) throws(FileFormatError) -> Tensor<T> {
+        public func tensor<T: NormScalar>(_ name: String, as _: T.Type = T.self)
+            throws(FileFormatError) -> Tensor<T>
+        {
             guard let array = tensors[name] else {
                 throw .missingTensor(name: name, available: Array(tensors.keys))
             }
@@ -46,14 +48,19 @@ public enum Safetensors {
 
     /// Decodes the bytes of a safetensors file.
     public static func decode(_ bytes: [UInt8]) throws(FileFormatError) -> File {
-        func fail(_ reason: String) -> FileFormatError { .malformedHeader(format: format, reason: reason) }
+        func fail(_ reason: String) -> FileFormatError {
+            .malformedHeader(format: format, reason: reason)
+        }
         guard bytes.count >= 8 else {
-            throw .notAFile(format: format, reason: "the file is \(bytes.count) bytes, shorter than the 8-byte header length")
+            throw .notAFile(
+                format: format,
+                reason: "the file is \(bytes.count) bytes, shorter than the 8-byte header length")
         }
         let declared = bytes.withUnsafeBytes { ByteReader.uint($0, at: 0, width: 8) }
         guard declared <= UInt64(min(bytes.count - 8, maximumHeaderBytes)) else {
             throw .notAFile(
-                format: format, reason: "the header length \(declared) exceeds the file size \(bytes.count)")
+                format: format,
+                reason: "the header length \(declared) exceeds the file size \(bytes.count)")
         }
         let headerLength = Int(declared)
         let json: Any
@@ -62,25 +69,33 @@ public enum Safetensors {
         } catch {
             throw fail("the header is not valid JSON")
         }
-        guard let object = json as? [String: Any] else { throw fail("the header is not a JSON object") }
+        guard let object = json as? [String: Any] else {
+            throw fail("the header is not a JSON object")
+        }
         let dataStart = 8 + headerLength
         let dataLength = bytes.count - dataStart
         var result = File()
         var ranges: [(Int, Int, String)] = []
         for (name, value) in object {
             if name == "__metadata__" {
-                guard let metadata = value as? [String: Any] else { throw fail("__metadata__ is not an object") }
+                guard let metadata = value as? [String: Any] else {
+                    throw fail("__metadata__ is not an object")
+                }
                 for (key, item) in metadata {
-                    guard let text = item as? String else { throw fail("__metadata__['\(key)'] is not a string") }
+                    guard let text = item as? String else {
+                        throw fail("__metadata__['\(key)'] is not a string")
+                    }
                     result.metadata[key] = text
                 }
                 continue
             }
             guard let entry = value as? [String: Any], let dtype = entry["dtype"] as? String,
-                let shapeValues = entry["shape"] as? [Any], let offsetValues = entry["data_offsets"] as? [Any]
+                let shapeValues = entry["shape"] as? [Any],
+                let offsetValues = entry["data_offsets"] as? [Any]
             else { throw fail("tensor '\(name)' needs dtype, shape and data_offsets") }
             guard let shape = integers(shapeValues), shape.allSatisfy({ $0 >= 0 }) else {
-                throw fail("tensor '\(name)' has a shape that is not a list of non-negative integers")
+                throw fail(
+                    "tensor '\(name)' has a shape that is not a list of non-negative integers")
             }
             guard let offsets = integers(offsetValues), offsets.count == 2, offsets[0] >= 0,
                 offsets[0] <= offsets[1], offsets[1] <= dataLength
@@ -96,7 +111,9 @@ public enum Safetensors {
             default: throw .unsupportedDType(format: format, dtype: dtype)
             }
             let count: Int
-            do { count = try Shape.elementCount(shape) } catch { throw fail("tensor '\(name)': \(error)") }
+            do { count = try Shape.elementCount(shape) } catch {
+                throw fail("tensor '\(name)': \(error)")
+            }
             let (needed, overflow) = count.multipliedReportingOverflow(by: itemSize)
             guard !overflow, needed == offsets[1] - offsets[0] else {
                 throw .sizeMismatch(
@@ -107,9 +124,19 @@ public enum Safetensors {
             let start = dataStart + offsets[0]
             result.tensors[name] = bytes.withUnsafeBytes { raw -> StoredArray in
                 switch dtype {
-                case "F32": return .float32(Tensor(unchecked: shape, ByteReader.floats(raw, at: start, count: count, as: Float.self)))
-                case "F64": return .float64(Tensor(unchecked: shape, ByteReader.floats(raw, at: start, count: count, as: Double.self)))
-                default: return .int64(shape: shape, values: ByteReader.int64s(raw, at: start, count: count))
+                case "F32":
+                    return .float32(
+                        Tensor(
+                            unchecked: shape,
+                            ByteReader.floats(raw, at: start, count: count, as: Float.self)))
+                case "F64":
+                    return .float64(
+                        Tensor(
+                            unchecked: shape,
+                            ByteReader.floats(raw, at: start, count: count, as: Double.self)))
+                default:
+                    return .int64(
+                        shape: shape, values: ByteReader.int64s(raw, at: start, count: count))
                 }
             }
         }
@@ -141,10 +168,13 @@ public enum Safetensors {
             }
             let shape = array.shape.map(String.init).joined(separator: ",")
             entries.append(
-                "\(jsonString(name)):{\"dtype\":\"\(dtype)\",\"shape\":[\(shape)],\"data_offsets\":[\(start),\(data.count)]}")
+                "\(jsonString(name)):{\"dtype\":\"\(dtype)\",\"shape\":[\(shape)],\"data_offsets\":[\(start),\(data.count)]}"
+            )
         }
         if !file.metadata.isEmpty {
-            let items = file.metadata.keys.sorted().map { "\(jsonString($0)):\(jsonString(file.metadata[$0]!))" }
+            let items = file.metadata.keys.sorted().map {
+                "\(jsonString($0)):\(jsonString(file.metadata[$0]!))"
+            }
             entries.insert("\"__metadata__\":{\(items.joined(separator: ","))}", at: 0)
         }
         var header = Array("{\(entries.joined(separator: ","))}".utf8)

@@ -71,7 +71,9 @@ public enum ReferenceNormKernel {
             let s = setIndex[i]
             let d = Double(x[i]) - mean[s]
             squares[s] += d * d
-            if operation.scales && !operation.centers { rawSquares[s] += Double(x[i]) * Double(x[i]) }
+            if operation.scales && !operation.centers {
+                rawSquares[s] += Double(x[i]) * Double(x[i])
+            }
         }
         var variance = [Double](repeating: 0, count: setCount)
         var biased = [Double](repeating: 0, count: setCount)

@@ -32,7 +32,10 @@ struct ApplyCommand: ParsableCommand {
     @Option(help: "ε inside the square root (default 1e-5; RMSNorm: the dtype's machine epsilon).")
     var eps: Double?
 
-    @Option(help: "Weight of the new batch in running statistics (default 0.1), or 'none' for a cumulative average.")
+    @Option(
+        help:
+            "Weight of the new batch in running statistics (default 0.1), or 'none' for a cumulative average."
+    )
     var momentum: String?
 
     @Option(help: "Number of groups (groupnorm).")
@@ -47,7 +50,8 @@ struct ApplyCommand: ParsableCommand {
     @Option(help: "Affine parameters: true or false (default: PyTorch's default for the layer).")
     var affine: Bool?
 
-    @Option(help: "Track running statistics: true or false (default: PyTorch's default for the layer).")
+    @Option(
+        help: "Track running statistics: true or false (default: PyTorch's default for the layer).")
     var trackRunningStats: Bool?
 
     @Option(help: "Output gradient dL/dy (.npy); needs --grad-input.")
@@ -65,13 +69,15 @@ struct ApplyCommand: ParsableCommand {
     func validate() throws {
         guard StandardLayer(rawValue: layer) != nil else {
             throw ValidationError(
-                "unknown layer '\(layer)'; expected one of: \(StandardLayer.allCases.map(\.rawValue).joined(separator: ", "))")
+                "unknown layer '\(layer)'; expected one of: \(StandardLayer.allCases.map(\.rawValue).joined(separator: ", "))"
+            )
         }
         guard Layout(rawValue: layout.lowercased()) != nil else {
             throw ValidationError("unknown layout '\(layout)'; expected nchw or nhwc")
         }
         if gradOutput != nil && gradInput == nil && gradParams == nil {
-            throw ValidationError("--grad-output needs --grad-input or --grad-params to say where gradients go")
+            throw ValidationError(
+                "--grad-output needs --grad-input or --grad-params to say where gradients go")
         }
         if (gradInput != nil || gradParams != nil) && gradOutput == nil {
             throw ValidationError("--grad-input and --grad-params need --grad-output (dL/dy)")
@@ -83,7 +89,8 @@ struct ApplyCommand: ParsableCommand {
         guard let momentum else { return .pytorchDefault }
         if ["none", "cumulative"].contains(momentum.lowercased()) { return .cumulative }
         guard let value = Double(momentum), value >= 0, value <= 1 else {
-            throw ValidationError("--momentum must be a number in [0, 1] or 'none', got '\(momentum)'")
+            throw ValidationError(
+                "--momentum must be a number in [0, 1] or 'none', got '\(momentum)'")
         }
         return .exponential(weightOfNew: value)
     }
@@ -103,7 +110,8 @@ struct ApplyCommand: ParsableCommand {
                 o.trackRunningStatistics = trackRunningStats
                 return o
             }(),
-            gradOutput: gradOutput, gradInput: gradInput, gradParams: gradParams, updatedParams: updatedParams)
+            gradOutput: gradOutput, gradInput: gradInput, gradParams: gradParams,
+            updatedParams: updatedParams)
         try request.run()
     }
 }
@@ -144,21 +152,26 @@ public struct ApplyRequest: Sendable {
 
     private func compute<T: NormScalar>(_ x: Tensor<T>, state: Safetensors.File?) throws {
         let names = Set(state?.tensors.keys.map { $0 } ?? [])
-        let layer = try self.layer.make(inputShape: x.shape, options: options, parameterNames: names, as: T.self)
+        let layer = try self.layer.make(
+            inputShape: x.shape, options: options, parameterNames: names, as: T.self)
         if let state {
             var tensors: [String: Tensor<T>] = [:]
             var batches: Int?
             for (key, array) in state.tensors {
                 if key == ParameterKey.batchesTracked.rawValue {
                     guard case .int64(_, let values) = array, values.count == 1 else {
-                        throw NormError.parameterShapeMismatch(name: key, expected: [], actual: array.shape)
+                        throw NormError.parameterShapeMismatch(
+                            name: key, expected: [], actual: array.shape)
                     }
                     // A layer without running statistics ignores the counter, as PyTorch's
                     // state_dict of such a layer would not have it.
                     batches = layer.runningStatistics == nil ? nil : Int(values[0])
                     continue
                 }
-                if case .int64 = array { throw FileFormatError.wrongDType(name: key, expected: T.dtypeName, actual: "int64") }
+                if case .int64 = array {
+                    throw FileFormatError.wrongDType(
+                        name: key, expected: T.dtypeName, actual: "int64")
+                }
                 tensors[key] = array.tensor(as: T.self)
             }
             try layer.load(tensors, batchesTracked: batches)
@@ -176,7 +189,9 @@ public struct ApplyRequest: Sendable {
             if let gradParams {
                 var file = Safetensors.File()
                 if let g = gradients.scale { file.tensors[ParameterKey.scale.rawValue] = .init(g) }
-                if let g = gradients.offset { file.tensors[ParameterKey.offset.rawValue] = .init(g) }
+                if let g = gradients.offset {
+                    file.tensors[ParameterKey.offset.rawValue] = .init(g)
+                }
                 try Safetensors.write(file, to: gradParams)
             }
         }
@@ -185,7 +200,8 @@ public struct ApplyRequest: Sendable {
             var file = Safetensors.File()
             for (key, value) in tensors { file.tensors[key] = .init(value) }
             if let batches {
-                file.tensors[ParameterKey.batchesTracked.rawValue] = .int64(shape: [], values: [Int64(batches)])
+                file.tensors[ParameterKey.batchesTracked.rawValue] = .int64(
+                    shape: [], values: [Int64(batches)])
             }
             try Safetensors.write(file, to: updatedParams)
         }

@@ -7,7 +7,8 @@ import NormKit
 struct TourCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tour",
-        abstract: "Normalize a seeded sample tensor with every normalizer and check every gradient.")
+        abstract: "Normalize a seeded sample tensor with every normalizer and check every gradient."
+    )
 
     @Option(help: "Seed of the sample tensor and the output gradient.")
     var seed: UInt64 = 42
@@ -16,7 +17,9 @@ struct TourCommand: ParsableCommand {
     var shape: String = "4,6,3,3"
 
     func run() throws {
-        let dims = shape.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
+        let dims = shape.split(separator: ",").compactMap {
+            Int($0.trimmingCharacters(in: .whitespaces))
+        }
         guard dims.count == 4, dims.allSatisfy({ $0 >= 1 }) else {
             throw ValidationError("--shape must be four positive integers N,C,H,W, got '\(shape)'")
         }
@@ -44,10 +47,14 @@ public enum Tour {
     /// printed report.
     public static func run(shape: [Int], seed: UInt64) throws -> String {
         let rows = try rowsFor(shape: shape, seed: seed)
-        var text = "NormKit tour: x ~ 3 + 2·N(0, 1), shape \(shape), seed \(seed), Double precision\n"
-        text += "Output statistics are over each layer's own reduction sets (before the affine, γ = 1, β = 0).\n"
+        var text =
+            "NormKit tour: x ~ 3 + 2·N(0, 1), shape \(shape), seed \(seed), Double precision\n"
+        text +=
+            "Output statistics are over each layer's own reduction sets (before the affine, γ = 1, β = 0).\n"
         text += "Gradient check: central differences (h = 1e-5) of L = Σ y·dy for x, γ and β.\n\n"
-        let header = ["normalizer", "statistics", "max |mean|", "max |std − 1|", "grad rel. error", "check"]
+        let header = [
+            "normalizer", "statistics", "max |mean|", "max |std − 1|", "grad rel. error", "check",
+        ]
         var table = [header]
         for row in rows {
             table.append([
@@ -57,9 +64,13 @@ public enum Tour {
         }
         let widths = (0..<header.count).map { c in table.map { $0[c].count }.max() ?? 0 }
         for (i, line) in table.enumerated() {
-            text += zip(line, widths).map { $0.padding(toLength: $1, withPad: " ", startingAt: 0) }
+            text +=
+                zip(line, widths).map { $0.padding(toLength: $1, withPad: " ", startingAt: 0) }
                 .joined(separator: "  ") + "\n"
-            if i == 0 { text += widths.map { String(repeating: "-", count: $0) }.joined(separator: "  ") + "\n" }
+            if i == 0 {
+                text +=
+                    widths.map { String(repeating: "-", count: $0) }.joined(separator: "  ") + "\n"
+            }
         }
         return text
     }
@@ -67,7 +78,8 @@ public enum Tour {
     /// The table's rows.
     public static func rowsFor(shape: [Int], seed: UInt64) throws -> [Row] {
         var generator = SeededGenerator(seed: seed)
-        let x = try Tensor<Double>.randomNormal(shape: shape, mean: 3, standardDeviation: 2, using: &generator)
+        let x = try Tensor<Double>.randomNormal(
+            shape: shape, mean: 3, standardDeviation: 2, using: &generator)
         let dy = try Tensor<Double>.randomNormal(shape: shape, using: &generator)
         let c = shape[1]
         let groups = c % 3 == 0 ? 3 : (c % 2 == 0 ? 2 : 1)
@@ -80,13 +92,15 @@ public enum Tour {
             ("RMSNorm(W)", try RMSNorm<Double>(normalizedShape: [shape[3]])),
             (
                 "custom: std over (N,H) per (C,W)",
-                try NormLayer<Double>(normalizer: Normalizer(partition: .axes([0, 2])), name: "custom")
+                try NormLayer<Double>(
+                    normalizer: Normalizer(partition: .axes([0, 2])), name: "custom")
             ),
         ]
         var rows: [Row] = []
         for (name, layer) in layers {
             let (y, cache) = try layer.forward(x, mode: .training)
-            let (meanError, stdError) = setStatistics(y, plan: cache.plan, centered: layer.normalizer.operation != .scale)
+            let (meanError, stdError) = setStatistics(
+                y, plan: cache.plan, centered: layer.normalizer.operation != .scale)
             let checks = try GradientCheck.run(layer, input: x, outputGradient: dy, mode: .training)
             rows.append(
                 Row(
@@ -97,7 +111,9 @@ public enum Tour {
     }
 
     /// Worst |mean| and worst |std − 1| (RMS − 1 for uncentered) over the reduction sets.
-    static func setStatistics(_ y: Tensor<Double>, plan: ReductionPlan, centered: Bool) -> (Double, Double) {
+    static func setStatistics(_ y: Tensor<Double>, plan: ReductionPlan, centered: Bool) -> (
+        Double, Double
+    ) {
         let index = plan.setIndices()
         var sum = [Double](repeating: 0, count: plan.setCount)
         var squares = [Double](repeating: 0, count: plan.setCount)

@@ -16,6 +16,7 @@ public enum GradientCheck {
         /// max |analytic − numeric| / max(max |numeric|, 1e-12): error relative to the gradient's scale.
         public var relativeError: Double
 
+        /// A readable one-line description.
         public var description: String {
             "\(name): max abs error \(maxAbsoluteError), relative \(relativeError)"
         }
@@ -81,7 +82,9 @@ public enum GradientCheck {
         return results
     }
 
-    public static func compare(_ name: String, _ analytic: [Double], _ numeric: [Double]) -> Result {
+    /// Compares analytic and numeric gradients and returns the worst error.
+    public static func compare(_ name: String, _ analytic: [Double], _ numeric: [Double]) -> Result
+    {
         var worst = 0.0
         var scale = 1e-12
         for (a, n) in zip(analytic, numeric) {

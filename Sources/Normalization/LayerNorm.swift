@@ -29,7 +29,8 @@ public final class LayerNorm<Scalar: NormScalar>: NormLayer<Scalar> {
     /// - Throws: ``NormError/invalidHyperparameter(name:value:requirement:)`` for an empty
     ///   normalized shape or a dimension below 1.
     public init(
-        normalizedShape: [Int], epsilon: Double = 1e-5, elementwiseAffine: Bool = true, bias: Bool = true
+        normalizedShape: [Int], epsilon: Double = 1e-5, elementwiseAffine: Bool = true,
+        bias: Bool = true
     ) throws(NormError) {
         guard !normalizedShape.isEmpty, normalizedShape.allSatisfy({ $0 >= 1 }) else {
             throw .invalidHyperparameter(
@@ -40,7 +41,8 @@ public final class LayerNorm<Scalar: NormScalar>: NormLayer<Scalar> {
         try super.init(
             normalizer: Normalizer(
                 partition: .layer(trailing: normalizedShape.count), operation: .standardize,
-                recovery: elementwiseAffine ? .elementwiseAffine(shape: normalizedShape, offset: bias) : .none,
+                recovery: elementwiseAffine
+                    ? .elementwiseAffine(shape: normalizedShape, offset: bias) : .none,
                 epsilon: epsilon),
             trailingShape: normalizedShape, name: "LayerNorm")
     }
@@ -48,7 +50,8 @@ public final class LayerNorm<Scalar: NormScalar>: NormLayer<Scalar> {
     /// LayerNorm over the channel axis of an image tensor ("LayerNorm2d"), per-channel affine.
     /// - Throws: ``NormError/invalidHyperparameter(name:value:requirement:)``.
     public init(
-        channelCount: Int, epsilon: Double = 1e-6, affine: Bool = true, layout: Layout = .channelsFirst
+        channelCount: Int, epsilon: Double = 1e-6, affine: Bool = true,
+        layout: Layout = .channelsFirst
     ) throws(NormError) {
         self.normalizedShape = [channelCount]
         try super.init(

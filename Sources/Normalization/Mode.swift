@@ -48,10 +48,12 @@ public enum Momentum: Sendable, Hashable, CustomStringConvertible {
     func validate() throws(NormError) {
         if case .exponential(let m) = self, !(m >= 0 && m <= 1) {
             throw .invalidHyperparameter(
-                name: "momentum", value: "\(m)", requirement: "the weight of the new batch must lie in [0, 1]")
+                name: "momentum", value: "\(m)",
+                requirement: "the weight of the new batch must lie in [0, 1]")
         }
     }
 
+    /// A readable one-line description.
     public var description: String {
         switch self {
         case .exponential(let m): return "momentum=\(m)"

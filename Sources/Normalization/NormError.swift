@@ -32,6 +32,7 @@ public enum NormError: Error, Equatable, CustomStringConvertible {
     /// A tensor could not be built.
     case tensor(TensorError)
 
+    /// A readable one-line description.
     public var description: String {
         switch self {
         case .invalidRank(let layer, let expected, let shape):

@@ -47,9 +47,13 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
     /// BatchNorm does; its InstanceNorm does not, so NormKit's counts only for `.cumulative`).
     public let countsEveryBatch: Bool
 
-    /// γ (`weight`), or nil when the recovery has no parameters. Initially 1.
+    /// γ, or nil when the recovery has no parameters; initially 1.
+    ///
+    /// `weight` in PyTorch checkpoints.
     public var scale: Tensor<Scalar>?
-    /// β (`bias`), or nil when the recovery has no offset. Initially 0.
+    /// β, or nil when the recovery has no offset; initially 0.
+    ///
+    /// `bias` in PyTorch checkpoints.
     public var offset: Tensor<Scalar>?
     /// Running estimates for inference, or nil when the layer does not track them.
     public var runningStatistics: RunningStatistics<Scalar>?
@@ -83,7 +87,8 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
     ) throws(NormError) {
         guard normalizer.epsilon >= 0, normalizer.epsilon.isFinite else {
             throw .invalidHyperparameter(
-                name: "epsilon", value: "\(normalizer.epsilon)", requirement: "must be finite and ≥ 0")
+                name: "epsilon", value: "\(normalizer.epsilon)",
+                requirement: "must be finite and ≥ 0")
         }
         if let channelCount, channelCount < 1 {
             throw .invalidHyperparameter(
@@ -101,7 +106,8 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         if let shape = normalizer.recovery.parameterShape {
             guard !shape.isEmpty, shape.allSatisfy({ $0 >= 1 }) else {
                 throw .invalidHyperparameter(
-                    name: "parameter shape", value: "\(shape)", requirement: "every dimension must be ≥ 1")
+                    name: "parameter shape", value: "\(shape)",
+                    requirement: "every dimension must be ≥ 1")
             }
             do {
                 scale = try Tensor(repeating: 1, shape: shape)
@@ -109,7 +115,8 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             } catch { throw .tensor(error) }
         }
         if let runningMomentum, let runningShape {
-            runningStatistics = try RunningStatistics(shape: runningShape, momentum: runningMomentum)
+            runningStatistics = try RunningStatistics(
+                shape: runningShape, momentum: runningMomentum)
         }
         lazyRunningMomentum = runningStatistics == nil ? runningMomentum : nil
     }
@@ -143,7 +150,8 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         try validateRunningShape(runningPlan)
 
         var useRunning = mode.usesRunningStatistics && (runningStatistics != nil)
-        var updateRunning = mode == .training && (runningStatistics != nil || lazyRunningMomentum != nil)
+        var updateRunning =
+            mode == .training && (runningStatistics != nil || lazyRunningMomentum != nil)
         if mode == .training, plan.setSize == 1,
             requiresMultipleValues || updateRunning || normalizer.variance == .unbiased
         {
@@ -151,7 +159,9 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             case .throwError:
                 throw .singleValuePerStatistic(layer: name, shape: x.shape)
             case .useRunningStatistics:
-                guard runningStatistics != nil else { throw .runningStatisticsUnavailable(layer: name) }
+                guard runningStatistics != nil else {
+                    throw .runningStatisticsUnavailable(layer: name)
+                }
                 useRunning = true
             case .useInstanceStatistics:
                 // Per (sample, channel) over the spatial axes; a rank-2 input has none, so
@@ -159,7 +169,8 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
                 plan =
                     x.rank >= 3
                     ? try Normalizer.Partition.instance.plan(for: x.shape, layout: layout)
-                    : ReductionPlan(viewShape: x.shape, reduced: [Bool](repeating: false, count: x.rank))
+                    : ReductionPlan(
+                        viewShape: x.shape, reduced: [Bool](repeating: false, count: x.rank))
             }
             updateRunning = false
         }
@@ -168,19 +179,25 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         let rstd: [Double]
         if useRunning, let running = runningStatistics {
             plan = runningPlan
-            mean = op.centers ? running.mean.scalars.map(Double.init) : [Double](repeating: 0, count: plan.setCount)
+            mean =
+                op.centers
+                ? running.mean.scalars.map(Double.init)
+                : [Double](repeating: 0, count: plan.setCount)
             let variance = running.variance.scalars.map(Double.init)
-            rstd = ReferenceNormKernel.reciprocalStandardDeviation(variance: variance, operation: op)
+            rstd = ReferenceNormKernel.reciprocalStandardDeviation(
+                variance: variance, operation: op)
         } else {
             let setIndex = plan.setIndices()
             let moments = x.withUnsafeBufferPointer {
-                ReferenceNormKernel.moments($0, setIndex: setIndex, setCount: plan.setCount, operation: op)
+                ReferenceNormKernel.moments(
+                    $0, setIndex: setIndex, setCount: plan.setCount, operation: op)
             }
             if updateRunning {
                 try updateRunningStatistics(moments, plan: plan, runningPlan: runningPlan)
             }
             mean = moments.mean
-            rstd = ReferenceNormKernel.reciprocalStandardDeviation(variance: moments.variance, operation: op)
+            rstd = ReferenceNormKernel.reciprocalStandardDeviation(
+                variance: moments.variance, operation: op)
         }
 
         let setIndex = plan.setIndices()
@@ -196,7 +213,8 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             }
         }
         let output = try tensor(shape: x.shape, scalars: y)
-        let cache = Cache(input: x, plan: plan, mean: mean, rstd: rstd, statisticsAreConstant: useRunning)
+        let cache = Cache(
+            input: x, plan: plan, mean: mean, rstd: rstd, statisticsAreConstant: useRunning)
         return (output, cache)
     }
 
@@ -239,8 +257,10 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
                 dx.withUnsafeMutableBufferPointer { dxb in
                     withOptionalBuffers(scale, nil) { sb, _ in
                         ReferenceNormKernel.backward(
-                            xb, outputGradient: dyb, setIndex: setIndex, setCount: cache.plan.setCount,
-                            mean: cache.mean, rstd: cache.rstd, operation: normalizer.kernelOperation,
+                            xb, outputGradient: dyb, setIndex: setIndex,
+                            setCount: cache.plan.setCount,
+                            mean: cache.mean, rstd: cache.rstd,
+                            operation: normalizer.kernelOperation,
                             statisticsAreConstant: cache.statisticsAreConstant, scale: sb,
                             parameterIndexing: indexing, inputGradient: dxb,
                             scaleGradient: &dScale, offsetGradient: &dOffset)
@@ -277,7 +297,9 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
     ///
     /// - Throws: ``NormError/parameterShapeMismatch(name:expected:actual:)`` for a wrong shape or
     ///   a name the layer does not have; nothing is loaded then.
-    public func load(_ tensors: [String: Tensor<Scalar>], batchesTracked: Int? = nil) throws(NormError) {
+    public func load(_ tensors: [String: Tensor<Scalar>], batchesTracked: Int? = nil)
+        throws(NormError)
+    {
         var newScale = scale
         var newOffset = offset
         var newRunning = runningStatistics
@@ -322,12 +344,16 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             }
             let actual = x.shape[layout.channelAxis(rank: x.rank)]
             guard actual == channelCount else {
-                throw .channelMismatch(layer: name, expected: channelCount, actual: actual, shape: x.shape)
+                throw .channelMismatch(
+                    layer: name, expected: channelCount, actual: actual, shape: x.shape)
             }
         }
         if let trailingShape {
-            guard x.rank >= trailingShape.count, Array(x.shape.suffix(trailingShape.count)) == trailingShape
-            else { throw .normalizedShapeMismatch(layer: name, expected: trailingShape, shape: x.shape) }
+            guard x.rank >= trailingShape.count,
+                Array(x.shape.suffix(trailingShape.count)) == trailingShape
+            else {
+                throw .normalizedShapeMismatch(layer: name, expected: trailingShape, shape: x.shape)
+            }
         }
         let plan = try normalizer.partition.plan(for: x.shape, layout: layout)
         try validateParameters(inputShape: x.shape)
@@ -341,9 +367,11 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         guard let inputShape else { return }
         switch normalizer.recovery {
         case .channelAffine(let channels, _):
-            let actual = inputShape.count >= 2 ? inputShape[layout.channelAxis(rank: inputShape.count)] : 0
+            let actual =
+                inputShape.count >= 2 ? inputShape[layout.channelAxis(rank: inputShape.count)] : 0
             guard actual == channels else {
-                throw .channelMismatch(layer: name, expected: channels, actual: actual, shape: inputShape)
+                throw .channelMismatch(
+                    layer: name, expected: channels, actual: actual, shape: inputShape)
             }
         case .elementwiseAffine(let trailing, _):
             guard Array(inputShape.suffix(trailing.count)) == trailing else {
@@ -360,11 +388,13 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         let count = runningPlan.setCount
         guard running.mean.count == count else {
             throw .parameterShapeMismatch(
-                name: ParameterKey.runningMean.rawValue, expected: expected, actual: running.mean.shape)
+                name: ParameterKey.runningMean.rawValue, expected: expected,
+                actual: running.mean.shape)
         }
         guard running.variance.count == count else {
             throw .parameterShapeMismatch(
-                name: ParameterKey.runningVariance.rawValue, expected: expected, actual: running.variance.shape)
+                name: ParameterKey.runningVariance.rawValue, expected: expected,
+                actual: running.variance.shape)
         }
     }
 
@@ -378,14 +408,16 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
     private func updateRunningStatistics(
         _ moments: ReferenceNormKernel.Moments, plan: ReductionPlan, runningPlan: ReductionPlan
     ) throws(NormError) {
-        guard moments.mean.allSatisfy(\.isFinite), moments.biasedVariance.allSatisfy(\.isFinite) else {
+        guard moments.mean.allSatisfy(\.isFinite), moments.biasedVariance.allSatisfy(\.isFinite)
+        else {
             throw .nonFiniteStatistics(layer: name)
         }
         var running: RunningStatistics<Scalar>
         if let existing = runningStatistics {
             running = existing
         } else {
-            running = try RunningStatistics(shape: runningPlan.statisticShape, momentum: lazyRunningMomentum!)
+            running = try RunningStatistics(
+                shape: runningPlan.statisticShape, momentum: lazyRunningMomentum!)
         }
         let m = Double(plan.setSize)
         let slots = runningPlan.setCount

@@ -46,7 +46,8 @@ public struct Normalizer: Sendable, Hashable, CustomStringConvertible {
             switch self {
             case .batch:
                 guard rank >= 2 else {
-                    throw .invalidRank(layer: "BatchNorm", expected: "rank ≥ 2 (N, C, …)", shape: shape)
+                    throw .invalidRank(
+                        layer: "BatchNorm", expected: "rank ≥ 2 (N, C, …)", shape: shape)
                 }
                 let channel = layout.channelAxis(rank: rank)
                 return ReductionPlan(viewShape: shape, reduced: (0..<rank).map { $0 != channel })
@@ -55,21 +56,26 @@ public struct Normalizer: Sendable, Hashable, CustomStringConvertible {
                     throw .invalidRank(
                         layer: "LayerNorm", expected: "rank ≥ \(max(trailing, 1))", shape: shape)
                 }
-                return ReductionPlan(viewShape: shape, reduced: flags(Array((rank - trailing)..<rank)))
+                return ReductionPlan(
+                    viewShape: shape, reduced: flags(Array((rank - trailing)..<rank)))
             case .channels:
                 guard rank >= 2 else {
-                    throw .invalidRank(layer: "channel LayerNorm", expected: "rank ≥ 2", shape: shape)
+                    throw .invalidRank(
+                        layer: "channel LayerNorm", expected: "rank ≥ 2", shape: shape)
                 }
-                return ReductionPlan(viewShape: shape, reduced: flags([layout.channelAxis(rank: rank)]))
+                return ReductionPlan(
+                    viewShape: shape, reduced: flags([layout.channelAxis(rank: rank)]))
             case .instance:
                 guard rank >= 3 else {
                     throw .invalidRank(
                         layer: "InstanceNorm", expected: "rank ≥ 3 (N, C, spatial…)", shape: shape)
                 }
-                return ReductionPlan(viewShape: shape, reduced: flags(layout.spatialAxes(rank: rank)))
+                return ReductionPlan(
+                    viewShape: shape, reduced: flags(layout.spatialAxes(rank: rank)))
             case .group(let groups):
                 guard rank >= 2 else {
-                    throw .invalidRank(layer: "GroupNorm", expected: "rank ≥ 2 (N, C, …)", shape: shape)
+                    throw .invalidRank(
+                        layer: "GroupNorm", expected: "rank ≥ 2 (N, C, …)", shape: shape)
                 }
                 let channel = layout.channelAxis(rank: rank)
                 let channels = shape[channel]
@@ -90,6 +96,7 @@ public struct Normalizer: Sendable, Hashable, CustomStringConvertible {
             }
         }
 
+        /// A readable one-line description.
         public var description: String {
             switch self {
             case .batch: return "batch"
@@ -141,10 +148,12 @@ public struct Normalizer: Sendable, Hashable, CustomStringConvertible {
             }
         }
 
+        /// A readable one-line description.
         public var description: String {
             switch self {
             case .none: return "none"
-            case .channelAffine(let c, let offset): return "channel affine(\(c)\(offset ? "" : ", no offset"))"
+            case .channelAffine(let c, let offset):
+                return "channel affine(\(c)\(offset ? "" : ", no offset"))"
             case .elementwiseAffine(let shape, let offset):
                 return "elementwise affine(\(shape)\(offset ? "" : ", no offset"))"
             }
@@ -188,6 +197,7 @@ public struct Normalizer: Sendable, Hashable, CustomStringConvertible {
             unbiased: variance == .unbiased, epsilon: epsilon)
     }
 
+    /// A readable one-line description.
     public var description: String {
         "Π=\(partition) Φ=\(operation.rawValue) Ψ=\(recovery) var=\(variance.rawValue) eps=\(epsilon)"
     }

@@ -34,7 +34,8 @@ public final class RMSNorm<Scalar: NormScalar>: NormLayer<Scalar> {
         try super.init(
             normalizer: Normalizer(
                 partition: .layer(trailing: normalizedShape.count), operation: .scale,
-                recovery: elementwiseAffine ? .elementwiseAffine(shape: normalizedShape, offset: false) : .none,
+                recovery: elementwiseAffine
+                    ? .elementwiseAffine(shape: normalizedShape, offset: false) : .none,
                 epsilon: epsilon ?? Double(Scalar.ulpOfOne)),
             trailingShape: normalizedShape, name: "RMSNorm")
     }

@@ -14,9 +14,13 @@ import TensorCore
 /// Where the partition keeps the batch axis (InstanceNorm), the per-sample statistics are
 /// averaged over the batch before the update, as PyTorch does.
 public struct RunningStatistics<Scalar: NormScalar>: Sendable, Equatable {
-    /// Running mean; `running_mean` in PyTorch checkpoints. Initially 0.
+    /// Running mean, initially 0.
+    ///
+    /// `running_mean` in PyTorch checkpoints.
     public var mean: Tensor<Scalar>
-    /// Running unbiased variance; `running_var` in PyTorch checkpoints. Initially 1.
+    /// Running unbiased variance, initially 1.
+    ///
+    /// `running_var` in PyTorch checkpoints.
     public var variance: Tensor<Scalar>
     /// Number of training batches seen; `num_batches_tracked` in PyTorch checkpoints.
     public var batchesTracked: Int
@@ -34,7 +38,9 @@ public struct RunningStatistics<Scalar: NormScalar>: Sendable, Equatable {
     }
 
     /// Creates running statistics from given values.
-    public init(mean: Tensor<Scalar>, variance: Tensor<Scalar>, batchesTracked: Int, momentum: Momentum) {
+    public init(
+        mean: Tensor<Scalar>, variance: Tensor<Scalar>, batchesTracked: Int, momentum: Momentum
+    ) {
         self.mean = mean
         self.variance = variance
         self.batchesTracked = batchesTracked

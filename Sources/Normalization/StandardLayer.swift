@@ -28,7 +28,8 @@ public enum StandardLayer: String, CaseIterable, Sendable {
         as _: T.Type = T.self
     ) throws(NormError) -> NormLayer<T> {
         try StandardLayerFactory.make(
-            self, inputShape: inputShape, options: options, parameterNames: parameterNames, as: T.self)
+            self, inputShape: inputShape, options: options, parameterNames: parameterNames,
+            as: T.self)
     }
 }
 
@@ -58,11 +59,13 @@ public struct LayerOptions: Sendable {
 enum StandardLayerFactory {
     /// Builds the named layer for an input of this shape.
     static func make<T: NormScalar>(
-        _ name: StandardLayer, inputShape shape: [Int], options: LayerOptions, parameterNames: Set<String>,
+        _ name: StandardLayer, inputShape shape: [Int], options: LayerOptions,
+        parameterNames: Set<String>,
         as _: T.Type
     ) throws(NormError) -> NormLayer<T> {
         let rank = shape.count
-        let channels = rank >= 2 ? shape[options.layout.channelAxis(rank: rank)] : (shape.first ?? 0)
+        let channels =
+            rank >= 2 ? shape[options.layout.channelAxis(rank: rank)] : (shape.first ?? 0)
         let eps = options.epsilon ?? 1e-5
         switch name {
         case .batchnorm:
@@ -70,28 +73,35 @@ enum StandardLayerFactory {
                 throw .invalidRank(layer: "BatchNorm", expected: "rank ≥ 2 (N, C, …)", shape: shape)
             }
             return try BatchNorm<T>(
-                featureCount: channels, epsilon: eps, momentum: options.momentum, affine: options.affine ?? true,
-                trackRunningStatistics: options.trackRunningStatistics ?? true, layout: options.layout)
+                featureCount: channels, epsilon: eps, momentum: options.momentum,
+                affine: options.affine ?? true,
+                trackRunningStatistics: options.trackRunningStatistics ?? true,
+                layout: options.layout)
         case .instancenorm:
             guard rank >= 3 else {
-                throw .invalidRank(layer: "InstanceNorm", expected: "rank ≥ 3 (N, C, spatial…)", shape: shape)
+                throw .invalidRank(
+                    layer: "InstanceNorm", expected: "rank ≥ 3 (N, C, spatial…)", shape: shape)
             }
             let affine = options.affine ?? !parameterNames.isDisjoint(with: ["weight", "bias"])
             let track =
-                options.trackRunningStatistics ?? !parameterNames.isDisjoint(with: ["running_mean", "running_var"])
+                options.trackRunningStatistics ?? !parameterNames.isDisjoint(with: [
+                    "running_mean", "running_var",
+                ])
             return try InstanceNorm<T>(
                 featureCount: channels, epsilon: eps, momentum: options.momentum, affine: affine,
                 trackRunningStatistics: track, layout: options.layout)
         case .groupnorm:
             guard let groups = options.groups else {
                 throw .invalidHyperparameter(
-                    name: "--groups", value: "missing", requirement: "groupnorm needs the number of groups")
+                    name: "--groups", value: "missing",
+                    requirement: "groupnorm needs the number of groups")
             }
             guard rank >= 2 else {
                 throw .invalidRank(layer: "GroupNorm", expected: "rank ≥ 2 (N, C, …)", shape: shape)
             }
             return try GroupNorm<T>(
-                groupCount: groups, channelCount: channels, epsilon: eps, affine: options.affine ?? true,
+                groupCount: groups, channelCount: channels, epsilon: eps,
+                affine: options.affine ?? true,
                 layout: options.layout)
         case .layernorm, .rmsnorm:
             let k = options.normalizedDims
@@ -103,17 +113,21 @@ enum StandardLayerFactory {
             let normalized = Array(shape.suffix(k))
             if name == .layernorm {
                 return try LayerNorm<T>(
-                    normalizedShape: normalized, epsilon: eps, elementwiseAffine: options.affine ?? true,
+                    normalizedShape: normalized, epsilon: eps,
+                    elementwiseAffine: options.affine ?? true,
                     bias: options.affine ?? true)
             }
             return try RMSNorm<T>(
-                normalizedShape: normalized, epsilon: options.epsilon, elementwiseAffine: options.affine ?? true)
+                normalizedShape: normalized, epsilon: options.epsilon,
+                elementwiseAffine: options.affine ?? true)
         case .layernorm2d:
             guard rank >= 2 else {
-                throw .invalidRank(layer: "LayerNorm2d", expected: "rank ≥ 2 (N, C, …)", shape: shape)
+                throw .invalidRank(
+                    layer: "LayerNorm2d", expected: "rank ≥ 2 (N, C, …)", shape: shape)
             }
             return try LayerNorm<T>(
-                channelCount: channels, epsilon: eps, affine: options.affine ?? true, layout: options.layout)
+                channelCount: channels, epsilon: eps, affine: options.affine ?? true,
+                layout: options.layout)
         }
     }
 }

@@ -22,5 +22,6 @@ public enum Layout: String, Sendable, Hashable, CaseIterable, CustomStringConver
         return (1..<max(rank, 1)).filter { $0 != channel }
     }
 
+    /// A readable one-line description.
     public var description: String { rawValue.uppercased() }
 }

@@ -19,23 +19,35 @@ where Self.RawSignificand: FixedWidthInteger {
 }
 
 extension Float: NormScalar {
+    /// The NumPy dtype string.
     public static var numpyDescriptor: String { "<f4" }
+    /// The safetensors dtype name.
     public static var safetensorsName: String { "F32" }
+    /// The dtype name as PyTorch prints it.
     public static var dtypeName: String { "float32" }
+    /// Bytes per element.
     public static var byteCount: Int { 4 }
+    /// Reinterprets little-endian raw bits.
     public init(littleEndianBits bits: UInt64) {
         self.init(bitPattern: UInt32(truncatingIfNeeded: bits).littleEndian)
     }
+    /// The raw bits in little-endian order.
     public var littleEndianBits: UInt64 { UInt64(bitPattern.littleEndian) }
 }
 
 extension Double: NormScalar {
+    /// The NumPy dtype string.
     public static var numpyDescriptor: String { "<f8" }
+    /// The safetensors dtype name.
     public static var safetensorsName: String { "F64" }
+    /// The dtype name as PyTorch prints it.
     public static var dtypeName: String { "float64" }
+    /// Bytes per element.
     public static var byteCount: Int { 8 }
+    /// Reinterprets little-endian raw bits.
     public init(littleEndianBits bits: UInt64) {
         self.init(bitPattern: bits.littleEndian)
     }
+    /// The raw bits in little-endian order.
     public var littleEndianBits: UInt64 { bitPattern.littleEndian }
 }

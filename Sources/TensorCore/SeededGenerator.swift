@@ -38,7 +38,9 @@ extension Tensor {
         using generator: inout SeededGenerator
     ) throws(TensorError) -> Tensor {
         let count = try Shape.elementCount(shape)
-        let values = (0..<count).map { _ in Scalar(mean + standardDeviation * generator.nextNormal()) }
+        let values = (0..<count).map { _ in
+            Scalar(mean + standardDeviation * generator.nextNormal())
+        }
         return Tensor(uncheckedShape: shape, scalars: values)
     }
 }

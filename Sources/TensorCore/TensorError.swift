@@ -7,6 +7,7 @@ public enum TensorError: Error, Equatable, CustomStringConvertible {
     /// The number of scalars does not match the product of the shape.
     case countMismatch(shape: [Int], count: Int)
 
+    /// A readable one-line description.
     public var description: String {
         switch self {
         case .negativeDimension(let shape):

@@ -1,2 +1,3 @@
 import NormKitCLI
+
 NormKitCommand.main()

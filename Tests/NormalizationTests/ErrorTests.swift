@@ -24,29 +24,42 @@ struct ErrorTests {
 
     @Test func wrongRank() throws {
         let bn = try BatchNorm<Double>(featureCount: 3)
-        Self.expectError(.invalidRank(layer: "BatchNorm", expected: "rank ≥ 2 (N, C, …)", shape: [3]), layer: bn) {
+        Self.expectError(
+            .invalidRank(layer: "BatchNorm", expected: "rank ≥ 2 (N, C, …)", shape: [3]), layer: bn
+        ) {
             _ = try bn.forward(try Self.x([3]), mode: .training)
         }
         let inorm = try InstanceNorm<Double>(featureCount: 3)
         Self.expectError(
-            .invalidRank(layer: "InstanceNorm", expected: "rank ≥ 3 (N, C, spatial…)", shape: [2, 3]), layer: inorm
+            .invalidRank(
+                layer: "InstanceNorm", expected: "rank ≥ 3 (N, C, spatial…)", shape: [2, 3]),
+            layer: inorm
         ) { _ = try inorm.forward(try Self.x([2, 3]), mode: .training) }
     }
 
     @Test func channelCountThatDoesNotMatch() throws {
         let bn = try BatchNorm<Double>(featureCount: 3)
-        Self.expectError(.channelMismatch(layer: "BatchNorm", expected: 3, actual: 4, shape: [2, 4, 5]), layer: bn) {
+        Self.expectError(
+            .channelMismatch(layer: "BatchNorm", expected: 3, actual: 4, shape: [2, 4, 5]),
+            layer: bn
+        ) {
             _ = try bn.forward(try Self.x([2, 4, 5]), mode: .training)
         }
         let nhwc = try BatchNorm<Double>(featureCount: 3, layout: .channelsLast)
-        Self.expectError(.channelMismatch(layer: "BatchNorm", expected: 3, actual: 5, shape: [2, 3, 5]), layer: nhwc) {
+        Self.expectError(
+            .channelMismatch(layer: "BatchNorm", expected: 3, actual: 5, shape: [2, 3, 5]),
+            layer: nhwc
+        ) {
             _ = try nhwc.forward(try Self.x([2, 3, 5]), mode: .training)
         }
     }
 
     @Test func normalizedShapeThatDoesNotMatch() throws {
         let ln = try LayerNorm<Double>(normalizedShape: [4, 5])
-        Self.expectError(.normalizedShapeMismatch(layer: "LayerNorm", expected: [4, 5], shape: [2, 5, 4]), layer: ln) {
+        Self.expectError(
+            .normalizedShapeMismatch(layer: "LayerNorm", expected: [4, 5], shape: [2, 5, 4]),
+            layer: ln
+        ) {
             _ = try ln.forward(try Self.x([2, 5, 4]), mode: .training)
         }
     }
@@ -73,19 +86,22 @@ struct ErrorTests {
 
     @Test func singleValuePoliciesOfferAlternatives() throws {
         let x = try Self.x([1, 2], value: 5)
-        let running = try BatchNorm<Double>(featureCount: 2, singleValuePolicy: .useRunningStatistics)
+        let running = try BatchNorm<Double>(
+            featureCount: 2, singleValuePolicy: .useRunningStatistics)
         let before = running.runningStatistics
         let y = try running.forward(x, mode: .training).output
         #expect(y == (try running.forward(x, mode: .inference).output))
         #expect(running.runningStatistics == before)
 
-        let instance = try BatchNorm<Double>(featureCount: 2, singleValuePolicy: .useInstanceStatistics)
+        let instance = try BatchNorm<Double>(
+            featureCount: 2, singleValuePolicy: .useInstanceStatistics)
         instance.offset = Tensor([0.25, -1])
         #expect(try instance.forward(x, mode: .training).output.scalars == [0.25, -1])
         #expect(instance.runningStatistics?.batchesTracked == 0)
 
         let untracked = try BatchNorm<Double>(
-            featureCount: 2, trackRunningStatistics: false, singleValuePolicy: .useRunningStatistics)
+            featureCount: 2, trackRunningStatistics: false, singleValuePolicy: .useRunningStatistics
+        )
         #expect(throws: NormError.runningStatisticsUnavailable(layer: "BatchNorm")) {
             _ = try untracked.forward(x, mode: .training)
         }
@@ -93,7 +109,9 @@ struct ErrorTests {
 
     @Test func instanceNormOverOnePositionInTraining() throws {
         let inorm = try InstanceNorm<Double>(featureCount: 2, trackRunningStatistics: true)
-        Self.expectError(.singleValuePerStatistic(layer: "InstanceNorm", shape: [3, 2, 1]), layer: inorm) {
+        Self.expectError(
+            .singleValuePerStatistic(layer: "InstanceNorm", shape: [3, 2, 1]), layer: inorm
+        ) {
             _ = try inorm.forward(try Self.x([3, 2, 1]), mode: .training)
         }
     }
@@ -111,24 +129,35 @@ struct ErrorTests {
 
     @Test func parameterShapesThatDoNotMatch() throws {
         let bn = try BatchNorm<Double>(featureCount: 3)
-        Self.expectError(.parameterShapeMismatch(name: "weight", expected: [3], actual: [4]), layer: bn) {
+        Self.expectError(
+            .parameterShapeMismatch(name: "weight", expected: [3], actual: [4]), layer: bn
+        ) {
             try bn.load(["weight": Tensor([1, 1, 1, 1]), "bias": Tensor([0, 0, 0])])
         }
-        Self.expectError(.parameterShapeMismatch(name: "running_var", expected: [3], actual: [2]), layer: bn) {
+        Self.expectError(
+            .parameterShapeMismatch(name: "running_var", expected: [3], actual: [2]), layer: bn
+        ) {
             try bn.load(["running_var": Tensor([1, 1])])
         }
-        Self.expectError(.parameterShapeMismatch(name: "gamma", expected: [], actual: [3]), layer: bn) {
+        Self.expectError(
+            .parameterShapeMismatch(name: "gamma", expected: [], actual: [3]), layer: bn
+        ) {
             try bn.load(["gamma": Tensor([1, 1, 1])])
         }
         // Assigned directly, a wrong shape is caught on the next call, before any update.
         bn.scale = Tensor([1, 2])
-        #expect(throws: NormError.parameterShapeMismatch(name: "weight", expected: [3], actual: [2])) {
+        #expect(
+            throws: NormError.parameterShapeMismatch(name: "weight", expected: [3], actual: [2])
+        ) {
             _ = try bn.forward(try Self.x([4, 3]), mode: .training)
         }
         #expect(bn.runningStatistics?.batchesTracked == 0)
         bn.scale = Tensor([1, 1, 1])
         bn.runningStatistics?.mean = Tensor([0, 0])
-        #expect(throws: NormError.parameterShapeMismatch(name: "running_mean", expected: [3], actual: [2])) {
+        #expect(
+            throws: NormError.parameterShapeMismatch(
+                name: "running_mean", expected: [3], actual: [2])
+        ) {
             _ = try bn.forward(try Self.x([4, 3]), mode: .training)
         }
     }
@@ -154,7 +183,9 @@ struct ErrorTests {
     @Test func invalidHyperparameters() {
         #expect(throws: NormError.self) { _ = try BatchNorm<Double>(featureCount: 0) }
         #expect(throws: NormError.self) { _ = try BatchNorm<Double>(featureCount: 2, epsilon: -1) }
-        #expect(throws: NormError.self) { _ = try BatchNorm<Double>(featureCount: 2, epsilon: .nan) }
+        #expect(throws: NormError.self) {
+            _ = try BatchNorm<Double>(featureCount: 2, epsilon: .nan)
+        }
         #expect(throws: NormError.self) {
             _ = try BatchNorm<Double>(featureCount: 2, momentum: .exponential(weightOfNew: 1.5))
         }
@@ -169,10 +200,15 @@ struct ErrorTests {
     }
 
     @Test func messagesNameTheProblem() {
-        #expect(NormError.groupsDoNotDivideChannels(groups: 3, channels: 8).description.contains("3 groups"))
         #expect(
-            NormError.channelMismatch(layer: "BatchNorm", expected: 3, actual: 4, shape: [2, 4]).description
+            NormError.groupsDoNotDivideChannels(groups: 3, channels: 8).description.contains(
+                "3 groups"))
+        #expect(
+            NormError.channelMismatch(layer: "BatchNorm", expected: 3, actual: 4, shape: [2, 4])
+                .description
                 .contains("3 channels"))
-        #expect(NormError.singleValuePerStatistic(layer: "BatchNorm", shape: [1, 3]).description.contains("single value"))
+        #expect(
+            NormError.singleValuePerStatistic(layer: "BatchNorm", shape: [1, 3]).description
+                .contains("single value"))
     }
 }

@@ -8,7 +8,9 @@ struct PropertyTests {
     /// Two routes to the same function in Double differ only by summation order.
     static let tolerance = 1e-12
 
-    static func random(_ shape: [Int], seed: UInt64, mean: Double = 0, std: Double = 1) throws -> Tensor<Double> {
+    static func random(_ shape: [Int], seed: UInt64, mean: Double = 0, std: Double = 1) throws
+        -> Tensor<Double>
+    {
         var g = SeededGenerator(seed: seed)
         return try Tensor.randomNormal(shape: shape, mean: mean, standardDeviation: std, using: &g)
     }
@@ -28,12 +30,15 @@ struct PropertyTests {
         let shape = layout == .channelsFirst ? [3, 4, 2, 5] : [3, 2, 5, 4]
         let x = try Self.random(shape, seed: 1, mean: 2, std: 3)
         let dy = try Self.random(shape, seed: 2)
-        let gn = try GroupNorm<Double>(groupCount: 1, channelCount: 4, affine: false, layout: layout)
-        let ln = try LayerNorm<Double>(normalizedShape: Array(shape.dropFirst()), elementwiseAffine: false)
+        let gn = try GroupNorm<Double>(
+            groupCount: 1, channelCount: 4, affine: false, layout: layout)
+        let ln = try LayerNorm<Double>(
+            normalizedShape: Array(shape.dropFirst()), elementwiseAffine: false)
         let (yg, cg) = try gn.forward(x, mode: .training)
         let (yl, cl) = try ln.forward(x, mode: .training)
         Self.expectSame(yg, yl, "y")
-        Self.expectSame(try gn.backward(dy, cache: cg).input, try ln.backward(dy, cache: cl).input, "dx")
+        Self.expectSame(
+            try gn.backward(dy, cache: cg).input, try ln.backward(dy, cache: cl).input, "dx")
     }
 
     @Test(arguments: [Layout.channelsFirst, .channelsLast])
@@ -61,15 +66,18 @@ struct PropertyTests {
 
     @Test func inferenceBatchNormIsAffine() throws {
         let bn = try BatchNorm<Double>(featureCount: 3)
-        _ = try bn.forward(try Self.random([4, 3, 2, 2], seed: 5, mean: 1, std: 2), mode: .training)
+        _ = try bn.forward(
+            try Self.random([4, 3, 2, 2], seed: 5, mean: 1, std: 2), mode: .training)
         let a = try Self.random([2, 3, 2, 2], seed: 6)
         let b = try Self.random([2, 3, 2, 2], seed: 7)
         let t = 0.3
-        let mix = try Tensor(shape: a.shape, scalars: zip(a.scalars, b.scalars).map { t * $0 + (1 - t) * $1 })
+        let mix = try Tensor(
+            shape: a.shape, scalars: zip(a.scalars, b.scalars).map { t * $0 + (1 - t) * $1 })
         let fa = try bn.forward(a, mode: .inference).output
         let fb = try bn.forward(b, mode: .inference).output
         let fmix = try bn.forward(mix, mode: .inference).output
-        let combined = try Tensor(shape: a.shape, scalars: zip(fa.scalars, fb.scalars).map { t * $0 + (1 - t) * $1 })
+        let combined = try Tensor(
+            shape: a.shape, scalars: zip(fa.scalars, fb.scalars).map { t * $0 + (1 - t) * $1 })
         Self.expectSame(fmix, combined, "f(t a + (1 − t) b)")
         // And it differs from training mode.
         let train = try bn.forward(a, mode: .training).output
@@ -84,7 +92,9 @@ struct PropertyTests {
             let (a, b) = (0.5 + Double(n), -4.0 + 3 * Double(n))
             for d in 0..<6 { mapped[n, d] = a * x[n, d] + b }
         }
-        Self.expectSame(try ln.forward(x, mode: .training).output, try ln.forward(mapped, mode: .training).output, "LN(a·x + b)")
+        Self.expectSame(
+            try ln.forward(x, mode: .training).output,
+            try ln.forward(mapped, mode: .training).output, "LN(a·x + b)")
     }
 
     @Test(arguments: [StandardLayer.batchnorm, .layernorm, .layernorm2d, .instancenorm, .groupnorm])
@@ -124,15 +134,23 @@ struct PropertyTests {
     @Test func cumulativeMomentumAveragesEveryBatch() throws {
         for layer in [
             try BatchNorm<Double>(featureCount: 1, momentum: .cumulative) as NormLayer<Double>,
-            try InstanceNorm<Double>(featureCount: 1, momentum: .cumulative, trackRunningStatistics: true),
+            try InstanceNorm<Double>(
+                featureCount: 1, momentum: .cumulative, trackRunningStatistics: true),
         ] {
             let batches: [[Double]] = [[1, 2, 3], [4, 6, 8], [0, 0, 3]]
-            for b in batches { _ = try layer.forward(try Tensor(shape: [1, 1, 3], scalars: b), mode: .training) }
+            for b in batches {
+                _ = try layer.forward(try Tensor(shape: [1, 1, 3], scalars: b), mode: .training)
+            }
             let means = batches.map { $0.reduce(0, +) / 3 }
-            let variances = zip(batches, means).map { b, m in b.map { ($0 - m) * ($0 - m) }.reduce(0, +) / 2 }
-            Self.expectSame(layer.runningStatistics?.mean, Tensor([means.reduce(0, +) / 3]), "\(layer.name) mean")
+            let variances = zip(batches, means).map { b, m in
+                b.map { ($0 - m) * ($0 - m) }.reduce(0, +) / 2
+            }
             Self.expectSame(
-                layer.runningStatistics?.variance, Tensor([variances.reduce(0, +) / 3]), "\(layer.name) variance")
+                layer.runningStatistics?.mean, Tensor([means.reduce(0, +) / 3]),
+                "\(layer.name) mean")
+            Self.expectSame(
+                layer.runningStatistics?.variance, Tensor([variances.reduce(0, +) / 3]),
+                "\(layer.name) variance")
             #expect(layer.runningStatistics?.batchesTracked == 3)
         }
     }
@@ -164,7 +182,8 @@ struct PropertyTests {
         // Standardize over (N, H) for every (C, W) of an [N, C, H, W] tensor.
         let shape = [2, 2, 3, 2]
         let x = try Self.random(shape, seed: 14, mean: 5, std: 2)
-        let layer = try NormLayer<Double>(normalizer: Normalizer(partition: .axes([0, 2]), epsilon: 1e-5))
+        let layer = try NormLayer<Double>(
+            normalizer: Normalizer(partition: .axes([0, 2]), epsilon: 1e-5))
         let y = try layer.forward(x, mode: .training).output
         var expected = x
         for c in 0..<2 {
@@ -174,7 +193,10 @@ struct PropertyTests {
                 let mean = values.reduce(0, +) / 6
                 let variance = values.map { ($0 - mean) * ($0 - mean) }.reduce(0, +) / 6
                 for n in 0..<2 {
-                    for h in 0..<3 { expected[n, c, h, w] = (x[n, c, h, w] - mean) / (variance + 1e-5).squareRoot() }
+                    for h in 0..<3 {
+                        expected[n, c, h, w] =
+                            (x[n, c, h, w] - mean) / (variance + 1e-5).squareRoot()
+                    }
                 }
             }
         }
@@ -183,8 +205,10 @@ struct PropertyTests {
 
     @Test func floatOffsetDataNormalizesAccurately() throws {
         // 1000 + 0.05·noise: a naive E[x²] − E[x]² in Float would lose every digit.
-        let xd = try Self.random([8, 4, 16], seed: 15, mean: 1000, std: 0.05).converted(to: Float.self)
-            .converted(to: Double.self)
+        let xd = try Self.random([8, 4, 16], seed: 15, mean: 1000, std: 0.05).converted(
+            to: Float.self
+        )
+        .converted(to: Double.self)
         let bnD = try BatchNorm<Double>(featureCount: 4)
         let bnF = try BatchNorm<Float>(featureCount: 4)
         let yd = try bnD.forward(xd, mode: .training).output

@@ -40,7 +40,8 @@ struct PyTorchFixtureTests {
     func check<T: NormScalar>(_ fixture: Fixture, as _: T.Type, tolerance: Double) throws {
         // RMSNorm's default ε is the machine epsilon of the dtype; the golden values were made
         // in float64, so the Float path uses float64's ε to compute the same function.
-        let epsilon = fixture.layer == .rmsnorm && fixture.spec.epsilon == nil ? Double.ulpOfOne : nil
+        let epsilon =
+            fixture.layer == .rmsnorm && fixture.spec.epsilon == nil ? Double.ulpOfOne : nil
         let layer = try fixture.makeLayer(as: T.self, epsilon: epsilon)
         for step in 0..<fixture.spec.steps {
             _ = try layer.forward(fixture.tensor("x.\(step)", as: T.self), mode: .training)
@@ -67,7 +68,9 @@ struct PyTorchFixtureTests {
         if fixture.has("running_mean.out") {
             expectClose("running_mean", layer.runningStatistics?.mean, "running_mean.out")
             expectClose("running_var", layer.runningStatistics?.variance, "running_var.out")
-            #expect(layer.runningStatistics?.batchesTracked == fixture.integer("num_batches_tracked.out"))
+            #expect(
+                layer.runningStatistics?.batchesTracked
+                    == fixture.integer("num_batches_tracked.out"))
         } else {
             #expect(layer.runningStatistics == nil, "\(fixture): unexpected running statistics")
         }
