@@ -57,6 +57,9 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
     public var offset: Tensor<Scalar>?
     /// Running estimates for inference, or nil when the layer does not track them.
     public var runningStatistics: RunningStatistics<Scalar>?
+    /// Which kernels compute the layer (`.automatic`: the fast Float kernels where the
+    /// partition's memory shape allows, the reference kernel otherwise).
+    public var kernels = KernelChoice.automatic
     /// The momentum of lazily created running statistics (layers whose statistic shape is only
     /// known from the first input).
     let lazyRunningMomentum: Momentum?
@@ -175,6 +178,8 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             updateRunning = false
         }
 
+        let indexing = parameterIndexing(for: x.shape)
+        var y = [Scalar](repeating: 0, count: x.count)
         let mean: [Double]
         let rstd: [Double]
         if useRunning, let running = runningStatistics {
@@ -186,31 +191,18 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             let variance = running.variance.scalars.map(Double.init)
             rstd = ReferenceNormKernel.reciprocalStandardDeviation(
                 variance: variance, operation: op)
+            kernels.forward(
+                x, plan: plan, mean: mean, rstd: rstd, scale: scale, offset: offset,
+                indexing: indexing, into: &y)
         } else {
-            let setIndex = plan.setIndices()
-            let moments = x.withUnsafeBufferPointer {
-                ReferenceNormKernel.moments(
-                    $0, setIndex: setIndex, setCount: plan.setCount, operation: op)
-            }
+            let statistics = kernels.forwardTraining(
+                x, plan: plan, operation: op, scale: scale, offset: offset, indexing: indexing,
+                into: &y)
             if updateRunning {
-                try updateRunningStatistics(moments, plan: plan, runningPlan: runningPlan)
+                try updateRunningStatistics(statistics, plan: plan, runningPlan: runningPlan)
             }
-            mean = moments.mean
-            rstd = ReferenceNormKernel.reciprocalStandardDeviation(
-                variance: moments.variance, operation: op)
-        }
-
-        let setIndex = plan.setIndices()
-        var y = [Scalar](repeating: 0, count: x.count)
-        let indexing = parameterIndexing(for: x.shape)
-        x.withUnsafeBufferPointer { xb in
-            y.withUnsafeMutableBufferPointer { yb in
-                withOptionalBuffers(scale, offset) { sb, ob in
-                    ReferenceNormKernel.forward(
-                        xb, setIndex: setIndex, mean: mean, rstd: rstd, scale: sb, offset: ob,
-                        parameterIndexing: indexing, into: yb)
-                }
-            }
+            mean = statistics.mean
+            rstd = statistics.rstd
         }
         let output = try tensor(shape: x.shape, scalars: y)
         let cache = Cache(
@@ -247,27 +239,15 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             throw .gradientShapeMismatch(expected: x.shape, actual: dy.shape)
         }
         try validateParameters()
-        let setIndex = cache.plan.setIndices()
         let indexing = parameterIndexing(for: x.shape)
         var dx = [Scalar](repeating: 0, count: x.count)
         var dScale: [Double] = []
         var dOffset: [Double] = []
-        x.withUnsafeBufferPointer { xb in
-            dy.withUnsafeBufferPointer { dyb in
-                dx.withUnsafeMutableBufferPointer { dxb in
-                    withOptionalBuffers(scale, nil) { sb, _ in
-                        ReferenceNormKernel.backward(
-                            xb, outputGradient: dyb, setIndex: setIndex,
-                            setCount: cache.plan.setCount,
-                            mean: cache.mean, rstd: cache.rstd,
-                            operation: normalizer.kernelOperation,
-                            statisticsAreConstant: cache.statisticsAreConstant, scale: sb,
-                            parameterIndexing: indexing, inputGradient: dxb,
-                            scaleGradient: &dScale, offsetGradient: &dOffset)
-                    }
-                }
-            }
-        }
+        kernels.backward(
+            x, outputGradient: dy, plan: cache.plan, mean: cache.mean, rstd: cache.rstd,
+            operation: normalizer.kernelOperation,
+            statisticsAreConstant: cache.statisticsAreConstant, scale: scale, indexing: indexing,
+            inputGradient: &dx, scaleGradient: &dScale, offsetGradient: &dOffset)
         var gradients = Gradients(input: try tensor(shape: x.shape, scalars: dx))
         if let shape = normalizer.recovery.parameterShape {
             gradients.scale = try tensor(shape: shape, scalars: dScale.map { Scalar($0) })
@@ -406,7 +386,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
 
     /// Applies one training batch to the running statistics (all-or-nothing).
     private func updateRunningStatistics(
-        _ moments: ReferenceNormKernel.Moments, plan: ReductionPlan, runningPlan: ReductionPlan
+        _ moments: FastNormKernel.Statistics, plan: ReductionPlan, runningPlan: ReductionPlan
     ) throws(NormError) {
         guard moments.mean.allSatisfy(\.isFinite), moments.biasedVariance.allSatisfy(\.isFinite)
         else {

@@ -1,0 +1,104 @@
+extension FastNormKernel {
+    /// Training forward: statistics of every set and the output.
+    ///
+    /// - Parameters:
+    ///   - x: input, the geometry's element count.
+    ///   - geometry: from ``geometry(for:parameters:)``.
+    ///   - operation: centering, scaling, variance estimator and ε.
+    ///   - scale, offset: γ and β (nil: 1 and 0), laid out as the geometry says.
+    ///   - y: overwritten with the output.
+    /// - Returns: per-set statistics, numbered as ``ReductionPlan`` numbers them.
+    public static func forwardTraining(
+        _ x: UnsafeBufferPointer<Float>, geometry: Geometry,
+        operation: ReferenceNormKernel.Operation,
+        scale: UnsafeBufferPointer<Float>?, offset: UnsafeBufferPointer<Float>?,
+        into y: UnsafeMutableBufferPointer<Float>
+    ) -> Statistics {
+        var statistics = Statistics(mean: [], variance: [], biasedVariance: [], rstd: [])
+        guard let xp = x.baseAddress, let yp = y.baseAddress else { return statistics }
+        switch geometry {
+        case .rows(let count, let length, let setCount, let gamma):
+            rowsForward(
+                xp, RowPlan(rows: count, length: length, setCount: setCount, gamma: gamma),
+                operation: operation,
+                gamma: scale?.baseAddress, beta: offset?.baseAddress, y: yp, statistics: &statistics
+            )
+        case .columns(let outer, let mid, let inner, let groupWidth, let reduceOuter, let gamma):
+            columnsForward(
+                xp,
+                ColumnPlan(
+                    outer: outer, mid: mid, inner: inner, groupWidth: groupWidth,
+                    reduceOuter: reduceOuter, gamma: gamma),
+                operation: operation, gamma: scale?.baseAddress, beta: offset?.baseAddress, y: yp,
+                statistics: &statistics)
+        }
+        return statistics
+    }
+
+    /// Forward with given per-set statistics (inference, frozen statistics).
+    ///
+    /// - Parameters:
+    ///   - mean, rstd: μ and 1/√(σ² + ε) per set.
+    ///   - y: overwritten.
+    public static func forward(
+        _ x: UnsafeBufferPointer<Float>, geometry: Geometry, mean: [Double], rstd: [Double],
+        scale: UnsafeBufferPointer<Float>?, offset: UnsafeBufferPointer<Float>?,
+        into y: UnsafeMutableBufferPointer<Float>
+    ) {
+        guard let xp = x.baseAddress, let yp = y.baseAddress else { return }
+        switch geometry {
+        case .rows(let count, let length, let setCount, let gamma):
+            rowsForward(
+                xp, RowPlan(rows: count, length: length, setCount: setCount, gamma: gamma),
+                mean: mean, rstd: rstd,
+                gamma: scale?.baseAddress, beta: offset?.baseAddress, y: yp)
+        case .columns(let outer, let mid, let inner, let groupWidth, let reduceOuter, let gamma):
+            columnsForward(
+                xp,
+                ColumnPlan(
+                    outer: outer, mid: mid, inner: inner, groupWidth: groupWidth,
+                    reduceOuter: reduceOuter, gamma: gamma),
+                mean: mean, rstd: rstd, gamma: scale?.baseAddress, beta: offset?.baseAddress, y: yp)
+        }
+    }
+
+    /// Backward: the input gradient and the affine parameters' gradients, with the same
+    /// formulas as ``ReferenceNormKernel/backward(_:outputGradient:setIndex:setCount:mean:rstd:operation:statisticsAreConstant:scale:parameterIndexing:inputGradient:scaleGradient:offsetGradient:)``.
+    ///
+    /// - Parameters:
+    ///   - dx: overwritten.
+    ///   - scaleGradient, offsetGradient: resized to the parameter count and overwritten.
+    public static func backward(
+        _ x: UnsafeBufferPointer<Float>, outputGradient dy: UnsafeBufferPointer<Float>,
+        geometry: Geometry,
+        mean: [Double], rstd: [Double], operation: ReferenceNormKernel.Operation,
+        statisticsAreConstant: Bool,
+        scale: UnsafeBufferPointer<Float>?, parameterCount: Int,
+        inputGradient dx: UnsafeMutableBufferPointer<Float>,
+        scaleGradient: inout [Double], offsetGradient: inout [Double]
+    ) {
+        scaleGradient = [Double](repeating: 0, count: parameterCount)
+        offsetGradient = [Double](repeating: 0, count: parameterCount)
+        guard let xp = x.baseAddress, let dyp = dy.baseAddress, let dxp = dx.baseAddress else {
+            return
+        }
+        switch geometry {
+        case .rows(let count, let length, let setCount, let gamma):
+            rowsBackward(
+                xp, dyp, RowPlan(rows: count, length: length, setCount: setCount, gamma: gamma),
+                mean: mean, rstd: rstd,
+                operation: operation, statisticsAreConstant: statisticsAreConstant,
+                gamma: scale?.baseAddress, dx: dxp,
+                dgamma: &scaleGradient, dbeta: &offsetGradient)
+        case .columns(let outer, let mid, let inner, let groupWidth, let reduceOuter, let gamma):
+            columnsBackward(
+                xp, dyp,
+                ColumnPlan(
+                    outer: outer, mid: mid, inner: inner, groupWidth: groupWidth,
+                    reduceOuter: reduceOuter, gamma: gamma),
+                mean: mean, rstd: rstd, operation: operation,
+                statisticsAreConstant: statisticsAreConstant,
+                gamma: scale?.baseAddress, dx: dxp, dgamma: &scaleGradient, dbeta: &offsetGradient)
+        }
+    }
+}

@@ -1,0 +1,396 @@
+extension FastNormKernel {
+    /// A column geometry `[outer, mid, inner]`.
+    struct ColumnPlan {
+        let outer: Int
+        let mid: Int
+        let inner: Int
+        let groupWidth: Int
+        let reduceOuter: Bool
+        let gamma: ColumnGamma
+        var groups: Int { inner / groupWidth }
+        var setCount: Int { (reduceOuter ? 1 : outer) * groups }
+        var setSize: Int { mid * groupWidth * (reduceOuter ? outer : 1) }
+        /// Mid rows per chunk when a reduction crosses chunks (reduceOuter): fixed by size only.
+        var midChunk: Int { max(1, (1 << 14) / max(inner, 1)) }
+        @inline(__always) func set(outer o: Int, column i: Int) -> Int {
+            (reduceOuter ? 0 : o * groups) + i / groupWidth
+        }
+    }
+
+    /// Column sums Σ(x − s[i]) and Σ(x − s[i])² over mid rows `rows` of outer index `o`, added to
+    /// `s1`, `s2` (Double, one per column).
+    static func columnSums(
+        _ x: UnsafePointer<Float>, _ plan: ColumnPlan, outer o: Int, rows: Range<Int>,
+        shift: UnsafePointer<Float>,
+        s1: UnsafeMutablePointer<Double>, s2: UnsafeMutablePointer<Double>,
+        scratch: UnsafeMutablePointer<Float>
+    ) {
+        let inner = plan.inner
+        let a = scratch
+        let q = scratch + inner
+        for i in 0..<(2 * inner) { scratch[i] = 0 }
+        var pending = 0
+        for m in rows {
+            let row = x + (o * plan.mid + m) * inner
+            var i = 0
+            while i + 16 <= inner {
+                let d = Span.load(row + i) - Span.load(shift + i)
+                Span.store(Span.load(a + i) + d, a + i)
+                Span.store(Span.load(q + i) + d * d, q + i)
+                i += 16
+            }
+            while i < inner {
+                let d = row[i] - shift[i]
+                a[i] += d
+                q[i] += d * d
+                i += 1
+            }
+            pending += 1
+            if pending == 128 {
+                Span.flush(a, into: s1, inner)
+                Span.flush(q, into: s2, inner)
+                pending = 0
+            }
+        }
+        Span.flush(a, into: s1, inner)
+        Span.flush(q, into: s2, inner)
+    }
+
+    /// Training forward on a column geometry.
+    static func columnsForward(
+        _ x: UnsafePointer<Float>, _ plan: ColumnPlan, operation op: ReferenceNormKernel.Operation,
+        gamma: UnsafePointer<Float>?, beta: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>,
+        statistics: inout Statistics
+    ) {
+        let sets = plan.setCount
+        var shifts = [Float](repeating: 0, count: sets)
+        if op.centers {
+            for s in 0..<sets {
+                // The first element of the set: outer index o (0 when reduced), row 0, first column.
+                let o = plan.reduceOuter ? 0 : s / plan.groups
+                let column = (s % plan.groups) * plan.groupWidth
+                shifts[s] = x[o * plan.mid * plan.inner + column]
+            }
+        }
+        var (s1, s2) = columnSetSums(x, plan, shifts: shifts)
+        if op.centers {
+            var redo = false
+            for s in 0..<sets where shiftIsFar(n: plan.setSize, s1: s1[s], s2: s2[s]) {
+                shifts[s] = Float(Double(shifts[s]) + s1[s] / Double(plan.setSize))
+                redo = true
+            }
+            if redo { (s1, s2) = columnSetSums(x, plan, shifts: shifts) }
+        }
+        statistics = Statistics(
+            mean: [Double](repeating: 0, count: sets),
+            variance: [Double](repeating: 0, count: sets),
+            biasedVariance: [Double](repeating: 0, count: sets),
+            rstd: [Double](repeating: 1, count: sets))
+        for s in 0..<sets {
+            let r = finish(n: plan.setSize, shift: shifts[s], s1: s1[s], s2: s2[s], operation: op)
+            statistics.mean[s] = r.mean
+            statistics.variance[s] = r.variance
+            statistics.biasedVariance[s] = r.biased
+            statistics.rstd[s] = r.rstd
+        }
+        columnsForward(
+            x, plan, mean: statistics.mean, rstd: statistics.rstd, gamma: gamma, beta: beta, y: y)
+    }
+
+    /// Per-set (Σ(x − s), Σ(x − s)²), chunked over (outer, mid rows) and merged in order.
+    static func columnSetSums(_ x: UnsafePointer<Float>, _ plan: ColumnPlan, shifts: [Float]) -> (
+        [Double], [Double]
+    ) {
+        let inner = plan.inner
+        let chunksPerOuter = (plan.mid + plan.midChunk - 1) / plan.midChunk
+        let units = plan.outer * chunksPerOuter
+        var partial1 = [Double](repeating: 0, count: units * inner)
+        var partial2 = [Double](repeating: 0, count: units * inner)
+        partial1.withUnsafeMutableBufferPointer { p1 in
+            partial2.withUnsafeMutableBufferPointer { p2 in
+                Parallelism.forEachChunk(units, work: plan.outer * plan.mid * inner) { u in
+                    let o = u / chunksPerOuter
+                    let c = u % chunksPerOuter
+                    var columnShift = [Float](repeating: 0, count: inner)
+                    for i in 0..<inner { columnShift[i] = shifts[plan.set(outer: o, column: i)] }
+                    var scratch = [Float](repeating: 0, count: 2 * inner)
+                    columnShift.withUnsafeBufferPointer { sh in
+                        scratch.withUnsafeMutableBufferPointer { sc in
+                            columnSums(
+                                x, plan, outer: o,
+                                rows: (c * plan.midChunk)..<min(plan.mid, (c + 1) * plan.midChunk),
+                                shift: sh.baseAddress!, s1: p1.baseAddress! + u * inner,
+                                s2: p2.baseAddress! + u * inner,
+                                scratch: sc.baseAddress!)
+                        }
+                    }
+                }
+            }
+        }
+        var s1 = [Double](repeating: 0, count: plan.setCount)
+        var s2 = [Double](repeating: 0, count: plan.setCount)
+        for u in 0..<units {
+            let o = u / chunksPerOuter
+            for i in 0..<inner {
+                let s = plan.set(outer: o, column: i)
+                s1[s] += partial1[u * inner + i]
+                s2[s] += partial2[u * inner + i]
+            }
+        }
+        return (s1, s2)
+    }
+
+    /// Per-column coefficient vectors of one outer index: shift s, rstd r and term t per column.
+    static func columnCoefficients(
+        _ plan: ColumnPlan, outer o: Int, mean: [Double], rstd: [Double]
+    ) -> (shift: [Float], r: [Double], t: [Double]) {
+        var shift = [Float](repeating: 0, count: plan.inner)
+        var r = [Double](repeating: 0, count: plan.inner)
+        var t = [Double](repeating: 0, count: plan.inner)
+        for i in 0..<plan.inner {
+            let s = plan.set(outer: o, column: i)
+            shift[i] = Float(mean[s])
+            r[i] = rstd[s]
+            t[i] = (Double(shift[i]) - mean[s]) * rstd[s]
+        }
+        return (shift, r, t)
+    }
+
+    /// Forward with given statistics on a column geometry: y = a·(x − s) + b per column, or
+    /// γ[m]·(r·(x − s) + t) + β[m] when γ runs along the reduced axis.
+    static func columnsForward(
+        _ x: UnsafePointer<Float>, _ plan: ColumnPlan, mean: [Double], rstd: [Double],
+        gamma: UnsafePointer<Float>?, beta: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>
+    ) {
+        let inner = plan.inner
+        let chunksPerOuter = (plan.mid + plan.midChunk - 1) / plan.midChunk
+        Parallelism.forEachChunk(plan.outer * chunksPerOuter, work: plan.outer * plan.mid * inner) {
+            u in
+            let o = u / chunksPerOuter
+            let rows =
+                ((u % chunksPerOuter) * plan.midChunk)
+                ..<min(plan.mid, (u % chunksPerOuter + 1) * plan.midChunk)
+            let (shift, r, t) = columnCoefficients(plan, outer: o, mean: mean, rstd: rstd)
+            var a = [Float](repeating: 0, count: inner)
+            var b = [Float](repeating: 0, count: inner)
+            for i in 0..<inner {
+                if plan.gamma == .alongInner {
+                    let g = gamma.map { Double($0[i]) } ?? 1
+                    a[i] = Float(g * r[i])
+                    b[i] = Float((beta.map { Double($0[i]) } ?? 0) + g * t[i])
+                } else {
+                    a[i] = Float(r[i])
+                    b[i] = Float(t[i])
+                }
+            }
+            shift.withUnsafeBufferPointer { sh in
+                a.withUnsafeBufferPointer { av in
+                    b.withUnsafeBufferPointer { bv in
+                        for m in rows {
+                            let offset = (o * plan.mid + m) * inner
+                            let gm: Float = plan.gamma == .alongMid ? (gamma?[m] ?? 1) : 1
+                            let bm: Float = plan.gamma == .alongMid ? (beta?[m] ?? 0) : 0
+                            columnRow(
+                                x + offset, y + offset, inner, shift: sh.baseAddress!,
+                                a: av.baseAddress!,
+                                b: bv.baseAddress!, gamma: gm, beta: bm)
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// y = (a·(x − s) + b)·γ + β with a, b, s per column and γ, β scalars.
+    @inline(__always)
+    static func columnRow(
+        _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int,
+        shift: UnsafePointer<Float>,
+        a: UnsafePointer<Float>, b: UnsafePointer<Float>, gamma: Float, beta: Float
+    ) {
+        let gv = Span.V(repeating: gamma)
+        let bv = Span.V(repeating: beta)
+        var i = 0
+        while i + 16 <= n {
+            let v = (Span.load(x + i) - Span.load(shift + i)) * Span.load(a + i) + Span.load(b + i)
+            Span.store(v * gv + bv, y + i)
+            i += 16
+        }
+        while i < n {
+            y[i] = ((x[i] - shift[i]) * a[i] + b[i]) * gamma + beta
+            i += 1
+        }
+    }
+
+    /// Backward on a column geometry. Overwrites dx, dgamma and dbeta.
+    static func columnsBackward(
+        _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: ColumnPlan, mean: [Double],
+        rstd: [Double],
+        operation op: ReferenceNormKernel.Operation, statisticsAreConstant: Bool,
+        gamma: UnsafePointer<Float>?,
+        dx: UnsafeMutablePointer<Float>, dgamma: inout [Double], dbeta: inout [Double]
+    ) {
+        let inner = plan.inner
+        let chunksPerOuter = (plan.mid + plan.midChunk - 1) / plan.midChunk
+        let units = plan.outer * chunksPerOuter
+        let alongMid = plan.gamma == .alongMid
+        // Pass 1 per unit: column sums of g and g·(x − s) (g = dy·γ[m] along mid, dy otherwise),
+        // and for γ along mid the per-row sums Σ dy·x̂ and Σ dy.
+        var colG = [Double](repeating: 0, count: units * inner)
+        var colGD = [Double](repeating: 0, count: units * inner)
+        var rowDG = [Double](repeating: 0, count: alongMid ? plan.outer * plan.mid : 0)
+        var rowDB = [Double](repeating: 0, count: alongMid ? plan.outer * plan.mid : 0)
+        colG.withUnsafeMutableBufferPointer { cg in
+            colGD.withUnsafeMutableBufferPointer { cgd in
+                rowDG.withUnsafeMutableBufferPointer { rdg in
+                    rowDB.withUnsafeMutableBufferPointer { rdb in
+                        Parallelism.forEachChunk(units, work: plan.outer * plan.mid * inner) { u in
+                            let o = u / chunksPerOuter
+                            let c = u % chunksPerOuter
+                            let (shift, r, t) = columnCoefficients(
+                                plan, outer: o, mean: mean, rstd: rstd)
+                            let rf = r.map { Float($0) }
+                            let tf = t.map { Float($0) }
+                            var a = [Float](repeating: 0, count: inner)
+                            var q = [Float](repeating: 0, count: inner)
+                            var pending = 0
+                            for m in (c * plan.midChunk)..<min(plan.mid, (c + 1) * plan.midChunk) {
+                                let offset = (o * plan.mid + m) * inner
+                                let gm: Float = alongMid ? (gamma?[m] ?? 1) : 1
+                                var rowXhat: Float = 0
+                                var rowDy: Float = 0
+                                for i in 0..<inner {
+                                    let d = x[offset + i] - shift[i]
+                                    let g = dy[offset + i]
+                                    a[i] += g * gm
+                                    q[i] += g * gm * d
+                                    if alongMid {
+                                        rowXhat += g * (d * rf[i] + tf[i])
+                                        rowDy += g
+                                    }
+                                }
+                                if alongMid {
+                                    rdg[o * plan.mid + m] = Double(rowXhat)
+                                    rdb[o * plan.mid + m] = Double(rowDy)
+                                }
+                                pending += 1
+                                if pending == 128 {
+                                    for i in 0..<inner {
+                                        cg[u * inner + i] += Double(a[i])
+                                        cgd[u * inner + i] += Double(q[i])
+                                        a[i] = 0
+                                        q[i] = 0
+                                    }
+                                    pending = 0
+                                }
+                            }
+                            for i in 0..<inner {
+                                cg[u * inner + i] += Double(a[i])
+                                cgd[u * inner + i] += Double(q[i])
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Merge in unit order: per-set sums of g, g·(x − s), and the parameter gradients.
+        let sets = plan.setCount
+        var sumG = [Double](repeating: 0, count: sets)
+        var sumGD = [Double](repeating: 0, count: sets)
+        for i in 0..<dgamma.count {
+            dgamma[i] = 0
+            dbeta[i] = 0
+        }
+        for u in 0..<units {
+            let o = u / chunksPerOuter
+            for i in 0..<inner {
+                let s = plan.set(outer: o, column: i)
+                let sdy = colG[u * inner + i]
+                let sdyd = colGD[u * inner + i]
+                if plan.gamma == .alongInner, let gamma {
+                    let g = Double(gamma[i])
+                    sumG[s] += g * sdy
+                    sumGD[s] += g * sdyd
+                    let shift = Double(Float(mean[s]))
+                    dgamma[i] += rstd[s] * sdyd + (shift - mean[s]) * rstd[s] * sdy
+                    dbeta[i] += sdy
+                } else {
+                    sumG[s] += sdy
+                    sumGD[s] += sdyd
+                }
+            }
+        }
+        if alongMid {
+            for o in 0..<plan.outer {
+                for m in 0..<plan.mid {
+                    dgamma[m] += rowDG[o * plan.mid + m]
+                    dbeta[m] += rowDB[o * plan.mid + m]
+                }
+            }
+        }
+        // Pass 2: dx = A·g + B·(x − s) + C per column.
+        Parallelism.forEachChunk(units, work: plan.outer * plan.mid * inner) { u in
+            let o = u / chunksPerOuter
+            let c = u % chunksPerOuter
+            var shift = [Float](repeating: 0, count: inner)
+            var a = [Float](repeating: 0, count: inner)
+            var b = [Float](repeating: 0, count: inner)
+            var cc = [Float](repeating: 0, count: inner)
+            for i in 0..<inner {
+                let s = plan.set(outer: o, column: i)
+                shift[i] = Float(mean[s])
+                let t = (Double(shift[i]) - mean[s]) * rstd[s]
+                let (ca, cb, ccc) = gradientCoefficients(
+                    n: plan.setSize, rstd: rstd[s], term: t, sumG: sumG[s], sumGD: sumGD[s],
+                    operation: op,
+                    constant: statisticsAreConstant)
+                let g = plan.gamma == .alongInner ? (gamma.map { Double($0[i]) } ?? 1) : 1
+                a[i] = Float(ca * g)
+                b[i] = Float(cb)
+                cc[i] = Float(ccc)
+            }
+            for m in (c * plan.midChunk)..<min(plan.mid, (c + 1) * plan.midChunk) {
+                let offset = (o * plan.mid + m) * inner
+                let gm: Float = alongMid ? (gamma?[m] ?? 1) : 1
+                shift.withUnsafeBufferPointer { sh in
+                    a.withUnsafeBufferPointer { av in
+                        b.withUnsafeBufferPointer { bv in
+                            cc.withUnsafeBufferPointer { cv in
+                                columnGradientRow(
+                                    x + offset, dy + offset, dx + offset, inner,
+                                    shift: sh.baseAddress!,
+                                    a: av.baseAddress!, b: bv.baseAddress!, c: cv.baseAddress!,
+                                    gamma: gm)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// dx = a·(dy·γ) + b·(x − s) + c with a, b, c, s per column.
+    @inline(__always)
+    static func columnGradientRow(
+        _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>,
+        _ n: Int,
+        shift: UnsafePointer<Float>, a: UnsafePointer<Float>, b: UnsafePointer<Float>,
+        c: UnsafePointer<Float>,
+        gamma: Float
+    ) {
+        let gv = Span.V(repeating: gamma)
+        var i = 0
+        while i + 16 <= n {
+            let g = Span.load(dy + i) * gv
+            let v =
+                g * Span.load(a + i) + (Span.load(x + i) - Span.load(shift + i)) * Span.load(b + i)
+                + Span.load(c + i)
+            Span.store(v, dx + i)
+            i += 16
+        }
+        while i < n {
+            dx[i] = dy[i] * gamma * a[i] + (x[i] - shift[i]) * b[i] + c[i]
+            i += 1
+        }
+    }
+}

@@ -1,0 +1,289 @@
+extension FastNormKernel {
+    /// The sets of a row geometry, processed whole by one chunk each.
+    struct RowPlan {
+        let rows: Int
+        let length: Int
+        let setCount: Int
+        let gamma: RowGamma
+        var rowsPerSet: Int { rows / setCount }
+        var setSize: Int { rowsPerSet * length }
+        /// Sets per chunk: enough work per chunk to amortise the dispatch.
+        var setsPerChunk: Int { max(1, min(setCount, (1 << 14) / max(setSize, 1))) }
+        var chunkCount: Int { (setCount + setsPerChunk - 1) / setsPerChunk }
+        func chunk(_ k: Int) -> Range<Int> {
+            (k * setsPerChunk)..<min(setCount, (k + 1) * setsPerChunk)
+        }
+        /// Row k of set s.
+        @inline(__always) func row(_ s: Int, _ k: Int) -> Int { s + k * setCount }
+        /// Elements per γ segment and segments per row.
+        var segment: Int {
+            if case .segments(_, let segment) = gamma { return segment }
+            return length
+        }
+        var segmentsPerRow: Int { length / segment }
+        /// γ index of segment j of row r.
+        @inline(__always) func gammaIndex(row r: Int, segment j: Int) -> Int {
+            switch gamma {
+            case .segments(let cycle, _): return (r % cycle) * segmentsPerRow + j
+            case .elementwise(let cycle): return (r % cycle) * length
+            case .none: return 0
+            }
+        }
+    }
+
+    /// Training forward on a row geometry: statistics per set, then y.
+    static func rowsForward(
+        _ x: UnsafePointer<Float>, _ plan: RowPlan, operation op: ReferenceNormKernel.Operation,
+        gamma: UnsafePointer<Float>?, beta: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>,
+        statistics: inout Statistics
+    ) {
+        let sets = plan.setCount
+        statistics = Statistics(
+            mean: [Double](repeating: 0, count: sets),
+            variance: [Double](repeating: 0, count: sets),
+            biasedVariance: [Double](repeating: 0, count: sets),
+            rstd: [Double](repeating: 1, count: sets))
+        statistics.mean.withUnsafeMutableBufferPointer { meanOut in
+            statistics.variance.withUnsafeMutableBufferPointer { varOut in
+                statistics.biasedVariance.withUnsafeMutableBufferPointer { biasedOut in
+                    statistics.rstd.withUnsafeMutableBufferPointer { rstdOut in
+                        Parallelism.forEachChunk(plan.chunkCount, work: plan.rows * plan.length) {
+                            k in
+                            for s in plan.chunk(k) {
+                                var shift: Float = op.centers ? x[plan.row(s, 0) * plan.length] : 0
+                                var (s1, s2) = rowSetSums(x, plan, s, shift: shift)
+                                if op.centers && shiftIsFar(n: plan.setSize, s1: s1, s2: s2) {
+                                    shift = Float(Double(shift) + s1 / Double(plan.setSize))
+                                    (s1, s2) = rowSetSums(x, plan, s, shift: shift)
+                                }
+                                let r = finish(
+                                    n: plan.setSize, shift: shift, s1: s1, s2: s2, operation: op)
+                                meanOut[s] = r.mean
+                                varOut[s] = r.variance
+                                biasedOut[s] = r.biased
+                                rstdOut[s] = r.rstd
+                                rowsApply(
+                                    x, plan, set: s, mean: r.mean, rstd: r.rstd, gamma: gamma,
+                                    beta: beta, y: y)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    @inline(__always)
+    static func rowSetSums(_ x: UnsafePointer<Float>, _ plan: RowPlan, _ s: Int, shift: Float) -> (
+        Double, Double
+    ) {
+        var s1 = 0.0
+        var s2 = 0.0
+        for k in 0..<plan.rowsPerSet {
+            let (a, b) = Span.shiftedSums(
+                x + plan.row(s, k) * plan.length, plan.length, shift: shift)
+            s1 += a
+            s2 += b
+        }
+        return (s1, s2)
+    }
+
+    /// Writes y for every row of set `s` from its statistics.
+    @inline(__always)
+    static func rowsApply(
+        _ x: UnsafePointer<Float>, _ plan: RowPlan, set s: Int, mean: Double, rstd: Double,
+        gamma: UnsafePointer<Float>?, beta: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>
+    ) {
+        let shift = Float(mean)
+        let t = (Double(shift) - mean) * rstd
+        for k in 0..<plan.rowsPerSet {
+            let r = plan.row(s, k)
+            let base = r * plan.length
+            switch plan.gamma {
+            case .elementwise:
+                let g = plan.gammaIndex(row: r, segment: 0)
+                Span.elementwise(
+                    x + base, y + base, plan.length, shift: shift, rstd: Float(rstd),
+                    term: Float(t),
+                    gamma: gamma.map { $0 + g }, beta: beta.map { $0 + g })
+            case .none, .segments:
+                let segment = plan.segment
+                for j in 0..<plan.segmentsPerRow {
+                    let p = plan.gammaIndex(row: r, segment: j)
+                    let g = gamma.map { Double($0[p]) } ?? 1
+                    let b = beta.map { Double($0[p]) } ?? 0
+                    Span.affine(
+                        x + base + j * segment, y + base + j * segment, segment, shift: shift,
+                        scale: Float(g * rstd), offset: Float(b + g * t))
+                }
+            }
+        }
+    }
+
+    /// Forward with given statistics (inference, frozen) on a row geometry.
+    static func rowsForward(
+        _ x: UnsafePointer<Float>, _ plan: RowPlan, mean: [Double], rstd: [Double],
+        gamma: UnsafePointer<Float>?, beta: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>
+    ) {
+        Parallelism.forEachChunk(plan.chunkCount, work: plan.rows * plan.length) { k in
+            for s in plan.chunk(k) {
+                rowsApply(
+                    x, plan, set: s, mean: mean[s], rstd: rstd[s], gamma: gamma, beta: beta, y: y)
+            }
+        }
+    }
+
+    /// Backward on a row geometry. Overwrites dx, dgamma and dbeta.
+    static func rowsBackward(
+        _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: RowPlan, mean: [Double],
+        rstd: [Double],
+        operation op: ReferenceNormKernel.Operation, statisticsAreConstant: Bool,
+        gamma: UnsafePointer<Float>?,
+        dx: UnsafeMutablePointer<Float>, dgamma: inout [Double], dbeta: inout [Double]
+    ) {
+        let chunks = plan.chunkCount
+        let hasGamma = gamma != nil
+        let parameterCount = dgamma.count
+        // Per-chunk partial parameter gradients, merged in chunk order afterwards.
+        var partialGamma = [Double](repeating: 0, count: hasGamma ? chunks * parameterCount : 0)
+        var partialBeta = [Double](repeating: 0, count: hasGamma ? chunks * parameterCount : 0)
+        let elementwise: Bool
+        if case .elementwise = plan.gamma { elementwise = true } else { elementwise = false }
+        partialGamma.withUnsafeMutableBufferPointer { pg in
+            partialBeta.withUnsafeMutableBufferPointer { pb in
+                Parallelism.forEachChunk(chunks, work: plan.rows * plan.length) { k in
+                    let dgOut = hasGamma ? pg.baseAddress! + k * parameterCount : nil
+                    let dbOut = hasGamma ? pb.baseAddress! + k * parameterCount : nil
+                    // Float partials for elementwise γ, flushed to the chunk's Double partials.
+                    var scratch = [Float](
+                        repeating: 0, count: elementwise && hasGamma ? 2 * parameterCount : 0)
+                    scratch.withUnsafeMutableBufferPointer { sp in
+                        for (done, s) in plan.chunk(k).enumerated() {
+                            if done % 64 == 63, elementwise, hasGamma, let base = sp.baseAddress,
+                                let dgOut, let dbOut
+                            {
+                                Span.flush(base, into: dgOut, parameterCount)
+                                Span.flush(base + parameterCount, into: dbOut, parameterCount)
+                            }
+                            rowsBackwardSet(
+                                x, dy, plan, set: s, mean: mean[s], rstd: rstd[s], operation: op,
+                                constant: statisticsAreConstant, gamma: gamma, dx: dx,
+                                dgamma: dgOut, dbeta: dbOut,
+                                scratch: sp.baseAddress, parameterCount: parameterCount)
+                        }
+                        if elementwise, hasGamma, let base = sp.baseAddress, let dgOut, let dbOut {
+                            Span.flush(base, into: dgOut, parameterCount)
+                            Span.flush(base + parameterCount, into: dbOut, parameterCount)
+                        }
+                    }
+                }
+            }
+        }
+        for i in 0..<parameterCount {
+            dgamma[i] = 0
+            dbeta[i] = 0
+        }
+        for k in 0..<(hasGamma ? chunks : 0) {
+            for i in 0..<parameterCount {
+                dgamma[i] += partialGamma[k * parameterCount + i]
+                dbeta[i] += partialBeta[k * parameterCount + i]
+            }
+        }
+    }
+
+    @inline(__always)
+    static func rowsBackwardSet(
+        _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: RowPlan, set s: Int,
+        mean: Double,
+        rstd: Double, operation op: ReferenceNormKernel.Operation, constant: Bool,
+        gamma: UnsafePointer<Float>?,
+        dx: UnsafeMutablePointer<Float>, dgamma: UnsafeMutablePointer<Double>?,
+        dbeta: UnsafeMutablePointer<Double>?,
+        scratch: UnsafeMutablePointer<Float>?, parameterCount: Int
+    ) {
+        let shift = Float(mean)
+        let t = (Double(shift) - mean) * rstd
+        let segment = plan.segment
+        // Pass 1: Σg and Σg·(x − s) over the set, and the parameter gradients.
+        var sumG = 0.0
+        var sumGD = 0.0
+        for k in 0..<plan.rowsPerSet {
+            let r = plan.row(s, k)
+            let base = r * plan.length
+            switch plan.gamma {
+            case .elementwise:
+                let p = plan.gammaIndex(row: r, segment: 0)
+                let (a, b) = Span.elementwiseGradientSums(
+                    x + base, dy + base, plan.length, shift: shift, rstd: Float(rstd),
+                    term: Float(t),
+                    gamma: gamma.map { $0 + p }, dgamma: scratch.map { $0 + p },
+                    dbeta: scratch.map { $0 + parameterCount + p })
+                sumG += a
+                sumGD += b
+                if (k + 1) % 64 == 0, let scratch, let dgamma, let dbeta {
+                    // Keep the Float partials short: flush this row's γ slice every 64 rows.
+                    Span.flush(scratch + p, into: dgamma + p, plan.length)
+                    Span.flush(scratch + parameterCount + p, into: dbeta + p, plan.length)
+                }
+            case .none, .segments:
+                for j in 0..<plan.segmentsPerRow {
+                    let (sdy, sdyd) = Span.gradientSums(
+                        x + base + j * segment, dy + base + j * segment, segment, shift: shift)
+                    let p = plan.gammaIndex(row: r, segment: j)
+                    let g = gamma.map { Double($0[p]) } ?? 1
+                    sumG += g * sdy
+                    sumGD += g * sdyd
+                    if let dgamma, let dbeta {
+                        dgamma[p] += rstd * sdyd + t * sdy
+                        dbeta[p] += sdy
+                    }
+                }
+            }
+        }
+        // dx = A·g + B·(x − s) + C, from the set's sums (see ReferenceNormKernel.backward).
+        let (a, b, c) = gradientCoefficients(
+            n: plan.setSize, rstd: rstd, term: t, sumG: sumG, sumGD: sumGD, operation: op,
+            constant: constant)
+        for k in 0..<plan.rowsPerSet {
+            let r = plan.row(s, k)
+            let base = r * plan.length
+            switch plan.gamma {
+            case .elementwise:
+                let p = plan.gammaIndex(row: r, segment: 0)
+                Span.gradient(
+                    x + base, dy + base, dx + base, plan.length, shift: shift, a: Float(a),
+                    b: Float(b), c: Float(c),
+                    gamma: gamma.map { $0 + p })
+            case .none, .segments:
+                for j in 0..<plan.segmentsPerRow {
+                    let p = plan.gammaIndex(row: r, segment: j)
+                    let g = gamma.map { Double($0[p]) } ?? 1
+                    Span.gradient(
+                        x + base + j * segment, dy + base + j * segment, dx + base + j * segment,
+                        segment,
+                        shift: shift, a: Float(a * g), b: Float(b), c: Float(c), gamma: nil)
+                }
+            }
+        }
+    }
+
+    /// A, B, C of dx = A·g + B·(x − s) + C for one set of n elements, where
+    /// x̂ = rstd·(x − s) + t, Σg and Σg·(x − s) are the set's sums, and g = dy·γ.
+    @inline(__always)
+    static func gradientCoefficients(
+        n: Int, rstd r: Double, term t: Double, sumG: Double, sumGD: Double,
+        operation op: ReferenceNormKernel.Operation, constant: Bool
+    ) -> (Double, Double, Double) {
+        if constant || (!op.centers && !op.scales) { return (r, 0, 0) }
+        let m = Double(n)
+        let sumGXhat = r * sumGD + t * sumG
+        if op.centers && op.scales {
+            let d = op.unbiased ? m - 1 : m
+            return (r, -r * r * sumGXhat / d, -r * sumG / m - r * t * sumGXhat / d)
+        }
+        if op.scales {  // RMS: μ = 0, s = 0, t = 0.
+            return (r, -r * r * sumGXhat / m, 0)
+        }
+        return (1, 0, -sumG / m)  // centering only
+    }
+}

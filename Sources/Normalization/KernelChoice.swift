@@ -1,0 +1,137 @@
+import NormKernels
+import TensorCore
+
+/// Which kernels a layer runs.
+///
+/// `.automatic` runs ``FastNormKernel`` (SIMD, threads, one read of x per set where it fits in
+/// cache) for Float tensors whose partition has one of its memory shapes, which covers every
+/// standard layer in both layouts; everything else (Double tensors, unusual partitions) runs
+/// ``ReferenceNormKernel``. `.reference` always runs the reference kernel, for checks.
+public enum KernelChoice: String, Sendable, Hashable {
+    /// Fast kernels where they apply.
+    case automatic
+    /// The plain reference kernel.
+    case reference
+
+    /// The fast geometry for a call, or nil when the reference kernel runs.
+    func fastGeometry<Scalar: NormScalar>(
+        _: Scalar.Type, plan: ReductionPlan, indexing: ParameterIndexing?
+    ) -> FastNormKernel.Geometry? {
+        guard self == .automatic, Scalar.self == Float.self else { return nil }
+        return FastNormKernel.geometry(for: plan, parameters: indexing)
+    }
+
+    func forwardTraining<Scalar: NormScalar>(
+        _ x: Tensor<Scalar>, plan: ReductionPlan, operation op: ReferenceNormKernel.Operation,
+        scale: Tensor<Scalar>?, offset: Tensor<Scalar>?, indexing: ParameterIndexing?,
+        into y: inout [Scalar]
+    ) -> FastNormKernel.Statistics {
+        if let geometry = fastGeometry(Scalar.self, plan: plan, indexing: indexing) {
+            return x.withUnsafeBufferPointer { xb in
+                y.withUnsafeMutableBufferPointer { yb in
+                    withOptionalBuffers(scale, offset) { sb, ob in
+                        FastNormKernel.forwardTraining(
+                            xb.asFloat, geometry: geometry, operation: op, scale: sb?.asFloat,
+                            offset: ob?.asFloat, into: yb.asFloat)
+                    }
+                }
+            }
+        }
+        let setIndex = plan.setIndices()
+        let moments = x.withUnsafeBufferPointer {
+            ReferenceNormKernel.moments(
+                $0, setIndex: setIndex, setCount: plan.setCount, operation: op)
+        }
+        let rstd = ReferenceNormKernel.reciprocalStandardDeviation(
+            variance: moments.variance, operation: op)
+        x.withUnsafeBufferPointer { xb in
+            y.withUnsafeMutableBufferPointer { yb in
+                withOptionalBuffers(scale, offset) { sb, ob in
+                    ReferenceNormKernel.forward(
+                        xb, setIndex: setIndex, mean: moments.mean, rstd: rstd, scale: sb,
+                        offset: ob,
+                        parameterIndexing: indexing, into: yb)
+                }
+            }
+        }
+        return FastNormKernel.Statistics(
+            mean: moments.mean, variance: moments.variance, biasedVariance: moments.biasedVariance,
+            rstd: rstd)
+    }
+
+    func forward<Scalar: NormScalar>(
+        _ x: Tensor<Scalar>, plan: ReductionPlan, mean: [Double], rstd: [Double],
+        scale: Tensor<Scalar>?,
+        offset: Tensor<Scalar>?, indexing: ParameterIndexing?, into y: inout [Scalar]
+    ) {
+        let geometry = fastGeometry(Scalar.self, plan: plan, indexing: indexing)
+        let setIndex = geometry == nil ? plan.setIndices() : []
+        x.withUnsafeBufferPointer { xb in
+            y.withUnsafeMutableBufferPointer { yb in
+                withOptionalBuffers(scale, offset) { sb, ob in
+                    if let geometry {
+                        FastNormKernel.forward(
+                            xb.asFloat, geometry: geometry, mean: mean, rstd: rstd,
+                            scale: sb?.asFloat,
+                            offset: ob?.asFloat, into: yb.asFloat)
+                    } else {
+                        ReferenceNormKernel.forward(
+                            xb, setIndex: setIndex, mean: mean, rstd: rstd, scale: sb, offset: ob,
+                            parameterIndexing: indexing, into: yb)
+                    }
+                }
+            }
+        }
+    }
+
+    func backward<Scalar: NormScalar>(
+        _ x: Tensor<Scalar>, outputGradient dy: Tensor<Scalar>, plan: ReductionPlan, mean: [Double],
+        rstd: [Double], operation op: ReferenceNormKernel.Operation, statisticsAreConstant: Bool,
+        scale: Tensor<Scalar>?, indexing: ParameterIndexing?, inputGradient dx: inout [Scalar],
+        scaleGradient: inout [Double], offsetGradient: inout [Double]
+    ) {
+        let geometry = fastGeometry(Scalar.self, plan: plan, indexing: indexing)
+        let setIndex = geometry == nil ? plan.setIndices() : []
+        x.withUnsafeBufferPointer { xb in
+            dy.withUnsafeBufferPointer { dyb in
+                dx.withUnsafeMutableBufferPointer { dxb in
+                    withOptionalBuffers(scale, nil) { sb, _ in
+                        if let geometry {
+                            FastNormKernel.backward(
+                                xb.asFloat, outputGradient: dyb.asFloat, geometry: geometry,
+                                mean: mean,
+                                rstd: rstd, operation: op,
+                                statisticsAreConstant: statisticsAreConstant,
+                                scale: sb?.asFloat, parameterCount: indexing?.modulus ?? 0,
+                                inputGradient: dxb.asFloat, scaleGradient: &scaleGradient,
+                                offsetGradient: &offsetGradient)
+                        } else {
+                            ReferenceNormKernel.backward(
+                                xb, outputGradient: dyb, setIndex: setIndex,
+                                setCount: plan.setCount, mean: mean,
+                                rstd: rstd, operation: op,
+                                statisticsAreConstant: statisticsAreConstant, scale: sb,
+                                parameterIndexing: indexing, inputGradient: dxb,
+                                scaleGradient: &scaleGradient,
+                                offsetGradient: &offsetGradient)
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+extension UnsafeBufferPointer {
+    /// The same memory as Float (only called when `Element` is `Float`).
+    var asFloat: UnsafeBufferPointer<Float> {
+        UnsafeRawBufferPointer(self).assumingMemoryBound(to: Float.self)
+    }
+}
+
+extension UnsafeMutableBufferPointer {
+    /// The same memory as Float (only called when `Element` is `Float`).
+    var asFloat: UnsafeMutableBufferPointer<Float> {
+        UnsafeMutableRawBufferPointer(self).assumingMemoryBound(to: Float.self)
+    }
+}

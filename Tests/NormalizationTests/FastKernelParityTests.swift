@@ -1,0 +1,170 @@
+import NormKit
+import NormTestSupport
+import Testing
+
+/// The fast Float kernels against the reference kernel, on awkward sizes, both layouts, one and
+/// two threads, plain and offset data, forward (training and inference) and backward.
+@Suite("Fast kernels equal the reference")
+struct FastKernelParityTests {
+    /// Both paths round the same Double-accurate statistics to Float; they differ by Float
+    /// accumulation order inside a block and by the final roundings.
+    static let tolerance = 2e-5
+
+    struct Case: CustomStringConvertible, Sendable {
+        var layer: StandardLayer
+        var shape: [Int]
+        var layout: Layout = .channelsFirst
+        var groups: Int? = nil
+        var dims = 1
+        var offset = 0.0
+        var affine = true
+        var description: String {
+            "\(layer) \(shape) \(layout)\(groups.map { " G=\($0)" } ?? "")\(offset != 0 ? " offset" : "")"
+                + (affine ? "" : " no affine")
+        }
+    }
+
+    static let cases: [Case] = {
+        var cases: [Case] = []
+        let sizes = [1, 3, 7, 15, 16, 17, 63, 65]
+        for (i, c) in sizes.enumerated() {
+            let l = sizes[(i + 3) % sizes.count]
+            let n = [2, 3, 1, 5][i % 4] + (c == 1 && l == 1 ? 1 : 0)
+            for layout in Layout.allCases {
+                let shape = layout == .channelsFirst ? [n, c, l] : [n, l, c]
+                cases.append(Case(layer: .batchnorm, shape: shape, layout: layout))
+                if l > 1 { cases.append(Case(layer: .instancenorm, shape: shape, layout: layout)) }
+                cases.append(Case(layer: .layernorm2d, shape: shape, layout: layout))
+                cases.append(Case(layer: .groupnorm, shape: shape, layout: layout, groups: c))
+                cases.append(Case(layer: .groupnorm, shape: shape, layout: layout, groups: 1))
+            }
+            cases.append(Case(layer: .layernorm, shape: [n, c * l]))
+            cases.append(Case(layer: .rmsnorm, shape: [n, c * l]))
+            cases.append(Case(layer: .layernorm, shape: [n, c, l], dims: 2))
+        }
+        // Large enough to run threaded, with groups of several channels and offset data.
+        for layout in Layout.allCases {
+            let shape = layout == .channelsFirst ? [4, 64, 17, 17] : [4, 17, 17, 64]
+            cases.append(Case(layer: .batchnorm, shape: shape, layout: layout, offset: 1000))
+            cases.append(Case(layer: .instancenorm, shape: shape, layout: layout, offset: 1000))
+            cases.append(Case(layer: .groupnorm, shape: shape, layout: layout, groups: 32))
+            cases.append(
+                Case(layer: .groupnorm, shape: shape, layout: layout, groups: 4, offset: 1000))
+            cases.append(Case(layer: .layernorm2d, shape: shape, layout: layout, offset: 1000))
+            cases.append(Case(layer: .batchnorm, shape: shape, layout: layout, affine: false))
+        }
+        cases.append(Case(layer: .layernorm, shape: [65, 1000], offset: 1000))
+        cases.append(Case(layer: .rmsnorm, shape: [65, 1000]))
+        cases.append(Case(layer: .batchnorm, shape: [1000, 65], offset: 1000))
+        cases.append(Case(layer: .layernorm, shape: [9, 5, 7, 3], dims: 3))
+        return cases
+    }()
+
+    static func make(_ c: Case, kernels: KernelChoice) throws -> NormLayer<Float> {
+        var options = LayerOptions()
+        options.layout = c.layout
+        options.groups = c.groups
+        options.normalizedDims = c.dims
+        options.affine = c.affine
+        options.trackRunningStatistics = c.layer == .instancenorm ? true : nil
+        let layer: NormLayer<Float> = try c.layer.make(inputShape: c.shape, options: options)
+        var g = SeededGenerator(seed: 99)
+        if let s = layer.scale { layer.scale = s.map { _ in Float(1 + 0.5 * g.nextNormal()) } }
+        if let o = layer.offset { layer.offset = o.map { _ in Float(0.5 * g.nextNormal()) } }
+        layer.kernels = kernels
+        return layer
+    }
+
+    static func expectClose(_ a: Tensor<Float>?, _ b: Tensor<Float>?, _ label: String, _ c: Case) {
+        guard let a, let b else {
+            #expect(a == nil && b == nil, "\(c) \(label): presence differs")
+            return
+        }
+        let comparison = Comparison(a.scalars, b.scalars)
+        #expect(comparison.relative < tolerance, "\(c) \(label): \(comparison)")
+    }
+
+    @Test(arguments: cases)
+    func fastKernelEqualsReference(_ c: Case) throws {
+        var g = SeededGenerator(seed: 5)
+        let std = c.offset == 0 ? 1.0 : 0.05
+        let x = try Tensor<Float>.randomNormal(
+            shape: c.shape, mean: c.offset, standardDeviation: std, using: &g)
+        let dy = try Tensor<Float>.randomNormal(shape: c.shape, using: &g)
+        let reference = try Self.make(c, kernels: .reference)
+        let (yr, cr) = try reference.forward(x, mode: .training)
+        let gr = try reference.backward(dy, cache: cr)
+        for threads in [1, 2] {
+            try Parallelism.$threadLimit.withValue(threads) {
+                let fast = try Self.make(c, kernels: .automatic)
+                let (yf, cf) = try fast.forward(x, mode: .training)
+                let gf = try fast.backward(dy, cache: cf)
+                Self.expectClose(yf, yr, "y (\(threads) threads)", c)
+                Self.expectClose(gf.input, gr.input, "dx", c)
+                Self.expectClose(gf.scale, gr.scale, "dweight", c)
+                Self.expectClose(gf.offset, gr.offset, "dbias", c)
+                // Means agree to a tiny fraction of the standard deviation (Float block sums).
+                let meanError =
+                    zip(zip(cf.mean, cr.mean), cr.rstd).map { abs($0.0 - $0.1) * $1 }.max() ?? 0
+                #expect(meanError < 1e-5, "\(c) mean differs by \(meanError) standard deviations")
+                let rstdDiff = Comparison(cf.rstd.map { 1 / $0 }, cr.rstd.map { 1 / $0 })
+                #expect(rstdDiff.relative < 1e-6, "\(c) std: \(rstdDiff)")
+                Self.expectClose(
+                    fast.runningStatistics?.variance, reference.runningStatistics?.variance,
+                    "running_var", c)
+                // Inference through the running statistics (BatchNorm, InstanceNorm).
+                let (yfi, cfi) = try fast.forward(x, mode: .inference)
+                let (yri, cri) = try reference.forward(x, mode: .inference)
+                Self.expectClose(yfi, yri, "y inference", c)
+                Self.expectClose(
+                    try fast.backward(dy, cache: cfi).input,
+                    try reference.backward(dy, cache: cri).input,
+                    "dx inference", c)
+            }
+        }
+    }
+
+    @Test func resultsDoNotDependOnTheThreadCount() throws {
+        let c = Case(layer: .layernorm, shape: [256, 300])
+        var g = SeededGenerator(seed: 8)
+        let x = try Tensor<Float>.randomNormal(shape: c.shape, using: &g)
+        let dy = try Tensor<Float>.randomNormal(shape: c.shape, using: &g)
+        var results: [[Float]] = []
+        for threads in [1, 2, 3] {
+            try Parallelism.$threadLimit.withValue(threads) {
+                let layer = try Self.make(c, kernels: .automatic)
+                let (y, cache) = try layer.forward(x, mode: .training)
+                let grads = try layer.backward(dy, cache: cache)
+                results.append(
+                    y.scalars + grads.input.scalars + grads.scale!.scalars + grads.offset!.scalars)
+            }
+        }
+        #expect(results[0] == results[1] && results[1] == results[2])
+    }
+
+    @Test(arguments: [
+        StandardLayer.batchnorm, .layernorm, .instancenorm, .groupnorm, .rmsnorm, .layernorm2d,
+    ])
+    func everyStandardLayerTakesTheFastPath(_ name: StandardLayer) throws {
+        for layout in Layout.allCases {
+            var options = LayerOptions()
+            options.layout = layout
+            options.groups = 2
+            let shape = [2, 4, 3, 4]
+            let layer: NormLayer<Float> = try name.make(inputShape: shape, options: options)
+            let plan = try layer.normalizer.partition.plan(for: shape, layout: layout)
+            let channelAxis = layout.channelAxis(rank: 4)
+            let indexing: ParameterIndexing? =
+                switch layer.normalizer.recovery {
+                case .channelAffine:
+                    ParameterIndexing(divisor: Shape.strides(shape)[channelAxis], modulus: 4)
+                case .elementwiseAffine(let s, _):
+                    ParameterIndexing(divisor: 1, modulus: s.reduce(1, *))
+                case .none: nil
+                }
+            #expect(
+                FastNormKernel.geometry(for: plan, parameters: indexing) != nil, "\(name) \(layout)"
+            )
+        }
+    }
+}
