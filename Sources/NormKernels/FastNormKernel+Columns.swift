@@ -12,6 +12,8 @@ extension FastNormKernel {
         var setSize: Int { mid * groupWidth * (reduceOuter ? outer : 1) }
         /// Mid rows per chunk when a reduction crosses chunks (reduceOuter): fixed by size only.
         var midChunk: Int { max(1, (1 << 14) / max(inner, 1)) }
+        /// The mid rows of chunk c.
+        func midRows(chunk c: Int) -> Range<Int> { (c * midChunk)..<min(mid, (c + 1) * midChunk) }
         @inline(__always) func set(outer o: Int, column i: Int) -> Int {
             (reduceOuter ? 0 : o * groups) + i / groupWidth
         }
@@ -118,7 +120,7 @@ extension FastNormKernel {
                         scratch.withUnsafeMutableBufferPointer { sc in
                             columnSums(
                                 x, plan, outer: o,
-                                rows: (c * plan.midChunk)..<min(plan.mid, (c + 1) * plan.midChunk),
+                                rows: plan.midRows(chunk: c),
                                 shift: sh.baseAddress!, s1: p1.baseAddress! + u * inner,
                                 s2: p2.baseAddress! + u * inner,
                                 scratch: sc.baseAddress!)
@@ -167,9 +169,7 @@ extension FastNormKernel {
         Parallelism.forEachChunk(plan.outer * chunksPerOuter, work: plan.outer * plan.mid * inner) {
             u in
             let o = u / chunksPerOuter
-            let rows =
-                ((u % chunksPerOuter) * plan.midChunk)
-                ..<min(plan.mid, (u % chunksPerOuter + 1) * plan.midChunk)
+            let rows = plan.midRows(chunk: u % chunksPerOuter)
             let (shift, r, t) = columnCoefficients(plan, outer: o, mean: mean, rstd: rstd)
             var a = [Float](repeating: 0, count: inner)
             var b = [Float](repeating: 0, count: inner)
@@ -222,7 +222,9 @@ extension FastNormKernel {
         }
     }
 
-    /// Backward on a column geometry. Overwrites dx, dgamma and dbeta.
+    /// Backward on a column geometry.
+    ///
+    /// Overwrites dx, dgamma and dbeta.
     static func columnsBackward(
         _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: ColumnPlan, mean: [Double],
         rstd: [Double],
@@ -254,7 +256,7 @@ extension FastNormKernel {
                             var a = [Float](repeating: 0, count: inner)
                             var q = [Float](repeating: 0, count: inner)
                             var pending = 0
-                            for m in (c * plan.midChunk)..<min(plan.mid, (c + 1) * plan.midChunk) {
+                            for m in plan.midRows(chunk: c) {
                                 let offset = (o * plan.mid + m) * inner
                                 let gm: Float = alongMid ? (gamma?[m] ?? 1) : 1
                                 var rowXhat: Float = 0
@@ -349,7 +351,7 @@ extension FastNormKernel {
                 b[i] = Float(cb)
                 cc[i] = Float(ccc)
             }
-            for m in (c * plan.midChunk)..<min(plan.mid, (c + 1) * plan.midChunk) {
+            for m in plan.midRows(chunk: c) {
                 let offset = (o * plan.mid + m) * inner
                 let gm: Float = alongMid ? (gamma?[m] ?? 1) : 1
                 shift.withUnsafeBufferPointer { sh in

@@ -133,7 +133,9 @@ extension FastNormKernel {
         }
     }
 
-    /// Backward on a row geometry. Overwrites dx, dgamma and dbeta.
+    /// Backward on a row geometry.
+    ///
+    /// Overwrites dx, dgamma and dbeta.
     static func rowsBackward(
         _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: RowPlan, mean: [Double],
         rstd: [Double],

@@ -12,8 +12,10 @@ import Dispatch
 /// thread count, and every partial result is merged in chunk order. A kernel therefore returns
 /// bit-identical results with 1 thread or 16.
 public enum Parallelism {
-    /// The most threads a kernel call uses (like `torch.set_num_threads`); defaults to the number
-    /// of online processors. Set it before running kernels, not while they run.
+    /// The most threads a kernel call uses, like `torch.set_num_threads`.
+    ///
+    /// Defaults to the number of online processors. Set it before running kernels, not while
+    /// they run.
     nonisolated(unsafe) public static var maximumThreads: Int = defaultThreadCount()
 
     /// A per-task override of ``maximumThreads`` (tests and benchmarks set it with
@@ -31,8 +33,9 @@ public enum Parallelism {
         #endif
     }
 
-    /// Runs `body` on chunks `0..<chunkCount`, spread over up to `maximumThreads` threads
-    /// (serially when `work` is below ``serialCutoff``). Chunks must write disjoint memory.
+    /// Runs `body` on chunks `0..<chunkCount` over up to `maximumThreads` threads.
+    ///
+    /// Runs serially when `work` is below ``serialCutoff``. Chunks must write disjoint memory.
     public static func forEachChunk(_ chunkCount: Int, work: Int, _ body: (Int) -> Void) {
         let threads = threadLimit ?? maximumThreads
         let workers = min(chunkCount, work < serialCutoff ? 1 : max(1, threads))
