@@ -24,16 +24,14 @@ public enum KernelChoice: String, Sendable, Hashable {
     func forwardTraining<Scalar: NormScalar>(
         _ x: Tensor<Scalar>, plan: ReductionPlan, operation op: ReferenceNormKernel.Operation,
         scale: Tensor<Scalar>?, offset: Tensor<Scalar>?, indexing: ParameterIndexing?,
-        into y: inout [Scalar]
+        into yb: UnsafeMutableBufferPointer<Scalar>
     ) -> FastNormKernel.Statistics {
         if let geometry = fastGeometry(Scalar.self, plan: plan, indexing: indexing) {
             return x.withUnsafeBufferPointer { xb in
-                y.withUnsafeMutableBufferPointer { yb in
-                    withOptionalBuffers(scale, offset) { sb, ob in
-                        FastNormKernel.forwardTraining(
-                            xb.asFloat, geometry: geometry, operation: op, scale: sb?.asFloat,
-                            offset: ob?.asFloat, into: yb.asFloat)
-                    }
+                withOptionalBuffers(scale, offset) { sb, ob in
+                    FastNormKernel.forwardTraining(
+                        xb.asFloat, geometry: geometry, operation: op, scale: sb?.asFloat,
+                        offset: ob?.asFloat, into: yb.asFloat)
                 }
             }
         }
@@ -45,13 +43,11 @@ public enum KernelChoice: String, Sendable, Hashable {
         let rstd = ReferenceNormKernel.reciprocalStandardDeviation(
             variance: moments.variance, operation: op)
         x.withUnsafeBufferPointer { xb in
-            y.withUnsafeMutableBufferPointer { yb in
-                withOptionalBuffers(scale, offset) { sb, ob in
-                    ReferenceNormKernel.forward(
-                        xb, setIndex: setIndex, mean: moments.mean, rstd: rstd, scale: sb,
-                        offset: ob,
-                        parameterIndexing: indexing, into: yb)
-                }
+            withOptionalBuffers(scale, offset) { sb, ob in
+                ReferenceNormKernel.forward(
+                    xb, setIndex: setIndex, mean: moments.mean, rstd: rstd, scale: sb,
+                    offset: ob,
+                    parameterIndexing: indexing, into: yb)
             }
         }
         return FastNormKernel.Statistics(
@@ -62,23 +58,22 @@ public enum KernelChoice: String, Sendable, Hashable {
     func forward<Scalar: NormScalar>(
         _ x: Tensor<Scalar>, plan: ReductionPlan, mean: [Double], rstd: [Double],
         scale: Tensor<Scalar>?,
-        offset: Tensor<Scalar>?, indexing: ParameterIndexing?, into y: inout [Scalar]
+        offset: Tensor<Scalar>?, indexing: ParameterIndexing?,
+        into yb: UnsafeMutableBufferPointer<Scalar>
     ) {
         let geometry = fastGeometry(Scalar.self, plan: plan, indexing: indexing)
         let setIndex = geometry == nil ? plan.setIndices() : []
         x.withUnsafeBufferPointer { xb in
-            y.withUnsafeMutableBufferPointer { yb in
-                withOptionalBuffers(scale, offset) { sb, ob in
-                    if let geometry {
-                        FastNormKernel.forward(
-                            xb.asFloat, geometry: geometry, mean: mean, rstd: rstd,
-                            scale: sb?.asFloat,
-                            offset: ob?.asFloat, into: yb.asFloat)
-                    } else {
-                        ReferenceNormKernel.forward(
-                            xb, setIndex: setIndex, mean: mean, rstd: rstd, scale: sb, offset: ob,
-                            parameterIndexing: indexing, into: yb)
-                    }
+            withOptionalBuffers(scale, offset) { sb, ob in
+                if let geometry {
+                    FastNormKernel.forward(
+                        xb.asFloat, geometry: geometry, mean: mean, rstd: rstd,
+                        scale: sb?.asFloat,
+                        offset: ob?.asFloat, into: yb.asFloat)
+                } else {
+                    ReferenceNormKernel.forward(
+                        xb, setIndex: setIndex, mean: mean, rstd: rstd, scale: sb, offset: ob,
+                        parameterIndexing: indexing, into: yb)
                 }
             }
         }
@@ -87,34 +82,33 @@ public enum KernelChoice: String, Sendable, Hashable {
     func backward<Scalar: NormScalar>(
         _ x: Tensor<Scalar>, outputGradient dy: Tensor<Scalar>, plan: ReductionPlan, mean: [Double],
         rstd: [Double], operation op: ReferenceNormKernel.Operation, statisticsAreConstant: Bool,
-        scale: Tensor<Scalar>?, indexing: ParameterIndexing?, inputGradient dx: inout [Scalar],
+        scale: Tensor<Scalar>?, indexing: ParameterIndexing?,
+        inputGradient dxb: UnsafeMutableBufferPointer<Scalar>,
         scaleGradient: inout [Double], offsetGradient: inout [Double]
     ) {
         let geometry = fastGeometry(Scalar.self, plan: plan, indexing: indexing)
         let setIndex = geometry == nil ? plan.setIndices() : []
         x.withUnsafeBufferPointer { xb in
             dy.withUnsafeBufferPointer { dyb in
-                dx.withUnsafeMutableBufferPointer { dxb in
-                    withOptionalBuffers(scale, nil) { sb, _ in
-                        if let geometry {
-                            FastNormKernel.backward(
-                                xb.asFloat, outputGradient: dyb.asFloat, geometry: geometry,
-                                mean: mean,
-                                rstd: rstd, operation: op,
-                                statisticsAreConstant: statisticsAreConstant,
-                                scale: sb?.asFloat, parameterCount: indexing?.modulus ?? 0,
-                                inputGradient: dxb.asFloat, scaleGradient: &scaleGradient,
-                                offsetGradient: &offsetGradient)
-                        } else {
-                            ReferenceNormKernel.backward(
-                                xb, outputGradient: dyb, setIndex: setIndex,
-                                setCount: plan.setCount, mean: mean,
-                                rstd: rstd, operation: op,
-                                statisticsAreConstant: statisticsAreConstant, scale: sb,
-                                parameterIndexing: indexing, inputGradient: dxb,
-                                scaleGradient: &scaleGradient,
-                                offsetGradient: &offsetGradient)
-                        }
+                withOptionalBuffers(scale, nil) { sb, _ in
+                    if let geometry {
+                        FastNormKernel.backward(
+                            xb.asFloat, outputGradient: dyb.asFloat, geometry: geometry,
+                            mean: mean,
+                            rstd: rstd, operation: op,
+                            statisticsAreConstant: statisticsAreConstant,
+                            scale: sb?.asFloat, parameterCount: indexing?.modulus ?? 0,
+                            inputGradient: dxb.asFloat, scaleGradient: &scaleGradient,
+                            offsetGradient: &offsetGradient)
+                    } else {
+                        ReferenceNormKernel.backward(
+                            xb, outputGradient: dyb, setIndex: setIndex,
+                            setCount: plan.setCount, mean: mean,
+                            rstd: rstd, operation: op,
+                            statisticsAreConstant: statisticsAreConstant, scale: sb,
+                            parameterIndexing: indexing, inputGradient: dxb,
+                            scaleGradient: &scaleGradient,
+                            offsetGradient: &offsetGradient)
                     }
                 }
             }

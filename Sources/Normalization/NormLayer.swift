@@ -147,6 +147,19 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
     public func forward(_ x: Tensor<Scalar>, mode: Mode) throws(NormError) -> (
         output: Tensor<Scalar>, cache: Cache
     ) {
+        var output = try tensor(shape: [0], scalars: [])
+        let cache = try forward(x, mode: mode, into: &output)
+        return (output, cache)
+    }
+
+    /// Normalizes `x` into a caller-owned output tensor, reusing its storage when it already has
+    /// `x`'s shape and is not shared (no allocation per call in a training loop).
+    ///
+    /// - Returns: the cache for ``backward(_:cache:)``.
+    /// - Throws: ``NormError`` for an input the layer cannot take; nothing changes then.
+    public func forward(_ x: Tensor<Scalar>, mode: Mode, into output: inout Tensor<Scalar>)
+        throws(NormError) -> Cache
+    {
         var plan = try validatedPlan(for: x)
         let op = normalizer.kernelOperation
         let runningPlan = plan.reducing([0])
@@ -179,7 +192,9 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         }
 
         let indexing = parameterIndexing(for: x.shape)
-        var y = [Scalar](repeating: 0, count: x.count)
+        if output.shape != x.shape {
+            output = try tensor(shape: x.shape, scalars: [Scalar](repeating: 0, count: x.count))
+        }
         let mean: [Double]
         let rstd: [Double]
         if useRunning, let running = runningStatistics {
@@ -191,23 +206,25 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             let variance = running.variance.scalars.map(Double.init)
             rstd = ReferenceNormKernel.reciprocalStandardDeviation(
                 variance: variance, operation: op)
-            kernels.forward(
-                x, plan: plan, mean: mean, rstd: rstd, scale: scale, offset: offset,
-                indexing: indexing, into: &y)
+            output.withUnsafeMutableBufferPointer { yb in
+                kernels.forward(
+                    x, plan: plan, mean: mean, rstd: rstd, scale: scale, offset: offset,
+                    indexing: indexing, into: yb)
+            }
         } else {
-            let statistics = kernels.forwardTraining(
-                x, plan: plan, operation: op, scale: scale, offset: offset, indexing: indexing,
-                into: &y)
+            let statistics = output.withUnsafeMutableBufferPointer { yb in
+                kernels.forwardTraining(
+                    x, plan: plan, operation: op, scale: scale, offset: offset, indexing: indexing,
+                    into: yb)
+            }
             if updateRunning {
                 try updateRunningStatistics(statistics, plan: plan, runningPlan: runningPlan)
             }
             mean = statistics.mean
             rstd = statistics.rstd
         }
-        let output = try tensor(shape: x.shape, scalars: y)
-        let cache = Cache(
+        return Cache(
             input: x, plan: plan, mean: mean, rstd: rstd, statisticsAreConstant: useRunning)
-        return (output, cache)
     }
 
     // MARK: - Backward
@@ -234,28 +251,45 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
     /// for the other operations.
     /// - Throws: ``NormError/gradientShapeMismatch(expected:actual:)``.
     public func backward(_ dy: Tensor<Scalar>, cache: Cache) throws(NormError) -> Gradients {
+        var gradients = Gradients(input: try tensor(shape: [0], scalars: []))
+        try backward(dy, cache: cache, into: &gradients)
+        return gradients
+    }
+
+    /// Back-propagates into caller-owned gradients, reusing their storage when the shapes
+    /// already match (no allocation of dx per call in a training loop).
+    /// - Throws: ``NormError/gradientShapeMismatch(expected:actual:)``.
+    public func backward(_ dy: Tensor<Scalar>, cache: Cache, into gradients: inout Gradients)
+        throws(NormError)
+    {
         let x = cache.input
         guard dy.shape == x.shape else {
             throw .gradientShapeMismatch(expected: x.shape, actual: dy.shape)
         }
         try validateParameters()
         let indexing = parameterIndexing(for: x.shape)
-        var dx = [Scalar](repeating: 0, count: x.count)
+        if gradients.input.shape != x.shape {
+            gradients.input = try tensor(
+                shape: x.shape, scalars: [Scalar](repeating: 0, count: x.count))
+        }
         var dScale: [Double] = []
         var dOffset: [Double] = []
-        kernels.backward(
-            x, outputGradient: dy, plan: cache.plan, mean: cache.mean, rstd: cache.rstd,
-            operation: normalizer.kernelOperation,
-            statisticsAreConstant: cache.statisticsAreConstant, scale: scale, indexing: indexing,
-            inputGradient: &dx, scaleGradient: &dScale, offsetGradient: &dOffset)
-        var gradients = Gradients(input: try tensor(shape: x.shape, scalars: dx))
+        gradients.input.withUnsafeMutableBufferPointer { dxb in
+            kernels.backward(
+                x, outputGradient: dy, plan: cache.plan, mean: cache.mean, rstd: cache.rstd,
+                operation: normalizer.kernelOperation,
+                statisticsAreConstant: cache.statisticsAreConstant, scale: scale,
+                indexing: indexing, inputGradient: dxb, scaleGradient: &dScale,
+                offsetGradient: &dOffset)
+        }
+        gradients.scale = nil
+        gradients.offset = nil
         if let shape = normalizer.recovery.parameterShape {
             gradients.scale = try tensor(shape: shape, scalars: dScale.map { Scalar($0) })
             if normalizer.recovery.hasOffset {
                 gradients.offset = try tensor(shape: shape, scalars: dOffset.map { Scalar($0) })
             }
         }
-        return gradients
     }
 
     // MARK: - State
