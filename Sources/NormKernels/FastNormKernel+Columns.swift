@@ -77,7 +77,7 @@ extension FastNormKernel {
         var (s1, s2) = columnSetSums(x, plan, shifts: shifts)
         if op.centers {
             var redo = false
-            for s in 0..<sets where shiftIsFar(n: plan.setSize, s1: s1[s], s2: s2[s]) {
+            for s in 0..<sets where shiftIsFar(n: plan.setSize, inverseCount: 1 / Double(plan.setSize), s1: s1[s], s2: s2[s]) {
                 shifts[s] = Float(Double(shifts[s]) + s1[s] / Double(plan.setSize))
                 redo = true
             }
@@ -89,7 +89,7 @@ extension FastNormKernel {
             biasedVariance: [Double](repeating: 0, count: sets),
             rstd: [Double](repeating: 1, count: sets))
         for s in 0..<sets {
-            let r = finish(n: plan.setSize, shift: shifts[s], s1: s1[s], s2: s2[s], operation: op)
+            let r = finish(n: plan.setSize, inverseCount: 1 / Double(plan.setSize), shift: shifts[s], s1: s1[s], s2: s2[s], operation: op)
             statistics.mean[s] = r.mean
             statistics.variance[s] = r.variance
             statistics.biasedVariance[s] = r.biased

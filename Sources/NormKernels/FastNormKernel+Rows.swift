@@ -5,29 +5,48 @@ extension FastNormKernel {
         let length: Int
         let setCount: Int
         let gamma: RowGamma
-        var rowsPerSet: Int { rows / setCount }
-        var setSize: Int { rowsPerSet * length }
+        // Derived sizes, stored: integer division costs more than a short row's arithmetic.
+        let rowsPerSet: Int
+        let setSize: Int
+        /// Elements per γ segment and segments per row.
+        let segment: Int
+        let segmentsPerRow: Int
+        let cycle: Int
         /// Sets per chunk: enough work per chunk to amortise the dispatch.
-        var setsPerChunk: Int { max(1, min(setCount, (1 << 14) / max(setSize, 1))) }
-        var chunkCount: Int { (setCount + setsPerChunk - 1) / setsPerChunk }
-        func chunk(_ k: Int) -> Range<Int> {
-            (k * setsPerChunk)..<min(setCount, (k + 1) * setsPerChunk)
+        let setsPerChunk: Int
+        let chunkCount: Int
+
+        init(rows: Int, length: Int, setCount: Int, gamma: RowGamma) {
+            self.rows = rows
+            self.length = length
+            self.setCount = setCount
+            self.gamma = gamma
+            rowsPerSet = rows / setCount
+            setSize = rowsPerSet * length
+            switch gamma {
+            case .segments(let cycle, let segment):
+                self.segment = segment
+                self.cycle = cycle
+            case .elementwise(let cycle):
+                self.segment = length
+                self.cycle = cycle
+            case .none:
+                self.segment = length
+                self.cycle = 1
+            }
+            segmentsPerRow = length / segment
+            setsPerChunk = max(1, min(setCount, (1 << 14) / max(setSize, 1)))
+            chunkCount = (setCount + setsPerChunk - 1) / setsPerChunk
         }
+
+        func chunk(_ k: Int) -> Range<Int> { (k * setsPerChunk)..<min(setCount, (k + 1) * setsPerChunk) }
         /// Row k of set s.
         @inline(__always) func row(_ s: Int, _ k: Int) -> Int { s + k * setCount }
-        /// Elements per γ segment and segments per row.
-        var segment: Int {
-            if case .segments(_, let segment) = gamma { return segment }
-            return length
-        }
-        var segmentsPerRow: Int { length / segment }
         /// γ index of segment j of row r.
         @inline(__always) func gammaIndex(row r: Int, segment j: Int) -> Int {
-            switch gamma {
-            case .segments(let cycle, _): return (r % cycle) * segmentsPerRow + j
-            case .elementwise(let cycle): return (r % cycle) * length
-            case .none: return 0
-            }
+            let phase = cycle == 1 ? 0 : r % cycle
+            if case .elementwise = gamma { return phase * length }
+            return phase * segmentsPerRow + j
         }
     }
 
@@ -52,12 +71,11 @@ extension FastNormKernel {
                             for s in plan.chunk(k) {
                                 var shift: Float = op.centers ? x[plan.row(s, 0) * plan.length] : 0
                                 var (s1, s2) = rowSetSums(x, plan, s, shift: shift)
-                                if op.centers && shiftIsFar(n: plan.setSize, s1: s1, s2: s2) {
-                                    shift = Float(Double(shift) + s1 / Double(plan.setSize))
+                                if op.centers && shiftIsFar(n: plan.setSize, inverseCount: 1 / Double(plan.setSize), s1: s1, s2: s2) {
+                                    shift = Float(Double(shift) + s1 * (1 / Double(plan.setSize)))
                                     (s1, s2) = rowSetSums(x, plan, s, shift: shift)
                                 }
-                                let r = finish(
-                                    n: plan.setSize, shift: shift, s1: s1, s2: s2, operation: op)
+                                let r = finish(n: plan.setSize, inverseCount: 1 / Double(plan.setSize), shift: shift, s1: s1, s2: s2, operation: op)
                                 meanOut[s] = r.mean
                                 varOut[s] = r.variance
                                 biasedOut[s] = r.biased

@@ -143,28 +143,31 @@ public enum FastNormKernel {
         }
     }
 
+    /// Mean, variance for Φ, biased variance and rstd of a set of n elements from its shifted
+    /// sums; `inverseCount` = 1/n (multiplications: a short row pays for every division).
+    @inline(__always)
     static func finish(
-        n: Int, shift: Float, s1: Double, s2: Double, operation op: ReferenceNormKernel.Operation
+        n: Int, inverseCount: Double, shift: Float, s1: Double, s2: Double,
+        operation op: ReferenceNormKernel.Operation
     ) -> (mean: Double, variance: Double, biased: Double, rstd: Double) {
-        let m = Double(n)
-        let meanShift = s1 / m
+        let meanShift = s1 * inverseCount
         let m2 = max(s2 - s1 * meanShift, 0)
         let mean = Double(shift) + meanShift
-        let biased = m2 / m
+        let biased = m2 * inverseCount
         var variance = 0.0
         if op.scales {
-            variance = op.centers ? (op.unbiased ? m2 / (m - 1) : biased) : s2 / m
+            variance = op.centers ? (op.unbiased ? m2 / Double(n - 1) : biased) : s2 * inverseCount
         }
         let rstd = op.scales ? 1 / (variance + op.epsilon).squareRoot() : 1
         return (op.centers ? mean : 0, variance, biased, rstd)
     }
 
-    /// True when the shift lies more than two standard deviations from the mean (sum again).
+    /// True when the shift lies more than two standard deviations from the mean (sum again):
+    /// (Σd/n)² > 4·M2/n ⇔ (Σd)² > 4·n·M2 with M2 = Σd² − (Σd)²/n.
     @inline(__always)
-    static func shiftIsFar(n: Int, s1: Double, s2: Double) -> Bool {
-        let m = Double(n)
-        let meanShift = s1 / m
-        let m2 = max(s2 - s1 * meanShift, 0)
-        return meanShift * meanShift > 4 * m2 / m && meanShift != 0
+    static func shiftIsFar(n: Int, inverseCount: Double, s1: Double, s2: Double) -> Bool {
+        let square = s1 * s1
+        let m2 = max(s2 - square * inverseCount, 0)
+        return square > 4 * Double(n) * m2 && s1 != 0
     }
 }
