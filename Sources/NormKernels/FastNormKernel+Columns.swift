@@ -7,15 +7,37 @@ extension FastNormKernel {
         let groupWidth: Int
         let reduceOuter: Bool
         let gamma: ColumnGamma
-        var groups: Int { inner / groupWidth }
-        var setCount: Int { (reduceOuter ? 1 : outer) * groups }
-        var setSize: Int { mid * groupWidth * (reduceOuter ? outer : 1) }
-        /// Mid rows per chunk when a reduction crosses chunks (reduceOuter): fixed by size only.
-        var midChunk: Int { max(1, (1 << 14) / max(inner, 1)) }
+        let groups: Int
+        let setCount: Int
+        let setSize: Int
+        /// Mid rows per chunk, fixed by the sizes only: all of them when each outer index is its
+        /// own unit of work (its sets end there); otherwise about 256K elements per chunk.
+        let midChunk: Int
+        let chunksPerOuter: Int
+        /// The group of every inner column (a table: integer division per element is slow).
+        let columnGroup: [Int]
+
+        init(
+            outer: Int, mid: Int, inner: Int, groupWidth: Int, reduceOuter: Bool, gamma: ColumnGamma
+        ) {
+            self.outer = outer
+            self.mid = mid
+            self.inner = inner
+            self.groupWidth = groupWidth
+            self.reduceOuter = reduceOuter
+            self.gamma = gamma
+            groups = inner / groupWidth
+            setCount = (reduceOuter ? 1 : outer) * groups
+            setSize = mid * groupWidth * (reduceOuter ? outer : 1)
+            midChunk = reduceOuter ? max(1, (1 << 18) / max(inner, 1)) : max(mid, 1)
+            chunksPerOuter = (mid + midChunk - 1) / midChunk
+            columnGroup = (0..<inner).map { $0 / groupWidth }
+        }
+
         /// The mid rows of chunk c.
         func midRows(chunk c: Int) -> Range<Int> { (c * midChunk)..<min(mid, (c + 1) * midChunk) }
         @inline(__always) func set(outer o: Int, column i: Int) -> Int {
-            (reduceOuter ? 0 : o * groups) + i / groupWidth
+            (reduceOuter ? 0 : o * groups) + columnGroup[i]
         }
     }
 
@@ -77,7 +99,10 @@ extension FastNormKernel {
         var (s1, s2) = columnSetSums(x, plan, shifts: shifts)
         if op.centers {
             var redo = false
-            for s in 0..<sets where shiftIsFar(n: plan.setSize, inverseCount: 1 / Double(plan.setSize), s1: s1[s], s2: s2[s]) {
+            for s in 0..<sets
+            where shiftIsFar(
+                n: plan.setSize, inverseCount: 1 / Double(plan.setSize), s1: s1[s], s2: s2[s])
+            {
                 shifts[s] = Float(Double(shifts[s]) + s1[s] / Double(plan.setSize))
                 redo = true
             }
@@ -89,7 +114,9 @@ extension FastNormKernel {
             biasedVariance: [Double](repeating: 0, count: sets),
             rstd: [Double](repeating: 1, count: sets))
         for s in 0..<sets {
-            let r = finish(n: plan.setSize, inverseCount: 1 / Double(plan.setSize), shift: shifts[s], s1: s1[s], s2: s2[s], operation: op)
+            let r = finish(
+                n: plan.setSize, inverseCount: 1 / Double(plan.setSize), shift: shifts[s],
+                s1: s1[s], s2: s2[s], operation: op)
             statistics.mean[s] = r.mean
             statistics.variance[s] = r.variance
             statistics.biasedVariance[s] = r.biased
@@ -104,7 +131,7 @@ extension FastNormKernel {
         [Double], [Double]
     ) {
         let inner = plan.inner
-        let chunksPerOuter = (plan.mid + plan.midChunk - 1) / plan.midChunk
+        let chunksPerOuter = plan.chunksPerOuter
         let units = plan.outer * chunksPerOuter
         var partial1 = [Double](repeating: 0, count: units * inner)
         var partial2 = [Double](repeating: 0, count: units * inner)
@@ -165,7 +192,7 @@ extension FastNormKernel {
         gamma: UnsafePointer<Float>?, beta: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>
     ) {
         let inner = plan.inner
-        let chunksPerOuter = (plan.mid + plan.midChunk - 1) / plan.midChunk
+        let chunksPerOuter = plan.chunksPerOuter
         Parallelism.forEachChunk(plan.outer * chunksPerOuter, work: plan.outer * plan.mid * inner) {
             u in
             let o = u / chunksPerOuter
@@ -227,68 +254,75 @@ extension FastNormKernel {
     /// Overwrites dx, dgamma and dbeta.
     static func columnsBackward(
         _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: ColumnPlan, mean: [Double],
-        rstd: [Double],
-        operation op: ReferenceNormKernel.Operation, statisticsAreConstant: Bool,
-        gamma: UnsafePointer<Float>?,
-        dx: UnsafeMutablePointer<Float>, dgamma: inout [Double], dbeta: inout [Double]
+        rstd: [Double], operation op: ReferenceNormKernel.Operation, statisticsAreConstant: Bool,
+        gamma: UnsafePointer<Float>?, dx: UnsafeMutablePointer<Float>, dgamma: inout [Double],
+        dbeta: inout [Double]
     ) {
         let inner = plan.inner
-        let chunksPerOuter = (plan.mid + plan.midChunk - 1) / plan.midChunk
+        let chunksPerOuter = plan.chunksPerOuter
         let units = plan.outer * chunksPerOuter
         let alongMid = plan.gamma == .alongMid
-        // Pass 1 per unit: column sums of g and g·(x − s) (g = dy·γ[m] along mid, dy otherwise),
-        // and for γ along mid the per-row sums Σ dy·x̂ and Σ dy.
+        let work = plan.outer * plan.mid * inner
+        // Per (outer, column): shift s, rstd r and t = (s − μ)·r, as Float tables.
+        var shift = [Float](repeating: 0, count: plan.outer * inner)
+        var rTable = [Float](repeating: 0, count: plan.outer * inner)
+        var tTable = [Float](repeating: 0, count: plan.outer * inner)
+        for o in 0..<plan.outer {
+            for i in 0..<inner {
+                let s = plan.set(outer: o, column: i)
+                let sh = Float(mean[s])
+                shift[o * inner + i] = sh
+                rTable[o * inner + i] = Float(rstd[s])
+                tTable[o * inner + i] = Float((Double(sh) - mean[s]) * rstd[s])
+            }
+        }
+        // Pass 1 per unit: column sums of g and g·(x − s) (g = dy·γ[m] along mid, dy
+        // otherwise), and for γ along mid the per-row sums Σ dy·x̂ and Σ dy.
         var colG = [Double](repeating: 0, count: units * inner)
         var colGD = [Double](repeating: 0, count: units * inner)
         var rowDG = [Double](repeating: 0, count: alongMid ? plan.outer * plan.mid : 0)
         var rowDB = [Double](repeating: 0, count: alongMid ? plan.outer * plan.mid : 0)
-        colG.withUnsafeMutableBufferPointer { cg in
-            colGD.withUnsafeMutableBufferPointer { cgd in
-                rowDG.withUnsafeMutableBufferPointer { rdg in
-                    rowDB.withUnsafeMutableBufferPointer { rdb in
-                        Parallelism.forEachChunk(units, work: plan.outer * plan.mid * inner) { u in
-                            let o = u / chunksPerOuter
-                            let c = u % chunksPerOuter
-                            let (shift, r, t) = columnCoefficients(
-                                plan, outer: o, mean: mean, rstd: rstd)
-                            let rf = r.map { Float($0) }
-                            let tf = t.map { Float($0) }
-                            var a = [Float](repeating: 0, count: inner)
-                            var q = [Float](repeating: 0, count: inner)
-                            var pending = 0
-                            for m in plan.midRows(chunk: c) {
-                                let offset = (o * plan.mid + m) * inner
-                                let gm: Float = alongMid ? (gamma?[m] ?? 1) : 1
-                                var rowXhat: Float = 0
-                                var rowDy: Float = 0
-                                for i in 0..<inner {
-                                    let d = x[offset + i] - shift[i]
-                                    let g = dy[offset + i]
-                                    a[i] += g * gm
-                                    q[i] += g * gm * d
-                                    if alongMid {
-                                        rowXhat += g * (d * rf[i] + tf[i])
-                                        rowDy += g
+        var accumulators = [Float](repeating: 0, count: units * 2 * inner)
+        shift.withUnsafeBufferPointer { sh in
+            rTable.withUnsafeBufferPointer { rt in
+                tTable.withUnsafeBufferPointer { tt in
+                    colG.withUnsafeMutableBufferPointer { cg in
+                        colGD.withUnsafeMutableBufferPointer { cgd in
+                            rowDG.withUnsafeMutableBufferPointer { rdg in
+                                rowDB.withUnsafeMutableBufferPointer { rdb in
+                                    accumulators.withUnsafeMutableBufferPointer { acc in
+                                        Parallelism.forEachChunk(units, work: work) { u in
+                                            let o = u / chunksPerOuter
+                                            let a = acc.baseAddress! + u * 2 * inner
+                                            let q = a + inner
+                                            let g1 = cg.baseAddress! + u * inner
+                                            let g2 = cgd.baseAddress! + u * inner
+                                            var pending = 0
+                                            for m in plan.midRows(chunk: u % chunksPerOuter) {
+                                                let offset = (o * plan.mid + m) * inner
+                                                let gm: Float = alongMid ? (gamma?[m] ?? 1) : 1
+                                                let (rowXhat, rowDy) = Span.columnAccumulate(
+                                                    x + offset, dy + offset, inner,
+                                                    shift: sh.baseAddress! + o * inner,
+                                                    rstd: rt.baseAddress! + o * inner,
+                                                    term: tt.baseAddress! + o * inner, gamma: gm,
+                                                    sums: a, products: q, rowSums: alongMid)
+                                                if alongMid {
+                                                    rdg[o * plan.mid + m] = Double(rowXhat)
+                                                    rdb[o * plan.mid + m] = Double(rowDy)
+                                                }
+                                                pending += 1
+                                                if pending == 128 {
+                                                    Span.flush(a, into: g1, inner)
+                                                    Span.flush(q, into: g2, inner)
+                                                    pending = 0
+                                                }
+                                            }
+                                            Span.flush(a, into: g1, inner)
+                                            Span.flush(q, into: g2, inner)
+                                        }
                                     }
                                 }
-                                if alongMid {
-                                    rdg[o * plan.mid + m] = Double(rowXhat)
-                                    rdb[o * plan.mid + m] = Double(rowDy)
-                                }
-                                pending += 1
-                                if pending == 128 {
-                                    for i in 0..<inner {
-                                        cg[u * inner + i] += Double(a[i])
-                                        cgd[u * inner + i] += Double(q[i])
-                                        a[i] = 0
-                                        q[i] = 0
-                                    }
-                                    pending = 0
-                                }
-                            }
-                            for i in 0..<inner {
-                                cg[u * inner + i] += Double(a[i])
-                                cgd[u * inner + i] += Double(q[i])
                             }
                         }
                     }
@@ -313,8 +347,7 @@ extension FastNormKernel {
                     let g = Double(gamma[i])
                     sumG[s] += g * sdy
                     sumGD[s] += g * sdyd
-                    let shift = Double(Float(mean[s]))
-                    dgamma[i] += rstd[s] * sdyd + (shift - mean[s]) * rstd[s] * sdy
+                    dgamma[i] += rstd[s] * sdyd + Double(tTable[o * inner + i]) * sdy
                     dbeta[i] += sdy
                 } else {
                     sumG[s] += sdy
@@ -330,38 +363,36 @@ extension FastNormKernel {
                 }
             }
         }
-        // Pass 2: dx = A·g + B·(x − s) + C per column.
-        Parallelism.forEachChunk(units, work: plan.outer * plan.mid * inner) { u in
-            let o = u / chunksPerOuter
-            let c = u % chunksPerOuter
-            var shift = [Float](repeating: 0, count: inner)
-            var a = [Float](repeating: 0, count: inner)
-            var b = [Float](repeating: 0, count: inner)
-            var cc = [Float](repeating: 0, count: inner)
+        // Pass 2: dx = A·g + B·(x − s) + C per column, from per-(outer, column) tables.
+        var aTable = [Float](repeating: 0, count: plan.outer * inner)
+        var bTable = [Float](repeating: 0, count: plan.outer * inner)
+        var cTable = [Float](repeating: 0, count: plan.outer * inner)
+        for o in 0..<plan.outer {
             for i in 0..<inner {
                 let s = plan.set(outer: o, column: i)
-                shift[i] = Float(mean[s])
-                let t = (Double(shift[i]) - mean[s]) * rstd[s]
-                let (ca, cb, ccc) = gradientCoefficients(
-                    n: plan.setSize, rstd: rstd[s], term: t, sumG: sumG[s], sumGD: sumGD[s],
-                    operation: op,
-                    constant: statisticsAreConstant)
+                let (ca, cb, cc) = gradientCoefficients(
+                    n: plan.setSize, rstd: rstd[s], term: Double(tTable[o * inner + i]),
+                    sumG: sumG[s], sumGD: sumGD[s], operation: op, constant: statisticsAreConstant)
                 let g = plan.gamma == .alongInner ? (gamma.map { Double($0[i]) } ?? 1) : 1
-                a[i] = Float(ca * g)
-                b[i] = Float(cb)
-                cc[i] = Float(ccc)
+                aTable[o * inner + i] = Float(ca * g)
+                bTable[o * inner + i] = Float(cb)
+                cTable[o * inner + i] = Float(cc)
             }
-            for m in plan.midRows(chunk: c) {
-                let offset = (o * plan.mid + m) * inner
-                let gm: Float = alongMid ? (gamma?[m] ?? 1) : 1
-                shift.withUnsafeBufferPointer { sh in
-                    a.withUnsafeBufferPointer { av in
-                        b.withUnsafeBufferPointer { bv in
-                            cc.withUnsafeBufferPointer { cv in
+        }
+        shift.withUnsafeBufferPointer { sh in
+            aTable.withUnsafeBufferPointer { at in
+                bTable.withUnsafeBufferPointer { bt in
+                    cTable.withUnsafeBufferPointer { ct in
+                        Parallelism.forEachChunk(units, work: work) { u in
+                            let o = u / chunksPerOuter
+                            for m in plan.midRows(chunk: u % chunksPerOuter) {
+                                let offset = (o * plan.mid + m) * inner
+                                let gm: Float = alongMid ? (gamma?[m] ?? 1) : 1
                                 columnGradientRow(
                                     x + offset, dy + offset, dx + offset, inner,
-                                    shift: sh.baseAddress!,
-                                    a: av.baseAddress!, b: bv.baseAddress!, c: cv.baseAddress!,
+                                    shift: sh.baseAddress! + o * inner,
+                                    a: at.baseAddress! + o * inner,
+                                    b: bt.baseAddress! + o * inner, c: ct.baseAddress! + o * inner,
                                     gamma: gm)
                             }
                         }

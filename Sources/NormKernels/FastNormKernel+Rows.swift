@@ -39,7 +39,9 @@ extension FastNormKernel {
             chunkCount = (setCount + setsPerChunk - 1) / setsPerChunk
         }
 
-        func chunk(_ k: Int) -> Range<Int> { (k * setsPerChunk)..<min(setCount, (k + 1) * setsPerChunk) }
+        func chunk(_ k: Int) -> Range<Int> {
+            (k * setsPerChunk)..<min(setCount, (k + 1) * setsPerChunk)
+        }
         /// Row k of set s.
         @inline(__always) func row(_ s: Int, _ k: Int) -> Int { s + k * setCount }
         /// γ index of segment j of row r.
@@ -68,14 +70,21 @@ extension FastNormKernel {
                     statistics.rstd.withUnsafeMutableBufferPointer { rstdOut in
                         Parallelism.forEachChunk(plan.chunkCount, work: plan.rows * plan.length) {
                             k in
+                            let inverse = 1 / Double(plan.setSize)
                             for s in plan.chunk(k) {
                                 var shift: Float = op.centers ? x[plan.row(s, 0) * plan.length] : 0
                                 var (s1, s2) = rowSetSums(x, plan, s, shift: shift)
-                                if op.centers && shiftIsFar(n: plan.setSize, inverseCount: 1 / Double(plan.setSize), s1: s1, s2: s2) {
-                                    shift = Float(Double(shift) + s1 * (1 / Double(plan.setSize)))
+                                if op.centers
+                                    && shiftIsFar(
+                                        n: plan.setSize, inverseCount: inverse, s1: s1, s2: s2)
+                                {
+                                    shift = Float(Double(shift) + s1 * inverse)
                                     (s1, s2) = rowSetSums(x, plan, s, shift: shift)
                                 }
-                                let r = finish(n: plan.setSize, inverseCount: 1 / Double(plan.setSize), shift: shift, s1: s1, s2: s2, operation: op)
+                                let r = finish(
+                                    n: plan.setSize, inverseCount: inverse, shift: shift, s1: s1,
+                                    s2: s2,
+                                    operation: op)
                                 meanOut[s] = r.mean
                                 varOut[s] = r.variance
                                 biasedOut[s] = r.biased
@@ -161,10 +170,11 @@ extension FastNormKernel {
         gamma: UnsafePointer<Float>?,
         dx: UnsafeMutablePointer<Float>, dgamma: inout [Double], dbeta: inout [Double]
     ) {
-        let chunks = plan.chunkCount
+        // At most 64 groups of consecutive sets, fixed by the sizes alone: each keeps partial
+        // parameter gradients (64 × P values at most), merged in group order afterwards.
+        let chunks = min(plan.setCount, 64)
         let hasGamma = gamma != nil
         let parameterCount = dgamma.count
-        // Per-chunk partial parameter gradients, merged in chunk order afterwards.
         var partialGamma = [Double](repeating: 0, count: hasGamma ? chunks * parameterCount : 0)
         var partialBeta = [Double](repeating: 0, count: hasGamma ? chunks * parameterCount : 0)
         let elementwise: Bool
@@ -178,7 +188,8 @@ extension FastNormKernel {
                     var scratch = [Float](
                         repeating: 0, count: elementwise && hasGamma ? 2 * parameterCount : 0)
                     scratch.withUnsafeMutableBufferPointer { sp in
-                        for (done, s) in plan.chunk(k).enumerated() {
+                        let sets = (k * plan.setCount / chunks)..<((k + 1) * plan.setCount / chunks)
+                        for (done, s) in sets.enumerated() {
                             if done % 64 == 63, elementwise, hasGamma, let base = sp.baseAddress,
                                 let dgOut, let dbOut
                             {
@@ -233,11 +244,15 @@ extension FastNormKernel {
             switch plan.gamma {
             case .elementwise:
                 let p = plan.gammaIndex(row: r, segment: 0)
-                let (a, b) = Span.elementwiseGradientSums(
-                    x + base, dy + base, plan.length, shift: shift, rstd: Float(rstd),
-                    term: Float(t),
-                    gamma: gamma.map { $0 + p }, dgamma: scratch.map { $0 + p },
-                    dbeta: scratch.map { $0 + parameterCount + p })
+                let (a, b): (Double, Double)
+                if let gamma, let scratch {
+                    (a, b) = Span.elementwiseGradientSums(
+                        x + base, dy + base, plan.length, shift: shift, rstd: Float(rstd),
+                        term: Float(t), gamma: gamma + p, dgamma: scratch + p,
+                        dbeta: scratch + parameterCount + p)
+                } else {
+                    (a, b) = Span.gradientSums(x + base, dy + base, plan.length, shift: shift)
+                }
                 sumG += a
                 sumGD += b
                 if (k + 1) % 64 == 0, let scratch, let dgamma, let dbeta {

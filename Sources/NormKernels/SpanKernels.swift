@@ -169,45 +169,44 @@ enum Span {
     @inline(__always) @usableFromInline
     static func elementwiseGradientSums(
         _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ n: Int, shift s: Float,
-        rstd r: Float, term t: Float, gamma: UnsafePointer<Float>?,
-        dgamma: UnsafeMutablePointer<Float>?, dbeta: UnsafeMutablePointer<Float>?
+        rstd r: Float, term t: Float, gamma: UnsafePointer<Float>,
+        dgamma: UnsafeMutablePointer<Float>, dbeta: UnsafeMutablePointer<Float>
     ) -> (Double, Double) {
         let sv = V(repeating: s)
         let rv = V(repeating: r)
         let tv = V(repeating: t)
-        var a0 = V()
-        var q0 = V()
-        var i = 0
         var total1 = 0.0
         var total2 = 0.0
-        while i + 16 <= n {
-            let d = load(x + i) - sv
-            let dyv = load(dy + i)
-            let g = gamma.map { dyv * load($0 + i) } ?? dyv
-            a0 += g
-            q0 += g * d
-            if let dgamma { store(load(dgamma + i) + dyv * (d * rv + tv), dgamma + i) }
-            if let dbeta { store(load(dbeta + i) + dyv, dbeta + i) }
-            i += 16
-            if i % block == 0 {
-                total1 += Double(hsum(a0))
-                total2 += Double(hsum(q0))
-                a0 = V()
-                q0 = V()
-            }
-        }
-        var t1: Float = 0
-        var t2: Float = 0
+        var i = 0
         while i < n {
-            let d = x[i] - s
-            let g = gamma.map { dy[i] * $0[i] } ?? dy[i]
-            t1 += g
-            t2 += g * d
-            if let dgamma { dgamma[i] += dy[i] * (d * r + t) }
-            if let dbeta { dbeta[i] += dy[i] }
-            i += 1
+            let end = min(n, i + block)
+            var a0 = V()
+            var q0 = V()
+            while i + 16 <= end {
+                let d = load(x + i) - sv
+                let dyv = load(dy + i)
+                let g = dyv * load(gamma + i)
+                a0 += g
+                q0 += g * d
+                store(load(dgamma + i) + dyv * (d * rv + tv), dgamma + i)
+                store(load(dbeta + i) + dyv, dbeta + i)
+                i += 16
+            }
+            var t1: Float = 0
+            var t2: Float = 0
+            while i < end {
+                let d = x[i] - s
+                let g = dy[i] * gamma[i]
+                t1 += g
+                t2 += g * d
+                dgamma[i] += dy[i] * (d * r + t)
+                dbeta[i] += dy[i]
+                i += 1
+            }
+            total1 += Double(hsum(a0)) + Double(t1)
+            total2 += Double(hsum(q0)) + Double(t2)
         }
-        return (total1 + Double(hsum(a0)) + Double(t1), total2 + Double(hsum(q0)) + Double(t2))
+        return (total1, total2)
     }
 
     /// dx = A·dy·γ + B·(x − s) + C (γ per element, or nil for 1).
@@ -233,6 +232,48 @@ enum Span {
             dx[i] = g * a + (x[i] - s) * b + c
             i += 1
         }
+    }
+
+    /// One row of a column reduction: with g = dy·γ (γ a scalar for the row), adds g to
+    /// `sums[i]` and g·(x − s[i]) to `products[i]`; with `rowSums`, also returns Σ dy·x̂
+    /// (x̂ = r[i]·(x − s[i]) + t[i]) and Σ dy over the row.
+    @inline(__always) @usableFromInline
+    static func columnAccumulate(
+        _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ n: Int,
+        shift: UnsafePointer<Float>,
+        rstd: UnsafePointer<Float>, term: UnsafePointer<Float>, gamma: Float,
+        sums: UnsafeMutablePointer<Float>, products: UnsafeMutablePointer<Float>, rowSums: Bool
+    ) -> (Float, Float) {
+        let gv = V(repeating: gamma)
+        var rowX = V()
+        var rowD = V()
+        var i = 0
+        while i + 16 <= n {
+            let d = load(x + i) - load(shift + i)
+            let dyv = load(dy + i)
+            let g = dyv * gv
+            store(load(sums + i) + g, sums + i)
+            store(load(products + i) + g * d, products + i)
+            if rowSums {
+                rowX += dyv * (d * load(rstd + i) + load(term + i))
+                rowD += dyv
+            }
+            i += 16
+        }
+        var tailX: Float = 0
+        var tailD: Float = 0
+        while i < n {
+            let d = x[i] - shift[i]
+            let g = dy[i] * gamma
+            sums[i] += g
+            products[i] += g * d
+            if rowSums {
+                tailX += dy[i] * (d * rstd[i] + term[i])
+                tailD += dy[i]
+            }
+            i += 1
+        }
+        return (hsum(rowX) + tailX, hsum(rowD) + tailD)
     }
 
     /// Adds `n` Float partials to Double totals and zeroes the partials.

@@ -46,9 +46,14 @@ struct BenchCommand: ParsableCommand {
     var json = false
 
     func run() throws {
-        let dims = shape.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
-        guard !dims.isEmpty, dims.count == shape.split(separator: ",").count, dims.allSatisfy({ $0 >= 1 }) else {
-            throw ValidationError("--shape must be positive integers separated by commas, got '\(shape)'")
+        let dims = shape.split(separator: ",").compactMap {
+            Int($0.trimmingCharacters(in: .whitespaces))
+        }
+        guard !dims.isEmpty, dims.count == shape.split(separator: ",").count,
+            dims.allSatisfy({ $0 >= 1 })
+        else {
+            throw ValidationError(
+                "--shape must be positive integers separated by commas, got '\(shape)'")
         }
         guard let name = StandardLayer(rawValue: layer) else {
             throw ValidationError("unknown layer '\(layer)'")
@@ -124,7 +129,8 @@ public enum Benchmark {
         /// One JSON object.
         public var json: String {
             let shapeText = shape.map(String.init).joined(separator: ",")
-            return "{\"layer\":\"\(layer)\",\"shape\":[\(shapeText)],\"layout\":\"\(layout.rawValue)\","
+            return
+                "{\"layer\":\"\(layer)\",\"shape\":[\(shapeText)],\"layout\":\"\(layout.rawValue)\","
                 + "\"pass\":\"\(pass.rawValue)\",\"threads\":\(threads),\"repeat\":\(repeats),"
                 + "\"kernels\":\"\(kernels.rawValue)\","
                 + "\"median_ms\":\(format(medianMilliseconds)),\"min_ms\":\(format(minimumMilliseconds)),"
@@ -146,7 +152,8 @@ public enum Benchmark {
 
     /// Times `repeats` calls of the pass after three warm-up calls.
     public static func run(
-        _ name: StandardLayer, shape: [Int], options: LayerOptions, pass: BenchmarkPass, threads: Int,
+        _ name: StandardLayer, shape: [Int], options: LayerOptions, pass: BenchmarkPass,
+        threads: Int,
         repeats: Int, kernels: KernelChoice = .automatic
     ) throws -> Result {
         let previous = Parallelism.maximumThreads
@@ -178,9 +185,11 @@ public enum Benchmark {
         let median = times[times.count / 2]
         let bytes = Double(x.count * pass.bytesPerElement)
         return Result(
-            layer: name.rawValue, shape: shape, layout: options.layout, pass: pass, threads: threads,
+            layer: name.rawValue, shape: shape, layout: options.layout, pass: pass,
+            threads: threads,
             repeats: repeats, medianMilliseconds: median * 1e3, minimumMilliseconds: times[0] * 1e3,
-            effectiveGBps: bytes / median / 1e9, bandwidthGBps: copyBandwidth(threads: threads), kernels: kernels)
+            effectiveGBps: bytes / median / 1e9, bandwidthGBps: copyBandwidth(threads: threads),
+            kernels: kernels)
     }
 
     /// Copy bandwidth (bytes read + bytes written per second, GB/s) of 2 × 128 MiB buffers,
