@@ -9,7 +9,8 @@ Run by hand (never by CI), after a release build:
 
 Both sides run in the same invocation, at the same thread count, on the same shapes, in float32.
 PyTorch is timed the same way as `normkit bench`: warm-up, then R repeats, median and minimum.
-Forward is a training-mode call without autograd (the kernel alone); backward is
+Forward is a training-mode call without autograd (the kernel alone); residual is h = x + r
+followed by the normalization (PyTorch has no fused CPU kernel for it); backward is
 torch.autograd.grad of y against x, weight and bias with a given dy, after one forward with
 autograd (so it includes the small autograd overhead PyTorch users pay).
 """
@@ -64,7 +65,14 @@ def time_torch(layer, shape, layout, pass_, repeats):
     if layout == "nhwc":
         dy = dy.contiguous(memory_format=torch.channels_last)
 
-    if pass_ == "backward":
+    if pass_ == "residual":
+        r = dy
+
+        def step():
+            with torch.no_grad():
+                h = x + r
+                torch_call(layer, h, params, True)
+    elif pass_ == "backward":
         xg = x.clone().requires_grad_(True)
         y = torch_call(layer, xg, params, True)
         inputs = [xg] + [p for k, p in params.items() if k in ("weight", "bias")]
@@ -103,7 +111,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--binary", default=".build/release/normkit")
     ap.add_argument("--layers", default=",".join(SHAPES))
-    ap.add_argument("--passes", default="forward,inference,backward")
+    ap.add_argument("--passes", default="forward,inference,backward,residual")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), float32, {args.repeat} repeats; "
@@ -118,6 +126,8 @@ def main():
                 for pass_ in args.passes.split(","):
                     if pass_ == "inference" and layer not in ("batchnorm",):
                         continue  # identical to training forward for layers without running stats
+                    if pass_ == "residual" and layer not in ("layernorm", "rmsnorm"):
+                        continue  # the fused residual add is a transformer (row) kernel
                     nk = time_normkit(args.binary, layer, shape, layout, pass_, args.threads, args.repeat)
                     tm, _ = time_torch(layer, shape, layout, pass_, args.repeat)
                     print(f"| {layer} | {'x'.join(map(str, shape))} | {layout} | {pass_} | "

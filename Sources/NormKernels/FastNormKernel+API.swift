@@ -35,6 +35,67 @@ extension FastNormKernel {
         return statistics
     }
 
+    /// Fused residual add and normalization, `h = x + residual; y = norm(h)`, in one pass over
+    /// the inputs (PyTorch's CPU kernels need a separate add that writes and rereads h).
+    ///
+    /// Supported for row geometries whose sets are single rows (LayerNorm, RMSNorm and
+    /// channels-last LayerNorm2d); returns nil, writing nothing, for any other geometry.
+    /// - Parameters:
+    ///   - sum: overwritten with h.
+    ///   - y: overwritten with the output.
+    public static func forwardTrainingAddingResidual(
+        _ x: UnsafeBufferPointer<Float>, residual: UnsafeBufferPointer<Float>, geometry: Geometry,
+        operation op: ReferenceNormKernel.Operation, scale: UnsafeBufferPointer<Float>?,
+        offset: UnsafeBufferPointer<Float>?, sum: UnsafeMutableBufferPointer<Float>,
+        into y: UnsafeMutableBufferPointer<Float>
+    ) -> Statistics? {
+        guard case .rows(let count, let length, let setCount, let gamma) = geometry,
+            setCount == count,
+            let xp = x.baseAddress, let rp = residual.baseAddress, let hp = sum.baseAddress,
+            let yp = y.baseAddress
+        else { return nil }
+        let plan = RowPlan(rows: count, length: length, setCount: setCount, gamma: gamma)
+        var statistics = Statistics(
+            mean: [Double](repeating: 0, count: count),
+            variance: [Double](repeating: 0, count: count),
+            biasedVariance: [Double](repeating: 0, count: count),
+            rstd: [Double](repeating: 1, count: count))
+        let inverse = 1 / Double(length)
+        statistics.mean.withUnsafeMutableBufferPointer { meanOut in
+            statistics.variance.withUnsafeMutableBufferPointer { varOut in
+                statistics.biasedVariance.withUnsafeMutableBufferPointer { biasedOut in
+                    statistics.rstd.withUnsafeMutableBufferPointer { rstdOut in
+                        Parallelism.forEachChunk(plan.chunkCount, work: count * length) { k in
+                            for s in plan.chunk(k) {
+                                let base = s * length
+                                var shift: Float = op.centers ? xp[base] + rp[base] : 0
+                                var (s1, s2) = Span.addingShiftedSums(
+                                    xp + base, rp + base, hp + base, length, shift: shift)
+                                if op.centers
+                                    && shiftIsFar(n: length, inverseCount: inverse, s1: s1, s2: s2)
+                                {
+                                    shift = Float(Double(shift) + s1 * inverse)
+                                    (s1, s2) = Span.shiftedSums(hp + base, length, shift: shift)
+                                }
+                                let r = finish(
+                                    n: length, inverseCount: inverse, shift: shift, s1: s1, s2: s2,
+                                    operation: op)
+                                meanOut[s] = r.mean
+                                varOut[s] = r.variance
+                                biasedOut[s] = r.biased
+                                rstdOut[s] = r.rstd
+                                rowsApply(
+                                    UnsafePointer(hp), plan, set: s, mean: r.mean, rstd: r.rstd,
+                                    gamma: scale?.baseAddress, beta: offset?.baseAddress, y: yp)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        return statistics
+    }
+
     /// Forward with given per-set statistics (inference, frozen statistics).
     ///
     /// - Parameters:

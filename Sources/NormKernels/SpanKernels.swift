@@ -75,6 +75,46 @@ enum Span {
         return (total1, total2)
     }
 
+    /// h = x + r written out, and (Σ (h − s), Σ (h − s)²) over `n` elements (the fused residual
+    /// add of a pre-norm transformer block).
+    @inline(__always) @usableFromInline
+    static func addingShiftedSums(
+        _ x: UnsafePointer<Float>, _ r: UnsafePointer<Float>, _ h: UnsafeMutablePointer<Float>,
+        _ n: Int,
+        shift s: Float
+    ) -> (Double, Double) {
+        let sv = V(repeating: s)
+        var total1 = 0.0
+        var total2 = 0.0
+        var i = 0
+        while i < n {
+            let end = min(n, i + block)
+            var a0 = V()
+            var q0 = V()
+            while i + 16 <= end {
+                let hv = load(x + i) + load(r + i)
+                store(hv, h + i)
+                let d = hv - sv
+                a0 += d
+                q0 += d * d
+                i += 16
+            }
+            var t1: Float = 0
+            var t2: Float = 0
+            while i < end {
+                let hv = x[i] + r[i]
+                h[i] = hv
+                let d = hv - s
+                t1 += d
+                t2 += d * d
+                i += 1
+            }
+            total1 += Double(hsum(a0)) + Double(t1)
+            total2 += Double(hsum(q0)) + Double(t2)
+        }
+        return (total1, total2)
+    }
+
     /// y = a·(x − s) + b.
     @inline(__always) @usableFromInline
     static func affine(

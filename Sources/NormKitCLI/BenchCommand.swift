@@ -30,7 +30,10 @@ struct BenchCommand: ParsableCommand {
     @Option(help: "Trailing dimensions to normalize (layernorm, rmsnorm).")
     var normalizedDims: Int = 1
 
-    @Option(help: "forward (training), inference, or backward (given one forward).")
+    @Option(
+        help:
+            "forward (training), inference, backward (given one forward), or residual (fused h = x + r; y = norm(h))."
+    )
     var pass: String = "forward"
 
     @Option(help: "Threads (default: all online processors).")
@@ -62,7 +65,7 @@ struct BenchCommand: ParsableCommand {
             throw ValidationError("unknown layout '\(layout)'; expected nchw or nhwc")
         }
         guard let passValue = BenchmarkPass(rawValue: pass) else {
-            throw ValidationError("--pass must be forward, inference or backward")
+            throw ValidationError("--pass must be forward, inference, backward or residual")
         }
         guard `repeat` >= 1 else { throw ValidationError("--repeat must be at least 1") }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
@@ -91,9 +94,17 @@ public enum BenchmarkPass: String, Sendable, CaseIterable {
     case inference
     /// Backward alone, given one training forward.
     case backward
+    /// Fused residual add and training forward: reads x and r, writes h and y.
+    case residual
 
     /// Bytes per element of the minimum traffic model.
-    public var bytesPerElement: Int { self == .backward ? 12 : 8 }
+    public var bytesPerElement: Int {
+        switch self {
+        case .forward, .inference: return 8
+        case .backward: return 12
+        case .residual: return 16
+        }
+    }
 }
 
 /// In-process timing of one layer pass.
@@ -175,6 +186,7 @@ public enum Benchmark {
                 case .forward: _ = try layer.forward(x, mode: .training, into: &y)
                 case .inference: _ = try layer.forward(x, mode: .inference, into: &y)
                 case .backward: try layer.backward(dy, cache: cache, into: &grads)
+                case .residual: y = try layer.forward(x, adding: dy, mode: .training).output
                 }
             }
             if i >= 3 { times.append(seconds(elapsed)) }

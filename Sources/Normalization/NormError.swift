@@ -23,6 +23,8 @@ public enum NormError: Error, Equatable, CustomStringConvertible {
     case invalidHyperparameter(name: String, value: String, requirement: String)
     /// Axes given to a custom partition are out of range or repeated.
     case invalidAxes(axes: [Int], rank: Int)
+    /// A second input (a residual) does not have the first input's shape.
+    case shapeMismatch(name: String, expected: [Int], actual: [Int])
     /// The output gradient does not have the forward output's shape.
     case gradientShapeMismatch(expected: [Int], actual: [Int])
     /// Batch statistics are NaN or infinite; running statistics were left unchanged.
@@ -60,6 +62,8 @@ public enum NormError: Error, Equatable, CustomStringConvertible {
             return "\(name) = \(value) is invalid: \(requirement)"
         case .invalidAxes(let axes, let rank):
             return "axes \(axes) are not distinct axes of a rank-\(rank) tensor"
+        case .shapeMismatch(let name, let expected, let actual):
+            return "the \(name) must have the input's shape \(expected), got \(actual)"
         case .gradientShapeMismatch(let expected, let actual):
             return "the output gradient must have the output's shape \(expected), got \(actual)"
         case .nonFiniteStatistics(let layer):

@@ -227,6 +227,62 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             input: x, plan: plan, mean: mean, rstd: rstd, statisticsAreConstant: useRunning)
     }
 
+    // MARK: - Fused residual add
+
+    /// `h = x + residual; y = norm(h)`: the residual add of a pre-norm transformer block fused
+    /// with the normalization, so x and the residual are read once and h is written once.
+    ///
+    /// Backward is ``backward(_:cache:)`` of the returned cache: its input gradient is dL/dh,
+    /// which is also dL/dx and dL/dresidual (add dL/dh from h's other uses first). The fused
+    /// kernel runs for Float LayerNorm, RMSNorm and channels-last LayerNorm2d with batch
+    /// statistics; other layers compute h and then call ``forward(_:mode:)``, with the same
+    /// result.
+    /// - Returns: y, h and the cache.
+    /// - Throws: ``NormError/shapeMismatch(name:expected:actual:)`` when the residual's shape
+    ///   differs from x's, and whatever ``forward(_:mode:)`` throws.
+    public func forward(_ x: Tensor<Scalar>, adding residual: Tensor<Scalar>, mode: Mode)
+        throws(NormError) -> (output: Tensor<Scalar>, sum: Tensor<Scalar>, cache: Cache)
+    {
+        guard residual.shape == x.shape else {
+            throw .shapeMismatch(name: "residual", expected: x.shape, actual: residual.shape)
+        }
+        let usesBatchStatistics = runningStatistics == nil && lazyRunningMomentum == nil
+        if usesBatchStatistics, x.count > 0 {
+            let plan = try validatedPlan(for: x)
+            let indexing = parameterIndexing(for: x.shape)
+            if plan.setSize > 1 || (!requiresMultipleValues && normalizer.variance == .biased),
+                let geometry = kernels.fastGeometry(Scalar.self, plan: plan, indexing: indexing)
+            {
+                var y = try tensor(shape: x.shape, scalars: [Scalar](repeating: 0, count: x.count))
+                var h = y
+                let statistics = x.withUnsafeBufferPointer { xb in
+                    residual.withUnsafeBufferPointer { rb in
+                        h.withUnsafeMutableBufferPointer { hb in
+                            y.withUnsafeMutableBufferPointer { yb in
+                                withOptionalBuffers(scale, offset) { sb, ob in
+                                    FastNormKernel.forwardTrainingAddingResidual(
+                                        xb.asFloat, residual: rb.asFloat, geometry: geometry,
+                                        operation: normalizer.kernelOperation, scale: sb?.asFloat,
+                                        offset: ob?.asFloat, sum: hb.asFloat, into: yb.asFloat)
+                                }
+                            }
+                        }
+                    }
+                }
+                if let statistics {
+                    let cache = Cache(
+                        input: h, plan: plan, mean: statistics.mean, rstd: statistics.rstd,
+                        statisticsAreConstant: false)
+                    return (y, h, cache)
+                }
+            }
+        }
+        let h = try tensor(
+            shape: x.shape, scalars: zip(x.scalars, residual.scalars).map { $0 + $1 })
+        let (y, cache) = try forward(h, mode: mode)
+        return (y, h, cache)
+    }
+
     // MARK: - Backward
 
     /// Gradients of a scalar loss with respect to the input and the affine parameters.

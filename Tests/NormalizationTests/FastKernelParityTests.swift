@@ -168,3 +168,49 @@ struct FastKernelParityTests {
         }
     }
 }
+
+/// The fused residual add + normalization against an explicit add followed by the layer.
+@Suite("Fused residual add")
+struct FusedResidualTests {
+    @Test(arguments: [
+        (StandardLayer.layernorm, [7, 65], Layout.channelsFirst),
+        (.rmsnorm, [65, 1000], .channelsFirst),
+        (.layernorm, [3, 17], .channelsFirst),
+        (.layernorm2d, [2, 3, 5, 16], .channelsLast),
+        (.layernorm2d, [2, 16, 3, 5], .channelsFirst),  // not fusable: falls back
+        (.groupnorm, [2, 4, 3, 3], .channelsFirst),  // not fusable: falls back
+    ])
+    func fusedEqualsAddThenNormalize(_ name: StandardLayer, _ shape: [Int], _ layout: Layout) throws
+    {
+        var options = LayerOptions()
+        options.layout = layout
+        options.groups = 2
+        var g = SeededGenerator(seed: 21)
+        let x = try Tensor<Float>.randomNormal(shape: shape, mean: 3, using: &g)
+        let r = try Tensor<Float>.randomNormal(
+            shape: shape, mean: -1, standardDeviation: 2, using: &g)
+        let dy = try Tensor<Float>.randomNormal(shape: shape, using: &g)
+        let fused: NormLayer<Float> = try name.make(inputShape: shape, options: options)
+        let plain: NormLayer<Float> = try name.make(inputShape: shape, options: options)
+        plain.kernels = .reference
+        let (y, h, cache) = try fused.forward(x, adding: r, mode: .training)
+        let hExpected = try Tensor(shape: shape, scalars: zip(x.scalars, r.scalars).map { $0 + $1 })
+        #expect(h == hExpected)
+        let (yExpected, cacheExpected) = try plain.forward(hExpected, mode: .training)
+        let c = Comparison(y.scalars, yExpected.scalars)
+        #expect(c.relative < 2e-5, "\(name): \(c)")
+        let dx = try fused.backward(dy, cache: cache).input
+        let dxExpected = try plain.backward(dy, cache: cacheExpected).input
+        #expect(Comparison(dx.scalars, dxExpected.scalars).relative < 2e-5)
+    }
+
+    @Test func residualOfAnotherShapeIsRefused() throws {
+        let ln = try LayerNorm<Float>(normalizedShape: [4])
+        #expect(
+            throws: NormError.shapeMismatch(name: "residual", expected: [2, 4], actual: [4, 2])
+        ) {
+            _ = try ln.forward(
+                try Tensor(zeros: [2, 4]), adding: try Tensor(zeros: [4, 2]), mode: .training)
+        }
+    }
+}
