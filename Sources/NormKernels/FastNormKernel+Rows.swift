@@ -170,9 +170,9 @@ extension FastNormKernel {
         gamma: UnsafePointer<Float>?,
         dx: UnsafeMutablePointer<Float>, dgamma: inout [Double], dbeta: inout [Double]
     ) {
-        // At most 64 groups of consecutive sets, fixed by the sizes alone: each keeps partial
-        // parameter gradients (64 × P values at most), merged in group order afterwards.
-        let chunks = min(plan.setCount, 64)
+        // Groups of consecutive sets, one per 64K elements and at most 64, fixed by the sizes
+        // alone: each keeps partial parameter gradients, merged in group order afterwards.
+        let chunks = max(1, min(plan.setCount, 64, plan.rows * plan.length >> 16))
         let hasGamma = gamma != nil
         let parameterCount = dgamma.count
         var partialGamma = [Double](repeating: 0, count: hasGamma ? chunks * parameterCount : 0)

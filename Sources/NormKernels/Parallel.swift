@@ -22,8 +22,12 @@ public enum Parallelism {
     /// `Parallelism.$threadLimit.withValue(1) { … }`).
     @TaskLocal public static var threadLimit: Int?
 
-    /// Problems below this many elements run on the calling thread: spawning costs more.
-    public static let serialCutoff = 1 << 15
+    /// Problems below this many elements run on the calling thread: waking a second thread costs
+    /// more than it saves (measured: LayerNorm 512×768 takes 0.055 ms on one thread, 0.078 on two).
+    public static let serialCutoff = 1 << 19
+
+    /// A per-task override of ``serialCutoff`` (tests set 0 to run small problems threaded).
+    @TaskLocal public static var serialCutoffOverride: Int?
 
     static func defaultThreadCount() -> Int {
         #if canImport(Glibc) || canImport(Darwin)
@@ -38,7 +42,8 @@ public enum Parallelism {
     /// Runs serially when `work` is below ``serialCutoff``. Chunks must write disjoint memory.
     public static func forEachChunk(_ chunkCount: Int, work: Int, _ body: (Int) -> Void) {
         let threads = threadLimit ?? maximumThreads
-        let workers = min(chunkCount, work < serialCutoff ? 1 : max(1, threads))
+        let cutoff = serialCutoffOverride ?? serialCutoff
+        let workers = min(chunkCount, work < cutoff ? 1 : max(1, threads))
         if workers <= 1 {
             for k in 0..<chunkCount { body(k) }
             return

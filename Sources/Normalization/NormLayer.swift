@@ -193,7 +193,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
 
         let indexing = parameterIndexing(for: x.shape)
         if output.shape != x.shape {
-            output = try tensor(shape: x.shape, scalars: [Scalar](repeating: 0, count: x.count))
+            output = try zeros(x.shape)
         }
         let mean: [Double]
         let rstd: [Double]
@@ -243,6 +243,21 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
     public func forward(_ x: Tensor<Scalar>, adding residual: Tensor<Scalar>, mode: Mode)
         throws(NormError) -> (output: Tensor<Scalar>, sum: Tensor<Scalar>, cache: Cache)
     {
+        var y = try zeros([0])
+        var h = try zeros([0])
+        let cache = try forward(x, adding: residual, mode: mode, sum: &h, into: &y)
+        return (y, h, cache)
+    }
+
+    /// The fused residual add into caller-owned tensors, reusing their storage when they
+    /// already have x's shape (no allocation per call in a training loop).
+    /// - Returns: the cache for ``backward(_:cache:)``.
+    /// - Throws: as ``forward(_:adding:mode:)``.
+    public func forward(
+        _ x: Tensor<Scalar>, adding residual: Tensor<Scalar>, mode: Mode,
+        sum h: inout Tensor<Scalar>,
+        into y: inout Tensor<Scalar>
+    ) throws(NormError) -> Cache {
         guard residual.shape == x.shape else {
             throw .shapeMismatch(name: "residual", expected: x.shape, actual: residual.shape)
         }
@@ -253,8 +268,8 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             if plan.setSize > 1 || (!requiresMultipleValues && normalizer.variance == .biased),
                 let geometry = kernels.fastGeometry(Scalar.self, plan: plan, indexing: indexing)
             {
-                var y = try tensor(shape: x.shape, scalars: [Scalar](repeating: 0, count: x.count))
-                var h = y
+                if y.shape != x.shape { y = try zeros(x.shape) }
+                if h.shape != x.shape { h = try zeros(x.shape) }
                 let statistics = x.withUnsafeBufferPointer { xb in
                     residual.withUnsafeBufferPointer { rb in
                         h.withUnsafeMutableBufferPointer { hb in
@@ -270,17 +285,14 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
                     }
                 }
                 if let statistics {
-                    let cache = Cache(
+                    return Cache(
                         input: h, plan: plan, mean: statistics.mean, rstd: statistics.rstd,
                         statisticsAreConstant: false)
-                    return (y, h, cache)
                 }
             }
         }
-        let h = try tensor(
-            shape: x.shape, scalars: zip(x.scalars, residual.scalars).map { $0 + $1 })
-        let (y, cache) = try forward(h, mode: mode)
-        return (y, h, cache)
+        do { h = try x + residual } catch { throw .tensor(error) }
+        return try forward(h, mode: mode, into: &y)
     }
 
     // MARK: - Backward
@@ -325,8 +337,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         try validateParameters()
         let indexing = parameterIndexing(for: x.shape)
         if gradients.input.shape != x.shape {
-            gradients.input = try tensor(
-                shape: x.shape, scalars: [Scalar](repeating: 0, count: x.count))
+            gradients.input = try zeros(x.shape)
         }
         var dScale: [Double] = []
         var dOffset: [Double] = []
@@ -341,9 +352,9 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         gradients.scale = nil
         gradients.offset = nil
         if let shape = normalizer.recovery.parameterShape {
-            gradients.scale = try tensor(shape: shape, scalars: dScale.map { Scalar($0) })
+            gradients.scale = try rounded(shape, dScale)
             if normalizer.recovery.hasOffset {
-                gradients.offset = try tensor(shape: shape, scalars: dOffset.map { Scalar($0) })
+                gradients.offset = try rounded(shape, dOffset)
             }
         }
     }
@@ -525,6 +536,14 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         case .elementwiseAffine(let trailing, _):
             return ParameterIndexing(divisor: 1, modulus: trailing.reduce(1, *))
         }
+    }
+
+    private func rounded(_ shape: [Int], _ values: [Double]) throws(NormError) -> Tensor<Scalar> {
+        do { return try Tensor(shape: shape, rounding: values) } catch { throw .tensor(error) }
+    }
+
+    private func zeros(_ shape: [Int]) throws(NormError) -> Tensor<Scalar> {
+        do { return try Tensor(zeros: shape) } catch { throw .tensor(error) }
     }
 
     private func tensor(shape: [Int], scalars: [Scalar]) throws(NormError) -> Tensor<Scalar> {

@@ -30,8 +30,55 @@ public struct Tensor<Scalar: NormScalar>: Sendable, Equatable {
     }
 
     /// Creates a tensor of zeros.
+    ///
+    /// Fills memory with zero bytes (+0.0 in IEEE formats) rather than element by element, so it
+    /// stays fast when called from unspecialized generic code.
     public init(zeros shape: [Int]) throws(TensorError) {
-        try self.init(repeating: 0, shape: shape)
+        let count = try Shape.elementCount(shape)
+        self.shape = shape
+        self.scalars = [Scalar](unsafeUninitializedCapacity: count) { buffer, initialized in
+            UnsafeMutableRawBufferPointer(buffer).initializeMemory(as: UInt8.self, repeating: 0)
+            initialized = count
+        }
+    }
+
+    /// A tensor from Double values, rounded to `Scalar` (a specialized loop for Float and
+    /// Double, so unspecialized generic callers do not pay a witness call per element).
+    /// - Throws: ``TensorError`` when the count does not match the shape.
+    public init(shape: [Int], rounding values: [Double]) throws(TensorError) {
+        let count = try Shape.elementCount(shape)
+        guard count == values.count else { throw .countMismatch(shape: shape, count: values.count) }
+        self.shape = shape
+        if Scalar.self == Double.self {
+            self.scalars = unsafeBitCast(values, to: [Scalar].self)
+        } else if Scalar.self == Float.self {
+            let floats = values.map { Float($0) }
+            self.scalars = unsafeBitCast(floats, to: [Scalar].self)
+        } else {
+            self.scalars = values.map { Scalar($0) }
+        }
+    }
+
+    /// Elementwise sum of two tensors of the same shape.
+    /// - Throws: ``TensorError/countMismatch(shape:count:)`` when the shapes differ.
+    public static func + (lhs: Tensor, rhs: Tensor) throws(TensorError) -> Tensor {
+        guard lhs.shape == rhs.shape else {
+            throw .countMismatch(shape: lhs.shape, count: rhs.count)
+        }
+        if Scalar.self == Float.self {
+            // Specialized loop: generic code would pay a witness call per element.
+            var out = lhs
+            out.scalars.withUnsafeMutableBufferPointer { o in
+                rhs.scalars.withUnsafeBufferPointer { r in
+                    let of = UnsafeMutableRawBufferPointer(o).assumingMemoryBound(to: Float.self)
+                    let rf = UnsafeRawBufferPointer(r).assumingMemoryBound(to: Float.self)
+                    for i in 0..<of.count { of[i] += rf[i] }
+                }
+            }
+            return out
+        }
+        return Tensor(
+            uncheckedShape: lhs.shape, scalars: zip(lhs.scalars, rhs.scalars).map { $0 + $1 })
     }
 
     /// Creates a rank-1 tensor from an array.

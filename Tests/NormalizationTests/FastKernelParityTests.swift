@@ -95,31 +95,35 @@ struct FastKernelParityTests {
         let (yr, cr) = try reference.forward(x, mode: .training)
         let gr = try reference.backward(dy, cache: cr)
         for threads in [1, 2] {
-            try Parallelism.$threadLimit.withValue(threads) {
-                let fast = try Self.make(c, kernels: .automatic)
-                let (yf, cf) = try fast.forward(x, mode: .training)
-                let gf = try fast.backward(dy, cache: cf)
-                Self.expectClose(yf, yr, "y (\(threads) threads)", c)
-                Self.expectClose(gf.input, gr.input, "dx", c)
-                Self.expectClose(gf.scale, gr.scale, "dweight", c)
-                Self.expectClose(gf.offset, gr.offset, "dbias", c)
-                // Means agree to a tiny fraction of the standard deviation (Float block sums).
-                let meanError =
-                    zip(zip(cf.mean, cr.mean), cr.rstd).map { abs($0.0 - $0.1) * $1 }.max() ?? 0
-                #expect(meanError < 1e-5, "\(c) mean differs by \(meanError) standard deviations")
-                let rstdDiff = Comparison(cf.rstd.map { 1 / $0 }, cr.rstd.map { 1 / $0 })
-                #expect(rstdDiff.relative < 1e-6, "\(c) std: \(rstdDiff)")
-                Self.expectClose(
-                    fast.runningStatistics?.variance, reference.runningStatistics?.variance,
-                    "running_var", c)
-                // Inference through the running statistics (BatchNorm, InstanceNorm).
-                let (yfi, cfi) = try fast.forward(x, mode: .inference)
-                let (yri, cri) = try reference.forward(x, mode: .inference)
-                Self.expectClose(yfi, yri, "y inference", c)
-                Self.expectClose(
-                    try fast.backward(dy, cache: cfi).input,
-                    try reference.backward(dy, cache: cri).input,
-                    "dx inference", c)
+            // Threaded runs also lower the serial cutoff so that these sizes really split.
+            try Parallelism.$serialCutoffOverride.withValue(threads == 1 ? nil : 0) {
+                try Parallelism.$threadLimit.withValue(threads) {
+                    let fast = try Self.make(c, kernels: .automatic)
+                    let (yf, cf) = try fast.forward(x, mode: .training)
+                    let gf = try fast.backward(dy, cache: cf)
+                    Self.expectClose(yf, yr, "y (\(threads) threads)", c)
+                    Self.expectClose(gf.input, gr.input, "dx", c)
+                    Self.expectClose(gf.scale, gr.scale, "dweight", c)
+                    Self.expectClose(gf.offset, gr.offset, "dbias", c)
+                    // Means agree to a tiny fraction of the standard deviation (Float block sums).
+                    let meanError =
+                        zip(zip(cf.mean, cr.mean), cr.rstd).map { abs($0.0 - $0.1) * $1 }.max() ?? 0
+                    #expect(
+                        meanError < 1e-5, "\(c) mean differs by \(meanError) standard deviations")
+                    let rstdDiff = Comparison(cf.rstd.map { 1 / $0 }, cr.rstd.map { 1 / $0 })
+                    #expect(rstdDiff.relative < 1e-6, "\(c) std: \(rstdDiff)")
+                    Self.expectClose(
+                        fast.runningStatistics?.variance, reference.runningStatistics?.variance,
+                        "running_var", c)
+                    // Inference through the running statistics (BatchNorm, InstanceNorm).
+                    let (yfi, cfi) = try fast.forward(x, mode: .inference)
+                    let (yri, cri) = try reference.forward(x, mode: .inference)
+                    Self.expectClose(yfi, yri, "y inference", c)
+                    Self.expectClose(
+                        try fast.backward(dy, cache: cfi).input,
+                        try reference.backward(dy, cache: cri).input,
+                        "dx inference", c)
+                }
             }
         }
     }
@@ -131,12 +135,15 @@ struct FastKernelParityTests {
         let dy = try Tensor<Float>.randomNormal(shape: c.shape, using: &g)
         var results: [[Float]] = []
         for threads in [1, 2, 3] {
-            try Parallelism.$threadLimit.withValue(threads) {
-                let layer = try Self.make(c, kernels: .automatic)
-                let (y, cache) = try layer.forward(x, mode: .training)
-                let grads = try layer.backward(dy, cache: cache)
-                results.append(
-                    y.scalars + grads.input.scalars + grads.scale!.scalars + grads.offset!.scalars)
+            try Parallelism.$serialCutoffOverride.withValue(0) {
+                try Parallelism.$threadLimit.withValue(threads) {
+                    let layer = try Self.make(c, kernels: .automatic)
+                    let (y, cache) = try layer.forward(x, mode: .training)
+                    let grads = try layer.backward(dy, cache: cache)
+                    results.append(
+                        y.scalars + grads.input.scalars + grads.scale!.scalars
+                            + grads.offset!.scalars)
+                }
             }
         }
         #expect(results[0] == results[1] && results[1] == results[2])
