@@ -54,23 +54,44 @@ extension FastNormKernel {
         let q = scratch + inner
         for i in 0..<(2 * inner) { scratch[i] = 0 }
         var pending = 0
-        for m in rows {
+        var m = rows.lowerBound
+        while m < rows.upperBound {
+            // Four rows per sweep: the accumulators are loaded and stored once per four rows.
+            let rowCount = min(4, rows.upperBound - m)
             let row = x + (o * plan.mid + m) * inner
             var i = 0
-            while i + 16 <= inner {
-                let d = Span.load(row + i) - Span.load(shift + i)
-                Span.store(Span.load(a + i) + d, a + i)
-                Span.store(Span.load(q + i) + d * d, q + i)
-                i += 16
+            if rowCount == 4 {
+                while i + 16 <= inner {
+                    let sv = Span.load(shift + i)
+                    let d0 = Span.load(row + i) - sv
+                    let d1 = Span.load(row + inner + i) - sv
+                    let d2 = Span.load(row + 2 * inner + i) - sv
+                    let d3 = Span.load(row + 3 * inner + i) - sv
+                    Span.store(Span.load(a + i) + ((d0 + d1) + (d2 + d3)), a + i)
+                    Span.store(
+                        Span.load(q + i) + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)), q + i)
+                    i += 16
+                }
             }
-            while i < inner {
-                let d = row[i] - shift[i]
-                a[i] += d
-                q[i] += d * d
-                i += 1
+            for k in 0..<rowCount {
+                let r = row + k * inner
+                var j = i
+                while j + 16 <= inner {
+                    let d = Span.load(r + j) - Span.load(shift + j)
+                    Span.store(Span.load(a + j) + d, a + j)
+                    Span.store(Span.load(q + j) + d * d, q + j)
+                    j += 16
+                }
+                while j < inner {
+                    let d = r[j] - shift[j]
+                    a[j] += d
+                    q[j] += d * d
+                    j += 1
+                }
             }
-            pending += 1
-            if pending == 128 {
+            m += rowCount
+            pending += rowCount
+            if pending >= 128 {
                 Span.flush(a, into: s1, inner)
                 Span.flush(q, into: s2, inner)
                 pending = 0
@@ -135,22 +156,23 @@ extension FastNormKernel {
         let units = plan.outer * chunksPerOuter
         var partial1 = [Double](repeating: 0, count: units * inner)
         var partial2 = [Double](repeating: 0, count: units * inner)
+        // Per (outer, column) shifts and per-unit Float accumulators, allocated once per call.
+        var shiftTable = [Float](repeating: 0, count: plan.outer * inner)
+        for o in 0..<plan.outer {
+            for i in 0..<inner { shiftTable[o * inner + i] = shifts[plan.set(outer: o, column: i)] }
+        }
+        var scratchAll = [Float](repeating: 0, count: units * 2 * inner)
         partial1.withUnsafeMutableBufferPointer { p1 in
             partial2.withUnsafeMutableBufferPointer { p2 in
-                Parallelism.forEachChunk(units, work: plan.outer * plan.mid * inner) { u in
-                    let o = u / chunksPerOuter
-                    let c = u % chunksPerOuter
-                    var columnShift = [Float](repeating: 0, count: inner)
-                    for i in 0..<inner { columnShift[i] = shifts[plan.set(outer: o, column: i)] }
-                    var scratch = [Float](repeating: 0, count: 2 * inner)
-                    columnShift.withUnsafeBufferPointer { sh in
-                        scratch.withUnsafeMutableBufferPointer { sc in
+                shiftTable.withUnsafeBufferPointer { sh in
+                    scratchAll.withUnsafeMutableBufferPointer { sc in
+                        Parallelism.forEachChunk(units, work: plan.outer * plan.mid * inner) { u in
+                            let o = u / chunksPerOuter
                             columnSums(
-                                x, plan, outer: o,
-                                rows: plan.midRows(chunk: c),
-                                shift: sh.baseAddress!, s1: p1.baseAddress! + u * inner,
+                                x, plan, outer: o, rows: plan.midRows(chunk: u % chunksPerOuter),
+                                shift: sh.baseAddress! + o * inner, s1: p1.baseAddress! + u * inner,
                                 s2: p2.baseAddress! + u * inner,
-                                scratch: sc.baseAddress!)
+                                scratch: sc.baseAddress! + u * 2 * inner)
                         }
                     }
                 }
@@ -169,22 +191,6 @@ extension FastNormKernel {
         return (s1, s2)
     }
 
-    /// Per-column coefficient vectors of one outer index: shift s, rstd r and term t per column.
-    static func columnCoefficients(
-        _ plan: ColumnPlan, outer o: Int, mean: [Double], rstd: [Double]
-    ) -> (shift: [Float], r: [Double], t: [Double]) {
-        var shift = [Float](repeating: 0, count: plan.inner)
-        var r = [Double](repeating: 0, count: plan.inner)
-        var t = [Double](repeating: 0, count: plan.inner)
-        for i in 0..<plan.inner {
-            let s = plan.set(outer: o, column: i)
-            shift[i] = Float(mean[s])
-            r[i] = rstd[s]
-            t[i] = (Double(shift[i]) - mean[s]) * rstd[s]
-        }
-        return (shift, r, t)
-    }
-
     /// Forward with given statistics on a column geometry: y = a·(x − s) + b per column, or
     /// γ[m]·(r·(x − s) + t) + β[m] when γ runs along the reduced axis.
     static func columnsForward(
@@ -193,34 +199,43 @@ extension FastNormKernel {
     ) {
         let inner = plan.inner
         let chunksPerOuter = plan.chunksPerOuter
-        Parallelism.forEachChunk(plan.outer * chunksPerOuter, work: plan.outer * plan.mid * inner) {
-            u in
-            let o = u / chunksPerOuter
-            let rows = plan.midRows(chunk: u % chunksPerOuter)
-            let (shift, r, t) = columnCoefficients(plan, outer: o, mean: mean, rstd: rstd)
-            var a = [Float](repeating: 0, count: inner)
-            var b = [Float](repeating: 0, count: inner)
+        // Per (outer, column) shift s, scale a and offset b, computed once per call.
+        var shiftTable = [Float](repeating: 0, count: plan.outer * inner)
+        var aTable = [Float](repeating: 0, count: plan.outer * inner)
+        var bTable = [Float](repeating: 0, count: plan.outer * inner)
+        for o in 0..<plan.outer {
             for i in 0..<inner {
+                let s = plan.set(outer: o, column: i)
+                let shift = Float(mean[s])
+                let t = (Double(shift) - mean[s]) * rstd[s]
+                var a = rstd[s]
+                var b = t
                 if plan.gamma == .alongInner {
                     let g = gamma.map { Double($0[i]) } ?? 1
-                    a[i] = Float(g * r[i])
-                    b[i] = Float((beta.map { Double($0[i]) } ?? 0) + g * t[i])
-                } else {
-                    a[i] = Float(r[i])
-                    b[i] = Float(t[i])
+                    a = g * rstd[s]
+                    b = (beta.map { Double($0[i]) } ?? 0) + g * t
                 }
+                shiftTable[o * inner + i] = shift
+                aTable[o * inner + i] = Float(a)
+                bTable[o * inner + i] = Float(b)
             }
-            shift.withUnsafeBufferPointer { sh in
-                a.withUnsafeBufferPointer { av in
-                    b.withUnsafeBufferPointer { bv in
-                        for m in rows {
+        }
+        shiftTable.withUnsafeBufferPointer { sh in
+            aTable.withUnsafeBufferPointer { av in
+                bTable.withUnsafeBufferPointer { bv in
+                    Parallelism.forEachChunk(
+                        plan.outer * chunksPerOuter, work: plan.outer * plan.mid * inner
+                    ) { u in
+                        let o = u / chunksPerOuter
+                        for m in plan.midRows(chunk: u % chunksPerOuter) {
                             let offset = (o * plan.mid + m) * inner
                             let gm: Float = plan.gamma == .alongMid ? (gamma?[m] ?? 1) : 1
                             let bm: Float = plan.gamma == .alongMid ? (beta?[m] ?? 0) : 0
                             columnRow(
-                                x + offset, y + offset, inner, shift: sh.baseAddress!,
-                                a: av.baseAddress!,
-                                b: bv.baseAddress!, gamma: gm, beta: bm)
+                                x + offset, y + offset, inner, shift: sh.baseAddress! + o * inner,
+                                a: av.baseAddress! + o * inner, b: bv.baseAddress! + o * inner,
+                                gamma: gm,
+                                beta: bm)
                         }
                     }
                 }
