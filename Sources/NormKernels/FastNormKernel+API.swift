@@ -163,3 +163,76 @@ extension FastNormKernel {
         }
     }
 }
+
+extension FastNormKernel {
+    /// Statistics of every set, without writing an output (statistics sources that mix or
+    /// correct statistics before normalizing: Switchable Normalization, Batch Renormalization).
+    public static func moments(
+        _ x: UnsafeBufferPointer<Float>, geometry: Geometry, operation: ReferenceNormKernel.Operation
+    ) -> Statistics {
+        guard let xp = x.baseAddress else {
+            return Statistics(mean: [], variance: [], biasedVariance: [], rstd: [])
+        }
+        switch geometry {
+        case .rows(let count, let length, let setCount, let gamma):
+            return rowsMoments(
+                xp, RowPlan(rows: count, length: length, setCount: setCount, gamma: gamma),
+                operation: operation)
+        case .columns(let outer, let mid, let inner, let groupWidth, let reduceOuter, let gamma):
+            return columnsMoments(
+                xp,
+                ColumnPlan(
+                    outer: outer, mid: mid, inner: inner, groupWidth: groupWidth,
+                    reduceOuter: reduceOuter, gamma: gamma), operation: operation)
+        }
+    }
+
+    /// Per-set Σg and Σg·(x − μ) with g = dy·γ, and dγ = Σ dy·x̂, dβ = Σ dy with
+    /// x̂ = (x − μ)·rstd, for μ and rstd given per set.
+    public static func gradientSums(
+        _ x: UnsafeBufferPointer<Float>, outputGradient dy: UnsafeBufferPointer<Float>,
+        geometry: Geometry, mean: [Double], rstd: [Double], scale: UnsafeBufferPointer<Float>?,
+        parameterCount: Int
+    ) -> GradientSums {
+        guard let xp = x.baseAddress, let dyp = dy.baseAddress else {
+            return GradientSums(sumG: [], sumGD: [], scaleGradient: [], offsetGradient: [])
+        }
+        switch geometry {
+        case .rows(let count, let length, let setCount, let gamma):
+            return rowsGradientSums(
+                xp, dyp, RowPlan(rows: count, length: length, setCount: setCount, gamma: gamma),
+                mean: mean, rstd: rstd, gamma: scale?.baseAddress, parameterCount: parameterCount)
+        case .columns(let outer, let mid, let inner, let groupWidth, let reduceOuter, let gamma):
+            return columnsGradientSums(
+                xp, dyp,
+                ColumnPlan(
+                    outer: outer, mid: mid, inner: inner, groupWidth: groupWidth,
+                    reduceOuter: reduceOuter, gamma: gamma), mean: mean, rstd: rstd,
+                gamma: scale?.baseAddress, parameterCount: parameterCount)
+        }
+    }
+
+    /// dx = A·g + B·(x − μ) + C with A, B, C and μ given per set and g = dy·γ.
+    ///
+    /// - Parameter dx: overwritten.
+    public static func applyGradient(
+        _ x: UnsafeBufferPointer<Float>, outputGradient dy: UnsafeBufferPointer<Float>,
+        geometry: Geometry, mean: [Double], a: [Double], b: [Double], c: [Double],
+        scale: UnsafeBufferPointer<Float>?, into dx: UnsafeMutableBufferPointer<Float>
+    ) {
+        guard let xp = x.baseAddress, let dyp = dy.baseAddress, let dxp = dx.baseAddress else { return }
+        switch geometry {
+        case .rows(let count, let length, let setCount, let gamma):
+            rowsApplyGradient(
+                xp, dyp, RowPlan(rows: count, length: length, setCount: setCount, gamma: gamma),
+                mean: mean, a: a, b: b, c: c, gamma: scale?.baseAddress, dx: dxp)
+        case .columns(let outer, let mid, let inner, let groupWidth, let reduceOuter, let gamma):
+            columnsApplyGradient(
+                xp, dyp,
+                ColumnPlan(
+                    outer: outer, mid: mid, inner: inner, groupWidth: groupWidth,
+                    reduceOuter: reduceOuter, gamma: gamma), mean: mean, a: a, b: b, c: c,
+                gamma: scale?.baseAddress, dx: dxp)
+        }
+    }
+}

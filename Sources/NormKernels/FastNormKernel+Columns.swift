@@ -101,12 +101,11 @@ extension FastNormKernel {
         Span.flush(q, into: s2, inner)
     }
 
-    /// Training forward on a column geometry.
-    static func columnsForward(
-        _ x: UnsafePointer<Float>, _ plan: ColumnPlan, operation op: ReferenceNormKernel.Operation,
-        gamma: UnsafePointer<Float>?, beta: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>,
-        statistics: inout Statistics
-    ) {
+    /// Statistics of every set of a column geometry, without writing an output.
+    static func columnsMoments(
+        _ x: UnsafePointer<Float>, _ plan: ColumnPlan, operation op: ReferenceNormKernel.Operation
+    ) -> Statistics {
+        var statistics = Statistics(mean: [], variance: [], biasedVariance: [], rstd: [])
         let sets = plan.setCount
         var shifts = [Float](repeating: 0, count: sets)
         if op.centers {
@@ -143,6 +142,16 @@ extension FastNormKernel {
             statistics.biasedVariance[s] = r.biased
             statistics.rstd[s] = r.rstd
         }
+        return statistics
+    }
+
+    /// Training forward on a column geometry.
+    static func columnsForward(
+        _ x: UnsafePointer<Float>, _ plan: ColumnPlan, operation op: ReferenceNormKernel.Operation,
+        gamma: UnsafePointer<Float>?, beta: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>,
+        statistics: inout Statistics
+    ) {
+        statistics = columnsMoments(x, plan, operation: op)
         columnsForward(
             x, plan, mean: statistics.mean, rstd: statistics.rstd, gamma: gamma, beta: beta, y: y)
     }
@@ -273,6 +282,26 @@ extension FastNormKernel {
         gamma: UnsafePointer<Float>?, dx: UnsafeMutablePointer<Float>, dgamma: inout [Double],
         dbeta: inout [Double]
     ) {
+        let sums = columnsGradientSums(
+            x, dy, plan, mean: mean, rstd: rstd, gamma: gamma, parameterCount: dgamma.count)
+        dgamma = sums.scaleGradient
+        dbeta = sums.offsetGradient
+        var a = [Double](repeating: 0, count: plan.setCount)
+        var b = a
+        var c = a
+        for s in 0..<plan.setCount {
+            (a[s], b[s], c[s]) = gradientCoefficients(
+                n: plan.setSize, rstd: rstd[s], term: 0, sumG: sums.sumG[s], sumGD: sums.sumGD[s],
+                operation: op, constant: statisticsAreConstant)
+        }
+        columnsApplyGradient(x, dy, plan, mean: mean, a: a, b: b, c: c, gamma: gamma, dx: dx)
+    }
+
+    /// Per-set gradient sums over a column geometry, relative to the exact means.
+    static func columnsGradientSums(
+        _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: ColumnPlan, mean: [Double],
+        rstd: [Double], gamma: UnsafePointer<Float>?, parameterCount: Int
+    ) -> GradientSums {
         let inner = plan.inner
         let chunksPerOuter = plan.chunksPerOuter
         let units = plan.outer * chunksPerOuter
@@ -348,10 +377,8 @@ extension FastNormKernel {
         let sets = plan.setCount
         var sumG = [Double](repeating: 0, count: sets)
         var sumGD = [Double](repeating: 0, count: sets)
-        for i in 0..<dgamma.count {
-            dgamma[i] = 0
-            dbeta[i] = 0
-        }
+        var dgamma = [Double](repeating: 0, count: parameterCount)
+        var dbeta = [Double](repeating: 0, count: parameterCount)
         for u in 0..<units {
             let o = u / chunksPerOuter
             for i in 0..<inner {
@@ -378,20 +405,36 @@ extension FastNormKernel {
                 }
             }
         }
-        // Pass 2: dx = A·g + B·(x − s) + C per column, from per-(outer, column) tables.
+        // Σg·(x − μ) = Σg·(x − s) + (s − μ)·Σg, with s = Float(μ) for every column of a set.
+        for s in 0..<sets { sumGD[s] += (Double(Float(mean[s])) - mean[s]) * sumG[s] }
+        return GradientSums(sumG: sumG, sumGD: sumGD, scaleGradient: dgamma, offsetGradient: dbeta)
+    }
+
+    /// dx = A·g + B·(x − μ) + C per set over a column geometry (g = dy·γ).
+    static func columnsApplyGradient(
+        _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: ColumnPlan, mean: [Double],
+        a: [Double], b: [Double], c: [Double], gamma: UnsafePointer<Float>?, dx: UnsafeMutablePointer<Float>
+    ) {
+        let inner = plan.inner
+        let chunksPerOuter = plan.chunksPerOuter
+        let units = plan.outer * chunksPerOuter
+        let alongMid = plan.gamma == .alongMid
+        let work = plan.outer * plan.mid * inner
+        var shift = [Float](repeating: 0, count: plan.outer * inner)
+        // dx = A·g + B·(x − s) + C per column, from per-(outer, column) tables.
         var aTable = [Float](repeating: 0, count: plan.outer * inner)
         var bTable = [Float](repeating: 0, count: plan.outer * inner)
         var cTable = [Float](repeating: 0, count: plan.outer * inner)
         for o in 0..<plan.outer {
             for i in 0..<inner {
                 let s = plan.set(outer: o, column: i)
-                let (ca, cb, cc) = gradientCoefficients(
-                    n: plan.setSize, rstd: rstd[s], term: Double(tTable[o * inner + i]),
-                    sumG: sumG[s], sumGD: sumGD[s], operation: op, constant: statisticsAreConstant)
+                let sh = Float(mean[s])
+                shift[o * inner + i] = sh
                 let g = plan.gamma == .alongInner ? (gamma.map { Double($0[i]) } ?? 1) : 1
-                aTable[o * inner + i] = Float(ca * g)
-                bTable[o * inner + i] = Float(cb)
-                cTable[o * inner + i] = Float(cc)
+                aTable[o * inner + i] = Float(a[s] * g)
+                bTable[o * inner + i] = Float(b[s])
+                // B·(x − μ) = B·(x − s) + B·(s − μ).
+                cTable[o * inner + i] = Float(c[s] + b[s] * (Double(sh) - mean[s]))
             }
         }
         shift.withUnsafeBufferPointer { sh in

@@ -225,17 +225,33 @@ extension FastNormKernel {
     @inline(__always)
     static func rowsBackwardSet(
         _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: RowPlan, set s: Int,
-        mean: Double,
-        rstd: Double, operation op: ReferenceNormKernel.Operation, constant: Bool,
-        gamma: UnsafePointer<Float>?,
-        dx: UnsafeMutablePointer<Float>, dgamma: UnsafeMutablePointer<Double>?,
-        dbeta: UnsafeMutablePointer<Double>?,
+        mean: Double, rstd: Double, operation op: ReferenceNormKernel.Operation, constant: Bool,
+        gamma: UnsafePointer<Float>?, dx: UnsafeMutablePointer<Float>,
+        dgamma: UnsafeMutablePointer<Double>?, dbeta: UnsafeMutablePointer<Double>?,
         scratch: UnsafeMutablePointer<Float>?, parameterCount: Int
     ) {
         let shift = Float(mean)
         let t = (Double(shift) - mean) * rstd
+        let (sumG, sumGD) = rowsSetGradientSums(
+            x, dy, plan, set: s, shift: shift, rstd: rstd, term: t, gamma: gamma, dgamma: dgamma,
+            dbeta: dbeta, scratch: scratch, parameterCount: parameterCount)
+        // dx = A·g + B·(x − s) + C, from the set's sums (see ReferenceNormKernel.backward).
+        let (a, b, c) = gradientCoefficients(
+            n: plan.setSize, rstd: rstd, term: t, sumG: sumG, sumGD: sumGD, operation: op,
+            constant: constant)
+        rowsSetApplyGradient(x, dy, plan, set: s, shift: shift, a: a, b: b, c: c, gamma: gamma, dx: dx)
+    }
+
+    /// Σg and Σg·(x − s) over set `s` (g = dy·γ), adding dγ = Σ dy·x̂ and dβ = Σ dy into
+    /// `dgamma`, `dbeta` (elementwise γ: into the Float `scratch` partials).
+    @inline(__always)
+    static func rowsSetGradientSums(
+        _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: RowPlan, set s: Int,
+        shift: Float, rstd: Double, term t: Double, gamma: UnsafePointer<Float>?,
+        dgamma: UnsafeMutablePointer<Double>?, dbeta: UnsafeMutablePointer<Double>?,
+        scratch: UnsafeMutablePointer<Float>?, parameterCount: Int
+    ) -> (Double, Double) {
         let segment = plan.segment
-        // Pass 1: Σg and Σg·(x − s) over the set, and the parameter gradients.
         var sumG = 0.0
         var sumGD = 0.0
         for k in 0..<plan.rowsPerSet {
@@ -275,10 +291,17 @@ extension FastNormKernel {
                 }
             }
         }
-        // dx = A·g + B·(x − s) + C, from the set's sums (see ReferenceNormKernel.backward).
-        let (a, b, c) = gradientCoefficients(
-            n: plan.setSize, rstd: rstd, term: t, sumG: sumG, sumGD: sumGD, operation: op,
-            constant: constant)
+        return (sumG, sumGD)
+    }
+
+    /// dx = a·g + b·(x − s) + c over set `s` (g = dy·γ).
+    @inline(__always)
+    static func rowsSetApplyGradient(
+        _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: RowPlan, set s: Int,
+        shift: Float, a: Double, b: Double, c: Double, gamma: UnsafePointer<Float>?,
+        dx: UnsafeMutablePointer<Float>
+    ) {
+        let segment = plan.segment
         for k in 0..<plan.rowsPerSet {
             let r = plan.row(s, k)
             let base = r * plan.length
@@ -287,19 +310,133 @@ extension FastNormKernel {
                 let p = plan.gammaIndex(row: r, segment: 0)
                 Span.gradient(
                     x + base, dy + base, dx + base, plan.length, shift: shift, a: Float(a),
-                    b: Float(b), c: Float(c),
-                    gamma: gamma.map { $0 + p })
+                    b: Float(b), c: Float(c), gamma: gamma.map { $0 + p })
             case .none, .segments:
                 for j in 0..<plan.segmentsPerRow {
                     let p = plan.gammaIndex(row: r, segment: j)
                     let g = gamma.map { Double($0[p]) } ?? 1
                     Span.gradient(
                         x + base + j * segment, dy + base + j * segment, dx + base + j * segment,
-                        segment,
-                        shift: shift, a: Float(a * g), b: Float(b), c: Float(c), gamma: nil)
+                        segment, shift: shift, a: Float(a * g), b: Float(b), c: Float(c), gamma: nil)
                 }
             }
         }
+    }
+
+    /// Per-set gradient sums over a row geometry, relative to the exact means.
+    static func rowsGradientSums(
+        _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: RowPlan, mean: [Double],
+        rstd: [Double], gamma: UnsafePointer<Float>?, parameterCount: Int
+    ) -> GradientSums {
+        let chunks = max(1, min(plan.setCount, 64, plan.rows * plan.length >> 16))
+        let hasGamma = gamma != nil
+        var result = GradientSums(
+            sumG: [Double](repeating: 0, count: plan.setCount),
+            sumGD: [Double](repeating: 0, count: plan.setCount),
+            scaleGradient: [Double](repeating: 0, count: parameterCount),
+            offsetGradient: [Double](repeating: 0, count: parameterCount))
+        var partialGamma = [Double](repeating: 0, count: hasGamma ? chunks * parameterCount : 0)
+        var partialBeta = [Double](repeating: 0, count: hasGamma ? chunks * parameterCount : 0)
+        let elementwise: Bool
+        if case .elementwise = plan.gamma { elementwise = true } else { elementwise = false }
+        result.sumG.withUnsafeMutableBufferPointer { sg in
+            result.sumGD.withUnsafeMutableBufferPointer { sgd in
+                partialGamma.withUnsafeMutableBufferPointer { pg in
+                    partialBeta.withUnsafeMutableBufferPointer { pb in
+                        Parallelism.forEachChunk(chunks, work: plan.rows * plan.length) { k in
+                            let dgOut = hasGamma ? pg.baseAddress! + k * parameterCount : nil
+                            let dbOut = hasGamma ? pb.baseAddress! + k * parameterCount : nil
+                            var scratch = [Float](
+                                repeating: 0, count: elementwise && hasGamma ? 2 * parameterCount : 0)
+                            scratch.withUnsafeMutableBufferPointer { sp in
+                                let sets = (k * plan.setCount / chunks)..<((k + 1) * plan.setCount / chunks)
+                                for (done, s) in sets.enumerated() {
+                                    if done % 64 == 63, elementwise, hasGamma, let base = sp.baseAddress,
+                                        let dgOut, let dbOut
+                                    {
+                                        Span.flush(base, into: dgOut, parameterCount)
+                                        Span.flush(base + parameterCount, into: dbOut, parameterCount)
+                                    }
+                                    let shift = Float(mean[s])
+                                    let t = (Double(shift) - mean[s]) * rstd[s]
+                                    let (g, gd) = rowsSetGradientSums(
+                                        x, dy, plan, set: s, shift: shift, rstd: rstd[s], term: t, gamma: gamma,
+                                        dgamma: dgOut, dbeta: dbOut, scratch: sp.baseAddress,
+                                        parameterCount: parameterCount)
+                                    sg[s] = g
+                                    // Σg·(x − μ) = Σg·(x − s) + (s − μ)·Σg.
+                                    sgd[s] = gd + (Double(shift) - mean[s]) * g
+                                }
+                                if elementwise, hasGamma, let base = sp.baseAddress, let dgOut, let dbOut {
+                                    Span.flush(base, into: dgOut, parameterCount)
+                                    Span.flush(base + parameterCount, into: dbOut, parameterCount)
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for k in 0..<(hasGamma ? chunks : 0) {
+            for i in 0..<parameterCount {
+                result.scaleGradient[i] += partialGamma[k * parameterCount + i]
+                result.offsetGradient[i] += partialBeta[k * parameterCount + i]
+            }
+        }
+        return result
+    }
+
+    /// dx = A·g + B·(x − μ) + C per set over a row geometry.
+    static func rowsApplyGradient(
+        _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: RowPlan, mean: [Double],
+        a: [Double], b: [Double], c: [Double], gamma: UnsafePointer<Float>?, dx: UnsafeMutablePointer<Float>
+    ) {
+        Parallelism.forEachChunk(plan.chunkCount, work: plan.rows * plan.length) { k in
+            for s in plan.chunk(k) {
+                let shift = Float(mean[s])
+                // B·(x − μ) = B·(x − s) + B·(s − μ).
+                let cs = c[s] + b[s] * (Double(shift) - mean[s])
+                rowsSetApplyGradient(
+                    x, dy, plan, set: s, shift: shift, a: a[s], b: b[s], c: cs, gamma: gamma, dx: dx)
+            }
+        }
+    }
+
+    /// Statistics of every set of a row geometry, without writing an output.
+    static func rowsMoments(
+        _ x: UnsafePointer<Float>, _ plan: RowPlan, operation op: ReferenceNormKernel.Operation
+    ) -> Statistics {
+        let sets = plan.setCount
+        var statistics = Statistics(
+            mean: [Double](repeating: 0, count: sets), variance: [Double](repeating: 0, count: sets),
+            biasedVariance: [Double](repeating: 0, count: sets), rstd: [Double](repeating: 1, count: sets))
+        let inverse = 1 / Double(plan.setSize)
+        statistics.mean.withUnsafeMutableBufferPointer { meanOut in
+            statistics.variance.withUnsafeMutableBufferPointer { varOut in
+                statistics.biasedVariance.withUnsafeMutableBufferPointer { biasedOut in
+                    statistics.rstd.withUnsafeMutableBufferPointer { rstdOut in
+                        Parallelism.forEachChunk(plan.chunkCount, work: plan.rows * plan.length) { k in
+                            for s in plan.chunk(k) {
+                                var shift: Float = op.centers ? x[plan.row(s, 0) * plan.length] : 0
+                                var (s1, s2) = rowSetSums(x, plan, s, shift: shift)
+                                if op.centers && shiftIsFar(n: plan.setSize, inverseCount: inverse, s1: s1, s2: s2) {
+                                    shift = Float(Double(shift) + s1 * inverse)
+                                    (s1, s2) = rowSetSums(x, plan, s, shift: shift)
+                                }
+                                let r = finish(
+                                    n: plan.setSize, inverseCount: inverse, shift: shift, s1: s1, s2: s2,
+                                    operation: op)
+                                meanOut[s] = r.mean
+                                varOut[s] = r.variance
+                                biasedOut[s] = r.biased
+                                rstdOut[s] = r.rstd
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        return statistics
     }
 
     /// A, B, C of dx = A·g + B·(x − s) + C for one set of n elements, where

@@ -143,6 +143,27 @@ public enum FastNormKernel {
         }
     }
 
+    /// Per-set gradient sums: Σg and Σg·(x − μ) with g = dy·γ, and the affine parameters'
+    /// gradients dγ = Σ dy·x̂, dβ = Σ dy (x̂ = (x − μ)·rstd).
+    public struct GradientSums: Sendable, Equatable {
+        /// Σ g per set.
+        public var sumG: [Double]
+        /// Σ g·(x − μ) per set.
+        public var sumGD: [Double]
+        /// dγ per parameter.
+        public var scaleGradient: [Double]
+        /// dβ per parameter.
+        public var offsetGradient: [Double]
+
+        /// Creates sums from arrays.
+        public init(sumG: [Double], sumGD: [Double], scaleGradient: [Double], offsetGradient: [Double]) {
+            self.sumG = sumG
+            self.sumGD = sumGD
+            self.scaleGradient = scaleGradient
+            self.offsetGradient = offsetGradient
+        }
+    }
+
     /// Mean, variance for Φ, biased variance and rstd of a set of n elements from its shifted
     /// sums; `inverseCount` = 1/n (multiplications: a short row pays for every division).
     @inline(__always)

@@ -189,3 +189,45 @@ public enum ReferenceNormKernel {
         }
     }
 }
+
+extension ReferenceNormKernel {
+    /// Per-set Σg and Σg·(x − μ) (g = dy·γ), and dγ = Σ dy·x̂, dβ = Σ dy, in Double.
+    public static func gradientSums<T: BinaryFloatingPoint>(
+        _ x: UnsafeBufferPointer<T>, outputGradient dy: UnsafeBufferPointer<T>, setIndex: [Int],
+        setCount: Int, mean: [Double], rstd: [Double], scale: UnsafeBufferPointer<T>?,
+        parameterIndexing: ParameterIndexing?
+    ) -> FastNormKernel.GradientSums {
+        let modulus = parameterIndexing?.modulus ?? 0
+        var sums = FastNormKernel.GradientSums(
+            sumG: [Double](repeating: 0, count: setCount), sumGD: [Double](repeating: 0, count: setCount),
+            scaleGradient: [Double](repeating: 0, count: modulus),
+            offsetGradient: [Double](repeating: 0, count: modulus))
+        for i in 0..<x.count {
+            let s = setIndex[i]
+            let d = Double(x[i]) - mean[s]
+            var g = Double(dy[i])
+            if let p = parameterIndexing?(i) {
+                sums.scaleGradient[p] += g * d * rstd[s]
+                sums.offsetGradient[p] += g
+                if let scale { g *= Double(scale[p]) }
+            }
+            sums.sumG[s] += g
+            sums.sumGD[s] += g * d
+        }
+        return sums
+    }
+
+    /// dx = A·g + B·(x − μ) + C with per-set A, B, C, μ (g = dy·γ), in Double.
+    public static func applyGradient<T: BinaryFloatingPoint>(
+        _ x: UnsafeBufferPointer<T>, outputGradient dy: UnsafeBufferPointer<T>, setIndex: [Int],
+        mean: [Double], a: [Double], b: [Double], c: [Double], scale: UnsafeBufferPointer<T>?,
+        parameterIndexing: ParameterIndexing?, into dx: UnsafeMutableBufferPointer<T>
+    ) {
+        for i in 0..<x.count {
+            let s = setIndex[i]
+            var g = Double(dy[i])
+            if let p = parameterIndexing?(i), let scale { g *= Double(scale[p]) }
+            dx[i] = T(a[s] * g + b[s] * (Double(x[i]) - mean[s]) + c[s])
+        }
+    }
+}

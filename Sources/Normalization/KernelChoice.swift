@@ -129,3 +129,74 @@ extension UnsafeMutableBufferPointer {
         UnsafeMutableRawBufferPointer(self).assumingMemoryBound(to: Float.self)
     }
 }
+
+// MARK: - Primitives for statistics sources (Switchable Normalization, Batch Renormalization)
+
+extension KernelChoice {
+    /// Per-set statistics of `x` over `plan`, without an output.
+    func moments<Scalar: NormScalar>(
+        _ x: Tensor<Scalar>, plan: ReductionPlan, operation op: ReferenceNormKernel.Operation,
+        indexing: ParameterIndexing?
+    ) -> FastNormKernel.Statistics {
+        if let geometry = fastGeometry(Scalar.self, plan: plan, indexing: indexing) {
+            return x.withUnsafeBufferPointer {
+                FastNormKernel.moments($0.asFloat, geometry: geometry, operation: op)
+            }
+        }
+        let setIndex = plan.setIndices()
+        let m = x.withUnsafeBufferPointer {
+            ReferenceNormKernel.moments($0, setIndex: setIndex, setCount: plan.setCount, operation: op)
+        }
+        return FastNormKernel.Statistics(
+            mean: m.mean, variance: m.variance, biasedVariance: m.biasedVariance,
+            rstd: ReferenceNormKernel.reciprocalStandardDeviation(variance: m.variance, operation: op))
+    }
+
+    /// Per-set Σg, Σg·(x − μ) and the affine gradients (g = dy·γ, x̂ = (x − μ)·rstd).
+    func gradientSums<Scalar: NormScalar>(
+        _ x: Tensor<Scalar>, outputGradient dy: Tensor<Scalar>, plan: ReductionPlan, mean: [Double],
+        rstd: [Double], scale: Tensor<Scalar>?, indexing: ParameterIndexing?
+    ) -> FastNormKernel.GradientSums {
+        let geometry = fastGeometry(Scalar.self, plan: plan, indexing: indexing)
+        let setIndex = geometry == nil ? plan.setIndices() : []
+        return x.withUnsafeBufferPointer { xb in
+            dy.withUnsafeBufferPointer { dyb in
+                withOptionalBuffers(scale, nil) { sb, _ in
+                    if let geometry {
+                        return FastNormKernel.gradientSums(
+                            xb.asFloat, outputGradient: dyb.asFloat, geometry: geometry, mean: mean,
+                            rstd: rstd, scale: sb?.asFloat, parameterCount: indexing?.modulus ?? 0)
+                    }
+                    return ReferenceNormKernel.gradientSums(
+                        xb, outputGradient: dyb, setIndex: setIndex, setCount: plan.setCount, mean: mean,
+                        rstd: rstd, scale: sb, parameterIndexing: indexing)
+                }
+            }
+        }
+    }
+
+    /// dx = A·g + B·(x − μ) + C per set (g = dy·γ).
+    func applyGradient<Scalar: NormScalar>(
+        _ x: Tensor<Scalar>, outputGradient dy: Tensor<Scalar>, plan: ReductionPlan, mean: [Double],
+        a: [Double], b: [Double], c: [Double], scale: Tensor<Scalar>?, indexing: ParameterIndexing?,
+        into dxb: UnsafeMutableBufferPointer<Scalar>
+    ) {
+        let geometry = fastGeometry(Scalar.self, plan: plan, indexing: indexing)
+        let setIndex = geometry == nil ? plan.setIndices() : []
+        x.withUnsafeBufferPointer { xb in
+            dy.withUnsafeBufferPointer { dyb in
+                withOptionalBuffers(scale, nil) { sb, _ in
+                    if let geometry {
+                        FastNormKernel.applyGradient(
+                            xb.asFloat, outputGradient: dyb.asFloat, geometry: geometry, mean: mean, a: a,
+                            b: b, c: c, scale: sb?.asFloat, into: dxb.asFloat)
+                    } else {
+                        ReferenceNormKernel.applyGradient(
+                            xb, outputGradient: dyb, setIndex: setIndex, mean: mean, a: a, b: b, c: c,
+                            scale: sb, parameterIndexing: indexing, into: dxb)
+                    }
+                }
+            }
+        }
+    }
+}

@@ -186,3 +186,85 @@ public struct Comparison: CustomStringConvertible {
         relative = maxAbsolute / scale
     }
 }
+
+/// A fixture of any layer: its tensors and the generator's spec as JSON values.
+public struct RawFixture: Sendable, CustomStringConvertible {
+    /// `<folder>/<case>`.
+    public let name: String
+    /// The tensors.
+    public let file: Safetensors.File
+    /// The spec (JSON object).
+    public let spec: [String: JSONValue]
+
+    public var description: String { name }
+
+    /// A tensor as the requested type (missing tensors are a test bug).
+    public func tensor<T: NormScalar>(_ key: String, as _: T.Type = T.self) -> Tensor<T> {
+        guard let t = try? file.tensor(key, as: T.self) else { fatalError("fixture \(name) lacks \(key)") }
+        return t
+    }
+
+    /// Whether the file has a tensor.
+    public func has(_ key: String) -> Bool { file.tensors[key] != nil }
+
+    /// A number from the spec.
+    public func number(_ key: String) -> Double? {
+        if case .number(let v)? = spec[key] { return v }
+        return nil
+    }
+
+    /// A string from the spec.
+    public func string(_ key: String) -> String? {
+        if case .string(let v)? = spec[key] { return v }
+        return nil
+    }
+
+    /// A Boolean from the spec.
+    public func bool(_ key: String) -> Bool? {
+        if case .bool(let v)? = spec[key] { return v }
+        return nil
+    }
+
+    /// Loads `<folder>/<case>`.
+    public static func load(_ name: String) throws -> RawFixture {
+        let path = Fixtures.directory.appendingPathComponent(name + ".safetensors").path
+        let file = try Safetensors.read(contentsOf: path)
+        guard let text = file.metadata["spec"], let data = text.data(using: .utf8),
+            let json = try JSONSerialization.jsonObject(with: data) as? [String: Any]
+        else { throw FileFormatError.malformedHeader(format: "fixture", reason: "no spec in \(name)") }
+        var spec: [String: JSONValue] = [:]
+        for (k, v) in json {
+            if let b = v as? Bool, type(of: v) == type(of: true as NSNumber) || "\(type(of: v))".contains("Bool") {
+                spec[k] = .bool(b)
+            } else if let n = v as? NSNumber {
+                spec[k] = .number(n.doubleValue)
+            } else if let s = v as? String {
+                spec[k] = .string(s)
+            } else {
+                spec[k] = .other
+            }
+        }
+        return RawFixture(name: name, file: file, spec: spec)
+    }
+
+    /// Case names in a folder.
+    public static func names(_ folder: String) -> [String] {
+        let url = Fixtures.directory.appendingPathComponent(folder)
+        let files = (try? FileManager.default.contentsOfDirectory(atPath: url.path)) ?? []
+        return files.filter { $0.hasSuffix(".safetensors") }.sorted().map {
+            "\(folder)/\($0.dropLast(".safetensors".count))"
+        }
+    }
+}
+
+/// A JSON scalar of a fixture spec.
+public enum JSONValue: Sendable, Equatable {
+    /// A number.
+    case number(Double)
+    /// A string.
+    case string(String)
+    /// A Boolean.
+    case bool(Bool)
+    /// Anything else (arrays, null).
+    case other
+}
