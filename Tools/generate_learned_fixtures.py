@@ -43,7 +43,7 @@ def sparsestmax(v, r, u_in=None):
     u = sgn / sgn.sum()
     rr = r if u_in is None else torch.sqrt(torch.clamp(r * r - ((u - u_in) ** 2).sum(), min=0))
     dist = torch.sqrt(((w - u) ** 2).sum())
-    if float(dist) >= float(rr) or float(dist) == 0:
+    if float(dist) >= float(rr) or float(dist) < 1e-12:
         return w
     p = u + rr * (w - u) / dist
     if float(p.min()) < 0:

@@ -168,7 +168,8 @@ extension FastNormKernel {
     /// Statistics of every set, without writing an output (statistics sources that mix or
     /// correct statistics before normalizing: Switchable Normalization, Batch Renormalization).
     public static func moments(
-        _ x: UnsafeBufferPointer<Float>, geometry: Geometry, operation: ReferenceNormKernel.Operation
+        _ x: UnsafeBufferPointer<Float>, geometry: Geometry,
+        operation: ReferenceNormKernel.Operation
     ) -> Statistics {
         guard let xp = x.baseAddress else {
             return Statistics(mean: [], variance: [], biasedVariance: [], rstd: [])
@@ -220,7 +221,9 @@ extension FastNormKernel {
         geometry: Geometry, mean: [Double], a: [Double], b: [Double], c: [Double],
         scale: UnsafeBufferPointer<Float>?, into dx: UnsafeMutableBufferPointer<Float>
     ) {
-        guard let xp = x.baseAddress, let dyp = dy.baseAddress, let dxp = dx.baseAddress else { return }
+        guard let xp = x.baseAddress, let dyp = dy.baseAddress, let dxp = dx.baseAddress else {
+            return
+        }
         switch geometry {
         case .rows(let count, let length, let setCount, let gamma):
             rowsApplyGradient(

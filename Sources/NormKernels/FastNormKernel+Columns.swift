@@ -413,7 +413,8 @@ extension FastNormKernel {
     /// dx = A·g + B·(x − μ) + C per set over a column geometry (g = dy·γ).
     static func columnsApplyGradient(
         _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: ColumnPlan, mean: [Double],
-        a: [Double], b: [Double], c: [Double], gamma: UnsafePointer<Float>?, dx: UnsafeMutablePointer<Float>
+        a: [Double], b: [Double], c: [Double], gamma: UnsafePointer<Float>?,
+        dx: UnsafeMutablePointer<Float>
     ) {
         let inner = plan.inner
         let chunksPerOuter = plan.chunksPerOuter

@@ -39,6 +39,12 @@ extension FastNormKernel {
             chunkCount = (setCount + setsPerChunk - 1) / setsPerChunk
         }
 
+        /// Sets of group k when the sets are cut into `groups` groups of consecutive sets.
+        func group(_ k: Int, of groups: Int) -> Range<Int> {
+            let lower = k * setCount / groups
+            return lower..<((k + 1) * setCount / groups)
+        }
+
         func chunk(_ k: Int) -> Range<Int> {
             (k * setsPerChunk)..<min(setCount, (k + 1) * setsPerChunk)
         }
@@ -188,7 +194,7 @@ extension FastNormKernel {
                     var scratch = [Float](
                         repeating: 0, count: elementwise && hasGamma ? 2 * parameterCount : 0)
                     scratch.withUnsafeMutableBufferPointer { sp in
-                        let sets = (k * plan.setCount / chunks)..<((k + 1) * plan.setCount / chunks)
+                        let sets = plan.group(k, of: chunks)
                         for (done, s) in sets.enumerated() {
                             if done % 64 == 63, elementwise, hasGamma, let base = sp.baseAddress,
                                 let dgOut, let dbOut
@@ -239,7 +245,8 @@ extension FastNormKernel {
         let (a, b, c) = gradientCoefficients(
             n: plan.setSize, rstd: rstd, term: t, sumG: sumG, sumGD: sumGD, operation: op,
             constant: constant)
-        rowsSetApplyGradient(x, dy, plan, set: s, shift: shift, a: a, b: b, c: c, gamma: gamma, dx: dx)
+        rowsSetApplyGradient(
+            x, dy, plan, set: s, shift: shift, a: a, b: b, c: c, gamma: gamma, dx: dx)
     }
 
     /// Σg and Σg·(x − s) over set `s` (g = dy·γ), adding dγ = Σ dy·x̂ and dβ = Σ dy into
@@ -317,7 +324,8 @@ extension FastNormKernel {
                     let g = gamma.map { Double($0[p]) } ?? 1
                     Span.gradient(
                         x + base + j * segment, dy + base + j * segment, dx + base + j * segment,
-                        segment, shift: shift, a: Float(a * g), b: Float(b), c: Float(c), gamma: nil)
+                        segment, shift: shift, a: Float(a * g), b: Float(b), c: Float(c), gamma: nil
+                    )
                 }
             }
         }
@@ -347,27 +355,33 @@ extension FastNormKernel {
                             let dgOut = hasGamma ? pg.baseAddress! + k * parameterCount : nil
                             let dbOut = hasGamma ? pb.baseAddress! + k * parameterCount : nil
                             var scratch = [Float](
-                                repeating: 0, count: elementwise && hasGamma ? 2 * parameterCount : 0)
+                                repeating: 0,
+                                count: elementwise && hasGamma ? 2 * parameterCount : 0)
                             scratch.withUnsafeMutableBufferPointer { sp in
-                                let sets = (k * plan.setCount / chunks)..<((k + 1) * plan.setCount / chunks)
+                                let sets = plan.group(k, of: chunks)
                                 for (done, s) in sets.enumerated() {
-                                    if done % 64 == 63, elementwise, hasGamma, let base = sp.baseAddress,
+                                    if done % 64 == 63, elementwise, hasGamma,
+                                        let base = sp.baseAddress,
                                         let dgOut, let dbOut
                                     {
                                         Span.flush(base, into: dgOut, parameterCount)
-                                        Span.flush(base + parameterCount, into: dbOut, parameterCount)
+                                        Span.flush(
+                                            base + parameterCount, into: dbOut, parameterCount)
                                     }
                                     let shift = Float(mean[s])
                                     let t = (Double(shift) - mean[s]) * rstd[s]
                                     let (g, gd) = rowsSetGradientSums(
-                                        x, dy, plan, set: s, shift: shift, rstd: rstd[s], term: t, gamma: gamma,
+                                        x, dy, plan, set: s, shift: shift, rstd: rstd[s], term: t,
+                                        gamma: gamma,
                                         dgamma: dgOut, dbeta: dbOut, scratch: sp.baseAddress,
                                         parameterCount: parameterCount)
                                     sg[s] = g
                                     // Σg·(x − μ) = Σg·(x − s) + (s − μ)·Σg.
                                     sgd[s] = gd + (Double(shift) - mean[s]) * g
                                 }
-                                if elementwise, hasGamma, let base = sp.baseAddress, let dgOut, let dbOut {
+                                if elementwise, hasGamma, let base = sp.baseAddress, let dgOut,
+                                    let dbOut
+                                {
                                     Span.flush(base, into: dgOut, parameterCount)
                                     Span.flush(base + parameterCount, into: dbOut, parameterCount)
                                 }
@@ -389,7 +403,8 @@ extension FastNormKernel {
     /// dx = A·g + B·(x − μ) + C per set over a row geometry.
     static func rowsApplyGradient(
         _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: RowPlan, mean: [Double],
-        a: [Double], b: [Double], c: [Double], gamma: UnsafePointer<Float>?, dx: UnsafeMutablePointer<Float>
+        a: [Double], b: [Double], c: [Double], gamma: UnsafePointer<Float>?,
+        dx: UnsafeMutablePointer<Float>
     ) {
         Parallelism.forEachChunk(plan.chunkCount, work: plan.rows * plan.length) { k in
             for s in plan.chunk(k) {
@@ -397,7 +412,8 @@ extension FastNormKernel {
                 // B·(x − μ) = B·(x − s) + B·(s − μ).
                 let cs = c[s] + b[s] * (Double(shift) - mean[s])
                 rowsSetApplyGradient(
-                    x, dy, plan, set: s, shift: shift, a: a[s], b: b[s], c: cs, gamma: gamma, dx: dx)
+                    x, dy, plan, set: s, shift: shift, a: a[s], b: b[s], c: cs, gamma: gamma, dx: dx
+                )
             }
         }
     }
@@ -408,23 +424,30 @@ extension FastNormKernel {
     ) -> Statistics {
         let sets = plan.setCount
         var statistics = Statistics(
-            mean: [Double](repeating: 0, count: sets), variance: [Double](repeating: 0, count: sets),
-            biasedVariance: [Double](repeating: 0, count: sets), rstd: [Double](repeating: 1, count: sets))
+            mean: [Double](repeating: 0, count: sets),
+            variance: [Double](repeating: 0, count: sets),
+            biasedVariance: [Double](repeating: 0, count: sets),
+            rstd: [Double](repeating: 1, count: sets))
         let inverse = 1 / Double(plan.setSize)
         statistics.mean.withUnsafeMutableBufferPointer { meanOut in
             statistics.variance.withUnsafeMutableBufferPointer { varOut in
                 statistics.biasedVariance.withUnsafeMutableBufferPointer { biasedOut in
                     statistics.rstd.withUnsafeMutableBufferPointer { rstdOut in
-                        Parallelism.forEachChunk(plan.chunkCount, work: plan.rows * plan.length) { k in
+                        Parallelism.forEachChunk(plan.chunkCount, work: plan.rows * plan.length) {
+                            k in
                             for s in plan.chunk(k) {
                                 var shift: Float = op.centers ? x[plan.row(s, 0) * plan.length] : 0
                                 var (s1, s2) = rowSetSums(x, plan, s, shift: shift)
-                                if op.centers && shiftIsFar(n: plan.setSize, inverseCount: inverse, s1: s1, s2: s2) {
+                                if op.centers
+                                    && shiftIsFar(
+                                        n: plan.setSize, inverseCount: inverse, s1: s1, s2: s2)
+                                {
                                     shift = Float(Double(shift) + s1 * inverse)
                                     (s1, s2) = rowSetSums(x, plan, s, shift: shift)
                                 }
                                 let r = finish(
-                                    n: plan.setSize, inverseCount: inverse, shift: shift, s1: s1, s2: s2,
+                                    n: plan.setSize, inverseCount: inverse, shift: shift, s1: s1,
+                                    s2: s2,
                                     operation: op)
                                 meanOut[s] = r.mean
                                 varOut[s] = r.variance

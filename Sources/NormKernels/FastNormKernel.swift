@@ -156,7 +156,9 @@ public enum FastNormKernel {
         public var offsetGradient: [Double]
 
         /// Creates sums from arrays.
-        public init(sumG: [Double], sumGD: [Double], scaleGradient: [Double], offsetGradient: [Double]) {
+        public init(
+            sumG: [Double], sumGD: [Double], scaleGradient: [Double], offsetGradient: [Double]
+        ) {
             self.sumG = sumG
             self.sumGD = sumGD
             self.scaleGradient = scaleGradient

@@ -199,7 +199,8 @@ extension ReferenceNormKernel {
     ) -> FastNormKernel.GradientSums {
         let modulus = parameterIndexing?.modulus ?? 0
         var sums = FastNormKernel.GradientSums(
-            sumG: [Double](repeating: 0, count: setCount), sumGD: [Double](repeating: 0, count: setCount),
+            sumG: [Double](repeating: 0, count: setCount),
+            sumGD: [Double](repeating: 0, count: setCount),
             scaleGradient: [Double](repeating: 0, count: modulus),
             offsetGradient: [Double](repeating: 0, count: modulus))
         for i in 0..<x.count {

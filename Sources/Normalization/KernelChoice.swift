@@ -145,11 +145,13 @@ extension KernelChoice {
         }
         let setIndex = plan.setIndices()
         let m = x.withUnsafeBufferPointer {
-            ReferenceNormKernel.moments($0, setIndex: setIndex, setCount: plan.setCount, operation: op)
+            ReferenceNormKernel.moments(
+                $0, setIndex: setIndex, setCount: plan.setCount, operation: op)
         }
         return FastNormKernel.Statistics(
             mean: m.mean, variance: m.variance, biasedVariance: m.biasedVariance,
-            rstd: ReferenceNormKernel.reciprocalStandardDeviation(variance: m.variance, operation: op))
+            rstd: ReferenceNormKernel.reciprocalStandardDeviation(
+                variance: m.variance, operation: op))
     }
 
     /// Per-set Σg, Σg·(x − μ) and the affine gradients (g = dy·γ, x̂ = (x − μ)·rstd).
@@ -168,7 +170,8 @@ extension KernelChoice {
                             rstd: rstd, scale: sb?.asFloat, parameterCount: indexing?.modulus ?? 0)
                     }
                     return ReferenceNormKernel.gradientSums(
-                        xb, outputGradient: dyb, setIndex: setIndex, setCount: plan.setCount, mean: mean,
+                        xb, outputGradient: dyb, setIndex: setIndex, setCount: plan.setCount,
+                        mean: mean,
                         rstd: rstd, scale: sb, parameterIndexing: indexing)
                 }
             }
@@ -188,11 +191,13 @@ extension KernelChoice {
                 withOptionalBuffers(scale, nil) { sb, _ in
                     if let geometry {
                         FastNormKernel.applyGradient(
-                            xb.asFloat, outputGradient: dyb.asFloat, geometry: geometry, mean: mean, a: a,
+                            xb.asFloat, outputGradient: dyb.asFloat, geometry: geometry, mean: mean,
+                            a: a,
                             b: b, c: c, scale: sb?.asFloat, into: dxb.asFloat)
                     } else {
                         ReferenceNormKernel.applyGradient(
-                            xb, outputGradient: dyb, setIndex: setIndex, mean: mean, a: a, b: b, c: c,
+                            xb, outputGradient: dyb, setIndex: setIndex, mean: mean, a: a, b: b,
+                            c: c,
                             scale: sb, parameterIndexing: indexing, into: dxb)
                     }
                 }

@@ -7,7 +7,7 @@
 ///                    of its face (recursing onto a smaller face when the push leaves the simplex)
 /// ```
 /// As r grows from 0 to 1 the output is driven from dense to one-hot. Guards the reference code
-/// lacks: a point at the centre of its face (distance 0) is returned unpushed instead of dividing
+/// lacks: a point at the centre of its face (distance below 1e-12) is returned unpushed instead of dividing
 /// by zero; the radius of a recursive call is √max(r² − ‖u − u_in‖², 0), never the square root
 /// of a negative number; the one-hot test allows a rounding error of 1e-12.
 ///
@@ -30,7 +30,9 @@ public enum SparsestMax {
     }
 
     /// The output and the Jacobian ∂p/∂v (row i = ∂p_i/∂v) of SparsestMax(v, r).
-    public static func evaluate(_ v: [Double], radius: Double) -> (p: [Double], jacobian: [[Double]]) {
+    public static func evaluate(_ v: [Double], radius: Double) -> (
+        p: [Double], jacobian: [[Double]]
+    ) {
         let k = v.count
         var jacobian = identity(k)
         let p = step(v, radius: radius, centre: nil, jacobian: &jacobian)
@@ -38,7 +40,9 @@ public enum SparsestMax {
     }
 
     /// One level of the recursion; `jacobian` accumulates ∂(current)/∂v.
-    static func step(_ v: [Double], radius: Double, centre uIn: [Double]?, jacobian: inout [[Double]]) -> [Double] {
+    static func step(
+        _ v: [Double], radius: Double, centre uIn: [Double]?, jacobian: inout [[Double]]
+    ) -> [Double] {
         let k = v.count
         let w = sparsemax(v)
         let support = w.map { $0 > 0 ? 1.0 : 0.0 }
@@ -46,7 +50,9 @@ public enum SparsestMax {
         // Sparsemax Jacobian: diag(s) − s sᵀ/|S|.
         var jsm = [[Double]](repeating: [Double](repeating: 0, count: k), count: k)
         for i in 0..<k {
-            for j in 0..<k { jsm[i][j] = (i == j ? support[i] : 0) - support[i] * support[j] / size }
+            for j in 0..<k {
+                jsm[i][j] = (i == j ? support[i] : 0) - support[i] * support[j] / size
+            }
         }
         if (w.max() ?? 0) - (w.min() ?? 0) >= 1 - 1e-12 {
             // One-hot: the output no longer moves with the logits.
@@ -62,7 +68,8 @@ public enum SparsestMax {
         }
         let diff = zip(w, u).map { $0 - $1 }
         let dist = diff.reduce(0) { $0 + $1 * $1 }.squareRoot()
-        if dist >= rr || dist == 0 { return w }
+        // At (or within rounding of) the centre the push has no direction: return unpushed.
+        if dist >= rr || dist < 1e-12 { return w }
         let p = zip(u, diff).map { $0 + rr * $1 / dist }
         // Radial step Jacobian: (rr/dist)·(I − d dᵀ/dist²).
         var jp = [[Double]](repeating: [Double](repeating: 0, count: k), count: k)

@@ -122,13 +122,16 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
         layout: Layout = .channelsFirst
     ) throws(NormError) {
         guard channelCount >= 1 else {
-            throw .invalidHyperparameter(name: "channel count", value: "\(channelCount)", requirement: "must be ≥ 1")
+            throw .invalidHyperparameter(
+                name: "channel count", value: "\(channelCount)", requirement: "must be ≥ 1")
         }
         guard epsilon >= 0, epsilon.isFinite else {
-            throw .invalidHyperparameter(name: "epsilon", value: "\(epsilon)", requirement: "must be finite and ≥ 0")
+            throw .invalidHyperparameter(
+                name: "epsilon", value: "\(epsilon)", requirement: "must be finite and ≥ 0")
         }
         guard radiusSteps >= 1 else {
-            throw .invalidHyperparameter(name: "radius steps", value: "\(radiusSteps)", requirement: "must be ≥ 1")
+            throw .invalidHyperparameter(
+                name: "radius steps", value: "\(radiusSteps)", requirement: "must be ≥ 1")
         }
         try momentum.validate()
         self.channelCount = channelCount
@@ -185,10 +188,15 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
     /// The current importance weights, as data: component names with mean and variance
     /// weights (what the layer has learned to use).
     public var importanceWeights: (components: [String], mean: [Double], variance: [Double]) {
-        (componentNames, weights(meanLogits, fixed: isMeanFixed).w, weights(varianceLogits, fixed: isVarianceFixed).w)
+        (
+            componentNames, weights(meanLogits, fixed: isMeanFixed).w,
+            weights(varianceLogits, fixed: isVarianceFixed).w
+        )
     }
 
-    /// One line per mixture, e.g. `mean: IN 0.21 LN 0.35 BN 0.44`.
+    /// One line per mixture.
+    ///
+    /// For example `mean: IN 0.210 LN 0.350 BN 0.440`.
     public var importanceSummary: String {
         let weights = importanceWeights
         func line(_ label: String, _ w: [Double]) -> String {
@@ -273,14 +281,19 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
     /// Normalizes `x`; in training mode updates the running BN statistics.
     /// - Throws: ``NormError`` for a wrong rank, channel count or parameter shape, or non-finite
     ///   batch statistics (nothing changes then).
-    public func forward(_ x: Tensor<Scalar>, mode: Mode) throws(NormError) -> (output: Tensor<Scalar>, cache: Cache) {
+    public func forward(_ x: Tensor<Scalar>, mode: Mode) throws(NormError) -> (
+        output: Tensor<Scalar>, cache: Cache
+    ) {
         let (plan, n, c, spatial) = try validatedPlan(x)
         let k = usesBatchNorm ? 3 : 2
-        for (label, t) in [("mean_weight", meanLogits), ("var_weight", varianceLogits)] where t.count != k {
+        for (label, t) in [("mean_weight", meanLogits), ("var_weight", varianceLogits)]
+        where t.count != k {
             throw .parameterShapeMismatch(name: label, expected: [k], actual: t.shape)
         }
-        let op = ReferenceNormKernel.Operation(centers: true, scales: true, unbiased: false, epsilon: 0)
-        let moments = kernels.moments(x, plan: plan, operation: op, indexing: indexing(for: x.shape))
+        let op = ReferenceNormKernel.Operation(
+            centers: true, scales: true, unbiased: false, epsilon: 0)
+        let moments = kernels.moments(
+            x, plan: plan, operation: op, indexing: indexing(for: x.shape))
         let muIn = moments.mean
         // Unbiased instance variance; one position gives 0 (the official code gives NaN).
         let correction = spatial > 1 ? Double(spatial) / Double(spatial - 1) : 0
@@ -351,7 +364,8 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
         let parameterIndexing = indexing(for: x.shape)
         y.withUnsafeMutableBufferPointer { yb in
             kernels.forward(
-                x, plan: plan, mean: mu, rstd: rstd, scale: scale, offset: offset, indexing: parameterIndexing,
+                x, plan: plan, mean: mu, rstd: rstd, scale: scale, offset: offset,
+                indexing: parameterIndexing,
                 into: yb)
         }
         // Running statistics (training only, all-or-nothing after every check).
@@ -360,9 +374,11 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
         }
         if mode == .training && weighting == .sparsestMax { freezeOneHotWeights(w, wv) }
         let cache = Cache(
-            input: x, plan: plan, n: n, c: c, spatial: spatial, muIn: muIn, varIn: varIn, mu: mu, rstd: rstd,
+            input: x, plan: plan, n: n, c: c, spatial: spatial, muIn: muIn, varIn: varIn, mu: mu,
+            rstd: rstd,
             muLN: muLN, varLN: varLN, muBN: muBN, varBN: varBN, meanWeights: w, varianceWeights: wv,
-            meanJacobian: jw, varianceJacobian: jwv, batchIsConstant: batchIsConstant || !usesBatchNorm)
+            meanJacobian: jw, varianceJacobian: jwv,
+            batchIsConstant: batchIsConstant || !usesBatchNorm)
         return (y, cache)
     }
 
@@ -423,7 +439,9 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
     /// - Throws: ``NormError/gradientShapeMismatch(expected:actual:)``.
     public func backward(_ dy: Tensor<Scalar>, cache: Cache) throws(NormError) -> Gradients {
         let x = cache.input
-        guard dy.shape == x.shape else { throw .gradientShapeMismatch(expected: x.shape, actual: dy.shape) }
+        guard dy.shape == x.shape else {
+            throw .gradientShapeMismatch(expected: x.shape, actual: dy.shape)
+        }
         let (n, c, spatial) = (cache.n, cache.c, cache.spatial)
         let parameterIndexing = indexing(for: x.shape)
         let sums = kernels.gradientSums(
@@ -505,16 +523,21 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
         var dx = try zeros(x.shape)
         dx.withUnsafeMutableBufferPointer { dxb in
             kernels.applyGradient(
-                x, outputGradient: dy, plan: cache.plan, mean: cache.muIn, a: a, b: b, c: cc, scale: scale,
+                x, outputGradient: dy, plan: cache.plan, mean: cache.muIn, a: a, b: b, c: cc,
+                scale: scale,
                 indexing: parameterIndexing, into: dxb)
         }
         do {
             return Gradients(
                 input: dx, scale: try Tensor(shape: [channelCount], rounding: sums.scaleGradient),
                 offset: try Tensor(shape: [channelCount], rounding: sums.offsetGradient),
-                meanLogits: try Tensor(shape: [w.count], rounding: isMeanFixed ? [Double](repeating: 0, count: w.count) : dMeanLogits),
+                meanLogits: try Tensor(
+                    shape: [w.count],
+                    rounding: isMeanFixed ? [Double](repeating: 0, count: w.count) : dMeanLogits),
                 varianceLogits: try Tensor(
-                    shape: [w.count], rounding: isVarianceFixed ? [Double](repeating: 0, count: w.count) : dVarLogits))
+                    shape: [w.count],
+                    rounding: isVarianceFixed ? [Double](repeating: 0, count: w.count) : dVarLogits)
+            )
         } catch { throw .tensor(error) }
     }
 
@@ -523,7 +546,8 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
     /// Parameters and buffers under the official implementation's `state_dict` names.
     public func state() -> [String: Tensor<Scalar>] {
         var tensors: [String: Tensor<Scalar>] = [
-            "weight": scale, "bias": offset, "mean_weight": meanLogits, "var_weight": varianceLogits,
+            "weight": scale, "bias": offset, "mean_weight": meanLogits,
+            "var_weight": varianceLogits,
             "running_mean": runningMean, "running_var": runningVariance,
         ]
         if weighting == .sparsestMax { tensors["radius"] = Tensor([Scalar(radius)]) }
@@ -541,7 +565,8 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
         ]
         for (key, value) in tensors {
             guard let count = expected[key], value.count == count else {
-                throw .parameterShapeMismatch(name: key, expected: expected[key].map { [$0] } ?? [], actual: value.shape)
+                throw .parameterShapeMismatch(
+                    name: key, expected: expected[key].map { [$0] } ?? [], actual: value.shape)
             }
         }
         func flat(_ t: Tensor<Scalar>) -> Tensor<Scalar> { (try? t.reshaped([t.count])) ?? t }
@@ -558,24 +583,33 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
 
     func validatedPlan(_ x: Tensor<Scalar>) throws(NormError) -> (ReductionPlan, Int, Int, Int) {
         guard x.count > 0 else { throw .emptyTensor(layer: name, shape: x.shape) }
-        guard x.rank >= 2 else { throw .invalidRank(layer: name, expected: "rank ≥ 2 (N, C, …)", shape: x.shape) }
+        guard x.rank >= 2 else {
+            throw .invalidRank(layer: name, expected: "rank ≥ 2 (N, C, …)", shape: x.shape)
+        }
         let axis = layout.channelAxis(rank: x.rank)
         guard x.shape[axis] == channelCount else {
-            throw .channelMismatch(layer: name, expected: channelCount, actual: x.shape[axis], shape: x.shape)
+            throw .channelMismatch(
+                layer: name, expected: channelCount, actual: x.shape[axis], shape: x.shape)
         }
-        for (label, t) in [("weight", scale), ("bias", offset), ("running_mean", runningMean), ("running_var", runningVariance)]
+        for (label, t) in [
+            ("weight", scale), ("bias", offset), ("running_mean", runningMean),
+            ("running_var", runningVariance),
+        ]
         where t.shape != [channelCount] {
             throw .parameterShapeMismatch(name: label, expected: [channelCount], actual: t.shape)
         }
         // Per (sample, channel) over the spatial axes (none for rank 2).
         let spatialAxes = layout.spatialAxes(rank: x.rank)
-        let plan = ReductionPlan(viewShape: x.shape, reduced: (0..<x.rank).map { spatialAxes.contains($0) })
+        let plan = ReductionPlan(
+            viewShape: x.shape, reduced: (0..<x.rank).map { spatialAxes.contains($0) })
         let n = x.shape[0]
         return (plan, n, channelCount, x.count / (n * channelCount))
     }
 
     func indexing(for shape: [Int]) -> ParameterIndexing {
-        ParameterIndexing(divisor: Shape.strides(shape)[layout.channelAxis(rank: shape.count)], modulus: channelCount)
+        ParameterIndexing(
+            divisor: Shape.strides(shape)[layout.channelAxis(rank: shape.count)],
+            modulus: channelCount)
     }
 
     func zeros(_ shape: [Int]) throws(NormError) -> Tensor<Scalar> {

@@ -196,11 +196,14 @@ public struct RawFixture: Sendable, CustomStringConvertible {
     /// The spec (JSON object).
     public let spec: [String: JSONValue]
 
+    /// The case name.
     public var description: String { name }
 
     /// A tensor as the requested type (missing tensors are a test bug).
     public func tensor<T: NormScalar>(_ key: String, as _: T.Type = T.self) -> Tensor<T> {
-        guard let t = try? file.tensor(key, as: T.self) else { fatalError("fixture \(name) lacks \(key)") }
+        guard let t = try? file.tensor(key, as: T.self) else {
+            fatalError("fixture \(name) lacks \(key)")
+        }
         return t
     }
 
@@ -231,10 +234,14 @@ public struct RawFixture: Sendable, CustomStringConvertible {
         let file = try Safetensors.read(contentsOf: path)
         guard let text = file.metadata["spec"], let data = text.data(using: .utf8),
             let json = try JSONSerialization.jsonObject(with: data) as? [String: Any]
-        else { throw FileFormatError.malformedHeader(format: "fixture", reason: "no spec in \(name)") }
+        else {
+            throw FileFormatError.malformedHeader(format: "fixture", reason: "no spec in \(name)")
+        }
         var spec: [String: JSONValue] = [:]
         for (k, v) in json {
-            if let b = v as? Bool, type(of: v) == type(of: true as NSNumber) || "\(type(of: v))".contains("Bool") {
+            if let b = v as? Bool,
+                type(of: v) == type(of: true as NSNumber) || "\(type(of: v))".contains("Bool")
+            {
                 spec[k] = .bool(b)
             } else if let n = v as? NSNumber {
                 spec[k] = .number(n.doubleValue)
