@@ -138,7 +138,70 @@ class BatchRenormRef(torch.nn.Module):
         return xhat * self.weight.reshape(shape) + self.bias.reshape(shape)
 
 
+def generate_ibn(spec, out_dir):
+    """IBN-a as the official module computes it: InstanceNorm2d(h, affine=True) on the first
+    h = int(C * ratio) channels, BatchNorm2d on the rest, concatenated."""
+    g = torch.Generator().manual_seed(spec["seed"])
+    shape = spec["shape"]
+    c = shape[1]
+    h = int(c * spec.get("ratio", 0.5))
+    offset = spec.get("offset", 0.0)
+    scale = 0.05 if offset else 1.0
+    inorm = torch.nn.InstanceNorm1d(h, affine=True)
+    bn = torch.nn.BatchNorm1d(c - h)
+    tensors = {}
+    with torch.no_grad():
+        for prefix, m in (("IN", inorm), ("BN", bn)):
+            m.weight.copy_(f32(1 + 0.5 * torch.randn(m.weight.shape, generator=g)))
+            m.bias.copy_(f32(0.5 * torch.randn(m.bias.shape, generator=g)))
+            tensors[prefix + ".weight"] = m.weight.detach().clone()
+            tensors[prefix + ".bias"] = m.bias.detach().clone()
+        bn.running_mean.copy_(f32(offset + scale * torch.randn(c - h, generator=g)))
+        bn.running_var.copy_(f32(scale * scale * (0.5 + torch.rand(c - h, generator=g))))
+        tensors["BN.running_mean.in"] = bn.running_mean.clone()
+        tensors["BN.running_var.in"] = bn.running_var.clone()
+
+    def run(x):
+        n = x.shape[0]
+        flat = x.reshape(n, c, -1)
+        return torch.cat([inorm(flat[:, :h]), bn(flat[:, h:])], 1).reshape(x.shape)
+
+    store = to_last if spec.get("layout", "nchw") == "nhwc" else (lambda t: t)
+
+    def data():
+        return f32(offset + scale * torch.randn(shape, generator=g))
+
+    inorm.train()
+    bn.train()
+    for k in range(spec.get("steps", 0)):
+        xk = data()
+        with torch.no_grad():
+            run(xk)
+        tensors[f"x.{k}"] = store(xk)
+    x = data().requires_grad_(True)
+    dy = f32(torch.randn(shape, generator=g))
+    if spec.get("mode", "train") == "eval":
+        inorm.eval()
+        bn.eval()
+    y = run(x)
+    (y * dy).sum().backward()
+    tensors.update({"x": store(x.detach()), "dy": store(dy), "y": store(y.detach()), "dx": store(x.grad)})
+    for prefix, m in (("IN", inorm), ("BN", bn)):
+        tensors["d" + prefix + ".weight"] = m.weight.grad.clone()
+        tensors["d" + prefix + ".bias"] = m.bias.grad.clone()
+    tensors["BN.running_mean.out"] = bn.running_mean.clone()
+    tensors["BN.running_var.out"] = bn.running_var.clone()
+    meta = {"generator": "Tools/generate_learned_fixtures.py", "torch": torch.__version__,
+            "command": "python Tools/generate_learned_fixtures.py Tests/Fixtures",
+            "spec": json.dumps(spec, sort_keys=True)}
+    path = os.path.join(out_dir, "ibn", spec["name"] + ".safetensors")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_safetensors(path, {k: v.detach().contiguous() for k, v in tensors.items()}, meta)
+
+
 def generate(spec, out_dir):
+    if spec["layer"] == "ibn":
+        return generate_ibn(spec, out_dir)
     g = torch.Generator().manual_seed(spec["seed"])
     shape = spec["shape"]
     offset = spec.get("offset", 0.0)
@@ -239,6 +302,12 @@ def cases():
     add("batchrenorm", "rank4_eval", shape=[2, 3, 3, 3], steps=3, mode="eval")
     add("batchrenorm", "rank4_steps", shape=[2, 3, 4, 4], steps=3, alpha=0.1)
     add("batchrenorm", "rank4_nhwc", shape=[2, 3, 3, 4], layout="nhwc", steps=1)
+    add("ibn", "rank4_train", shape=[3, 4, 3, 3])
+    add("ibn", "rank4_odd_channels", shape=[2, 5, 3, 4])
+    add("ibn", "rank3_ratio025", shape=[3, 8, 7], ratio=0.25)
+    add("ibn", "rank4_eval", shape=[2, 4, 3, 3], steps=2, mode="eval")
+    add("ibn", "rank4_offset", shape=[3, 4, 3, 3], offset=1000.0)
+    add("ibn", "rank4_nhwc", shape=[2, 6, 3, 3], layout="nhwc", steps=1)
     return out
 
 
