@@ -199,9 +199,71 @@ def generate_ibn(spec, out_dir):
     write_safetensors(path, {k: v.detach().contiguous() for k, v in tensors.items()}, meta)
 
 
+def aggregation_matrices(n, c, kind):
+    """Ubar (N x N) and Vbar (C x C) of the spec's matrix form (section 8) for one kind."""
+    batch, channel = kind.split("/")
+    u = torch.eye(n) if batch == "I" else torch.ones(n, n)
+    if channel == "I":
+        v = torch.eye(c)
+    elif channel == "all":
+        v = torch.ones(c, c)
+    else:
+        g = int(channel[1:])
+        v = torch.kron(torch.eye(g), torch.ones(c // g, c // g))
+    ubar = torch.diag(1 / u.sum(1)) @ u
+    vbar = v @ torch.diag(1 / v.sum(0))
+    return ubar, vbar
+
+
+def generate_metanorm(spec, out_dir):
+    """MetaNorm in the spec's matrix form: mu_k = Ubar M Vbar, var_k = Ubar Q Vbar - mu_k^2,
+    mixed by softmax weights; autograd for every gradient."""
+    g = torch.Generator().manual_seed(spec["seed"])
+    shape = spec["shape"]
+    n, c = shape[0], shape[1]
+    kinds = spec["kinds"]
+    offset = spec.get("offset", 0.0)
+    scale = 0.05 if offset else 1.0
+    weight = f32(1 + 0.5 * torch.randn(c, generator=g)).requires_grad_(True)
+    bias = f32(0.5 * torch.randn(c, generator=g)).requires_grad_(True)
+    mean_weight = f32(1 + torch.randn(len(kinds), generator=g)).requires_grad_(True)
+    var_weight = f32(1 + torch.randn(len(kinds), generator=g)).requires_grad_(True)
+    x = f32(offset + scale * torch.randn(shape, generator=g)).requires_grad_(True)
+    dy = f32(torch.randn(shape, generator=g))
+    flat = x.reshape(n, c, -1)
+    m = flat.mean(-1)
+    q = (flat ** 2).mean(-1)
+    w = torch.softmax(mean_weight, 0)
+    wv = torch.softmax(var_weight, 0)
+    mu = 0
+    var = 0
+    for k, kind in enumerate(kinds):
+        ubar, vbar = aggregation_matrices(n, c, kind)
+        mu_k = ubar @ m @ vbar
+        var_k = ubar @ q @ vbar - mu_k ** 2
+        mu = mu + w[k] * mu_k
+        var = var + wv[k] * var_k
+    y = (flat - mu[..., None]) / torch.sqrt(var[..., None] + 1e-5)
+    y = y * weight[None, :, None] + bias[None, :, None]
+    y = y.reshape(shape)
+    (y * dy).sum().backward()
+    tensors = {"x": x.detach(), "dy": dy, "y": y.detach(), "dx": x.grad, "weight": weight.detach(),
+               "bias": bias.detach(), "mean_weight": mean_weight.detach(), "var_weight": var_weight.detach(),
+               "dweight": weight.grad, "dbias": bias.grad, "dmean_weight": mean_weight.grad,
+               "dvar_weight": var_weight.grad}
+    meta = {"generator": "Tools/generate_learned_fixtures.py", "torch": torch.__version__,
+            "command": "python Tools/generate_learned_fixtures.py Tests/Fixtures",
+            "spec": json.dumps(spec, sort_keys=True)}
+    path = os.path.join(out_dir, "metanorm", spec["name"] + ".safetensors")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_safetensors(path, {k: v.detach().contiguous() for k, v in tensors.items()}, meta)
+
+
 def generate(spec, out_dir):
     if spec["layer"] == "ibn":
         return generate_ibn(spec, out_dir)
+    if spec["layer"] == "metanorm":
+        return generate_metanorm(spec, out_dir)
     g = torch.Generator().manual_seed(spec["seed"])
     shape = spec["shape"]
     offset = spec.get("offset", 0.0)
@@ -308,6 +370,13 @@ def cases():
     add("ibn", "rank4_eval", shape=[2, 4, 3, 3], steps=2, mode="eval")
     add("ibn", "rank4_offset", shape=[3, 4, 3, 3], offset=1000.0)
     add("ibn", "rank4_nhwc", shape=[2, 6, 3, 3], layout="nhwc", steps=1)
+    default = ["I/I", "all/I", "I/all", "I/G2"]
+    add("metanorm", "rank4_default", shape=[3, 4, 3, 3], kinds=default)
+    add("metanorm", "rank3_default", shape=[4, 6, 5], kinds=default)
+    add("metanorm", "rank4_all_kinds", shape=[2, 4, 2, 3], kinds=default + ["all/all", "all/G2", "I/G4"])
+    add("metanorm", "rank4_single_gn", shape=[2, 6, 3, 3], kinds=["I/G3"])
+    add("metanorm", "rank4_offset", shape=[3, 4, 3, 3], kinds=default, offset=1000.0)
+    add("metanorm", "rank5_default", shape=[2, 4, 2, 2, 2], kinds=default)
     return out
 
 

@@ -84,18 +84,23 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
     ///   - limits: r_max and d_max over training.
     /// - Throws: ``NormError/invalidHyperparameter(name:value:requirement:)``.
     public init(
-        channelCount: Int, epsilon: Double = 1e-5, momentum: Momentum = .exponential(weightOfNew: 0.01),
+        channelCount: Int, epsilon: Double = 1e-5,
+        momentum: Momentum = .exponential(weightOfNew: 0.01),
         limits: Limits = .fixed(rMax: 3, dMax: 5), layout: Layout = .channelsFirst
     ) throws(NormError) {
         guard channelCount >= 1 else {
-            throw .invalidHyperparameter(name: "channel count", value: "\(channelCount)", requirement: "must be ≥ 1")
+            throw .invalidHyperparameter(
+                name: "channel count", value: "\(channelCount)", requirement: "must be ≥ 1")
         }
         guard epsilon > 0, epsilon.isFinite else {
-            throw .invalidHyperparameter(name: "epsilon", value: "\(epsilon)", requirement: "must be finite and > 0")
+            throw .invalidHyperparameter(
+                name: "epsilon", value: "\(epsilon)", requirement: "must be finite and > 0")
         }
         try momentum.validate()
         if case .fixed(let r, let d) = limits, !(r >= 1 && d >= 0) {
-            throw .invalidHyperparameter(name: "r_max, d_max", value: "\(r), \(d)", requirement: "need r_max ≥ 1 and d_max ≥ 0")
+            throw .invalidHyperparameter(
+                name: "r_max, d_max", value: "\(r), \(d)",
+                requirement: "need r_max ≥ 1 and d_max ≥ 0")
         }
         self.channelCount = channelCount
         self.epsilon = epsilon
@@ -126,7 +131,9 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
     /// Normalizes `x`; in training mode corrects by r, d and moves the running statistics.
     /// - Throws: ``NormError`` (wrong rank or channels, a single value per channel in training,
     ///   non-finite statistics); nothing changes then.
-    public func forward(_ x: Tensor<Scalar>, mode: Mode) throws(NormError) -> (output: Tensor<Scalar>, cache: Cache) {
+    public func forward(_ x: Tensor<Scalar>, mode: Mode) throws(NormError) -> (
+        output: Tensor<Scalar>, cache: Cache
+    ) {
         let plan = try validatedPlan(x)
         let indexing = parameterIndexing(x.shape)
         let c = channelCount
@@ -134,7 +141,9 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
         var rstd = [Double](repeating: 0, count: c)
         var cache: Cache
         if mode == .training {
-            guard plan.setSize > 1 else { throw .singleValuePerStatistic(layer: "BatchRenorm", shape: x.shape) }
+            guard plan.setSize > 1 else {
+                throw .singleValuePerStatistic(layer: "BatchRenorm", shape: x.shape)
+            }
             let op = ReferenceNormKernel.Operation(centers: true, scales: true, epsilon: epsilon)
             let m = kernels.moments(x, plan: plan, operation: op, indexing: indexing)
             guard m.mean.allSatisfy(\.isFinite), m.biasedVariance.allSatisfy(\.isFinite) else {
@@ -155,7 +164,8 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
                 rstd[j] = r[j] / sigmaB[j]
             }
             cache = Cache(
-                input: x, plan: plan, batchMean: m.mean, batchStandardDeviation: sigmaB, r: r, d: d, isTraining: true)
+                input: x, plan: plan, batchMean: m.mean, batchStandardDeviation: sigmaB, r: r, d: d,
+                isTraining: true)
             // Moving statistics with the pre-update values already used above.
             let f = momentum.weightOfNew(batchesTracked: step + 1)
             var newMean = runningMean.scalars.map(Double.init)
@@ -176,12 +186,15 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
             }
             cache = Cache(
                 input: x, plan: plan, batchMean: mean, batchStandardDeviation: rstd.map { 1 / $0 },
-                r: [Double](repeating: 1, count: c), d: [Double](repeating: 0, count: c), isTraining: false)
+                r: [Double](repeating: 1, count: c), d: [Double](repeating: 0, count: c),
+                isTraining: false)
         }
         var y: Tensor<Scalar>
         do { y = try Tensor(zeros: x.shape) } catch { throw .tensor(error) }
         y.withUnsafeMutableBufferPointer { yb in
-            kernels.forward(x, plan: plan, mean: mean, rstd: rstd, scale: scale, offset: offset, indexing: indexing, into: yb)
+            kernels.forward(
+                x, plan: plan, mean: mean, rstd: rstd, scale: scale, offset: offset,
+                indexing: indexing, into: yb)
         }
         return (y, cache)
     }
@@ -204,12 +217,15 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
     /// - Throws: ``NormError/gradientShapeMismatch(expected:actual:)``.
     public func backward(_ dy: Tensor<Scalar>, cache: Cache) throws(NormError) -> Gradients {
         let x = cache.input
-        guard dy.shape == x.shape else { throw .gradientShapeMismatch(expected: x.shape, actual: dy.shape) }
+        guard dy.shape == x.shape else {
+            throw .gradientShapeMismatch(expected: x.shape, actual: dy.shape)
+        }
         let indexing = parameterIndexing(x.shape)
         let c = channelCount
         let sigma = cache.batchStandardDeviation
         let sums = kernels.gradientSums(
-            x, outputGradient: dy, plan: cache.plan, mean: cache.batchMean, rstd: sigma.map { 1 / $0 }, scale: scale,
+            x, outputGradient: dy, plan: cache.plan, mean: cache.batchMean,
+            rstd: sigma.map { 1 / $0 }, scale: scale,
             indexing: indexing)
         let m = Double(cache.plan.setSize)
         var a = [Double](repeating: 0, count: c)
@@ -233,7 +249,8 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
         do { dx = try Tensor(zeros: x.shape) } catch { throw .tensor(error) }
         dx.withUnsafeMutableBufferPointer { dxb in
             kernels.applyGradient(
-                x, outputGradient: dy, plan: cache.plan, mean: cache.batchMean, a: a, b: b, c: cc, scale: scale,
+                x, outputGradient: dy, plan: cache.plan, mean: cache.batchMean, a: a, b: b, c: cc,
+                scale: scale,
                 indexing: indexing, into: dxb)
         }
         do {
@@ -245,15 +262,21 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
 
     /// Parameters and buffers by name (`weight`, `bias`, `running_mean`, `running_std`).
     public func state() -> [String: Tensor<Scalar>] {
-        ["weight": scale, "bias": offset, "running_mean": runningMean, "running_std": runningStandardDeviation]
+        [
+            "weight": scale, "bias": offset, "running_mean": runningMean,
+            "running_std": runningStandardDeviation,
+        ]
     }
 
     /// Loads parameters and buffers by name.
     /// - Throws: ``NormError/parameterShapeMismatch(name:expected:actual:)``; nothing is loaded then.
     public func load(_ tensors: [String: Tensor<Scalar>], step: Int? = nil) throws(NormError) {
         for (key, value) in tensors {
-            guard ["weight", "bias", "running_mean", "running_std"].contains(key), value.shape == [channelCount] else {
-                throw .parameterShapeMismatch(name: key, expected: [channelCount], actual: value.shape)
+            guard ["weight", "bias", "running_mean", "running_std"].contains(key),
+                value.shape == [channelCount]
+            else {
+                throw .parameterShapeMismatch(
+                    name: key, expected: [channelCount], actual: value.shape)
             }
         }
         if let t = tensors["weight"] { scale = t }
@@ -265,10 +288,13 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
 
     func validatedPlan(_ x: Tensor<Scalar>) throws(NormError) -> ReductionPlan {
         guard x.count > 0 else { throw .emptyTensor(layer: "BatchRenorm", shape: x.shape) }
-        guard x.rank >= 2 else { throw .invalidRank(layer: "BatchRenorm", expected: "rank ≥ 2 (N, C, …)", shape: x.shape) }
+        guard x.rank >= 2 else {
+            throw .invalidRank(layer: "BatchRenorm", expected: "rank ≥ 2 (N, C, …)", shape: x.shape)
+        }
         let axis = layout.channelAxis(rank: x.rank)
         guard x.shape[axis] == channelCount else {
-            throw .channelMismatch(layer: "BatchRenorm", expected: channelCount, actual: x.shape[axis], shape: x.shape)
+            throw .channelMismatch(
+                layer: "BatchRenorm", expected: channelCount, actual: x.shape[axis], shape: x.shape)
         }
         for (label, t) in state() where t.shape != [channelCount] {
             throw .parameterShapeMismatch(name: label, expected: [channelCount], actual: t.shape)
@@ -277,7 +303,9 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
     }
 
     func parameterIndexing(_ shape: [Int]) -> ParameterIndexing {
-        ParameterIndexing(divisor: Shape.strides(shape)[layout.channelAxis(rank: shape.count)], modulus: channelCount)
+        ParameterIndexing(
+            divisor: Shape.strides(shape)[layout.channelAxis(rank: shape.count)],
+            modulus: channelCount)
     }
 
     /// One line with the configuration.

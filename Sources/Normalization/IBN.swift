@@ -36,7 +36,10 @@ public final class IBN<Scalar: NormScalar>: CustomStringConvertible {
     /// - Parameter ratio: the share of channels that get instance normalization (0.5).
     /// - Throws: ``NormError/invalidHyperparameter(name:value:requirement:)`` when either part
     ///   would have no channels.
-    public init(channelCount: Int, ratio: Double = 0.5, epsilon: Double = 1e-5, layout: Layout = .channelsFirst)
+    public init(
+        channelCount: Int, ratio: Double = 0.5, epsilon: Double = 1e-5,
+        layout: Layout = .channelsFirst
+    )
         throws(NormError)
     {
         let h = Int(Double(channelCount) * ratio)
@@ -53,7 +56,9 @@ public final class IBN<Scalar: NormScalar>: CustomStringConvertible {
     }
 
     /// IBN-b's normalizer: ``InstanceNorm`` with affine parameters, for after the residual add.
-    public static func instanceAfterResidual(channelCount: Int, epsilon: Double = 1e-5, layout: Layout = .channelsFirst)
+    public static func instanceAfterResidual(
+        channelCount: Int, epsilon: Double = 1e-5, layout: Layout = .channelsFirst
+    )
         throws(NormError) -> InstanceNorm<Scalar>
     {
         try InstanceNorm(featureCount: channelCount, epsilon: epsilon, affine: true, layout: layout)
@@ -77,13 +82,16 @@ public final class IBN<Scalar: NormScalar>: CustomStringConvertible {
 
     /// Normalizes both parts of `x`.
     /// - Throws: ``NormError`` for a wrong rank or channel count, or what either part throws.
-    public func forward(_ x: Tensor<Scalar>, mode: Mode) throws(NormError) -> (output: Tensor<Scalar>, cache: Cache) {
+    public func forward(_ x: Tensor<Scalar>, mode: Mode) throws(NormError) -> (
+        output: Tensor<Scalar>, cache: Cache
+    ) {
         guard x.rank >= 3 else {
             throw .invalidRank(layer: "IBN", expected: "rank ≥ 3 (N, C, spatial…)", shape: x.shape)
         }
         let axis = layout.channelAxis(rank: x.rank)
         guard x.shape[axis] == channelCount else {
-            throw .channelMismatch(layer: "IBN", expected: channelCount, actual: x.shape[axis], shape: x.shape)
+            throw .channelMismatch(
+                layer: "IBN", expected: channelCount, actual: x.shape[axis], shape: x.shape)
         }
         let (a, b) = try ChannelSplit.split(x, at: instanceChannels, axis: axis)
         // Run the part that cannot change state first: if BatchNorm then throws, nothing changed.
@@ -102,7 +110,9 @@ public final class IBN<Scalar: NormScalar>: CustomStringConvertible {
         let (a, b) = try ChannelSplit.split(dy, at: instanceChannels, axis: axis)
         let ga = try instance.backward(a, cache: cache.instance)
         let gb = try batch.backward(b, cache: cache.batch)
-        return Gradients(input: try ChannelSplit.concatenate(ga.input, gb.input, axis: axis), instance: ga, batch: gb)
+        return Gradients(
+            input: try ChannelSplit.concatenate(ga.input, gb.input, axis: axis), instance: ga,
+            batch: gb)
     }
 
     /// Parameters and buffers under the official names (`IN.weight`, `BN.running_mean`, …).
@@ -116,7 +126,9 @@ public final class IBN<Scalar: NormScalar>: CustomStringConvertible {
 
     /// Loads parameters and buffers by their official names.
     /// - Throws: ``NormError/parameterShapeMismatch(name:expected:actual:)``; nothing is loaded then.
-    public func load(_ tensors: [String: Tensor<Scalar>], batchesTracked: Int? = nil) throws(NormError) {
+    public func load(_ tensors: [String: Tensor<Scalar>], batchesTracked: Int? = nil)
+        throws(NormError)
+    {
         var a: [String: Tensor<Scalar>] = [:]
         var b: [String: Tensor<Scalar>] = [:]
         for (key, value) in tensors {
@@ -145,7 +157,9 @@ public final class IBN<Scalar: NormScalar>: CustomStringConvertible {
 
 /// Splitting and joining tensors along the channel axis (any rank, either layout).
 enum ChannelSplit {
-    static func split<S: NormScalar>(_ x: Tensor<S>, at h: Int, axis: Int) throws(NormError) -> (Tensor<S>, Tensor<S>) {
+    static func split<S: NormScalar>(_ x: Tensor<S>, at h: Int, axis: Int) throws(NormError) -> (
+        Tensor<S>, Tensor<S>
+    ) {
         let c = x.shape[axis]
         let outer = x.shape[..<axis].reduce(1, *)
         let inner = x.shape[(axis + 1)...].reduce(1, *)
@@ -164,12 +178,19 @@ enum ChannelSplit {
         var shapeB = x.shape
         shapeA[axis] = h
         shapeB[axis] = c - h
-        do { return (try Tensor(shape: shapeA, scalars: first), try Tensor(shape: shapeB, scalars: second)) } catch {
+        do {
+            return (
+                try Tensor(shape: shapeA, scalars: first),
+                try Tensor(shape: shapeB, scalars: second)
+            )
+        } catch {
             throw .tensor(error)
         }
     }
 
-    static func concatenate<S: NormScalar>(_ a: Tensor<S>, _ b: Tensor<S>, axis: Int) throws(NormError) -> Tensor<S> {
+    static func concatenate<S: NormScalar>(_ a: Tensor<S>, _ b: Tensor<S>, axis: Int)
+        throws(NormError) -> Tensor<S>
+    {
         let ha = a.shape[axis]
         let hb = b.shape[axis]
         let outer = a.shape[..<axis].reduce(1, *)

@@ -14,18 +14,22 @@ struct BatchRenormTests {
         let layer = try BatchRenorm<T>(
             channelCount: x.shape[layout.channelAxis(rank: x.rank)],
             momentum: .exponential(weightOfNew: f.number("alpha") ?? 0.01),
-            limits: .fixed(rMax: f.number("rmax") ?? 3, dMax: f.number("dmax") ?? 5), layout: layout)
+            limits: .fixed(rMax: f.number("rmax") ?? 3, dMax: f.number("dmax") ?? 5), layout: layout
+        )
         try layer.load([
-            "weight": f.tensor("weight"), "bias": f.tensor("bias"), "running_mean": f.tensor("running_mean.in"),
+            "weight": f.tensor("weight"), "bias": f.tensor("bias"),
+            "running_mean": f.tensor("running_mean.in"),
             "running_std": f.tensor("running_std.in"),
         ])
         for k in 0..<Int(f.number("steps") ?? 0) {
             _ = try layer.forward(f.tensor("x.\(k)", as: T.self), mode: .training)
         }
-        let (y, cache) = try layer.forward(x, mode: f.string("mode") == "eval" ? .inference : .training)
+        let (y, cache) = try layer.forward(
+            x, mode: f.string("mode") == "eval" ? .inference : .training)
         let g = try layer.backward(f.tensor("dy"), cache: cache)
         for (label, actual, key) in [
-            ("y", y, "y"), ("dx", g.input, "dx"), ("dweight", g.scale, "dweight"), ("dbias", g.offset, "dbias"),
+            ("y", y, "y"), ("dx", g.input, "dx"), ("dweight", g.scale, "dweight"),
+            ("dbias", g.offset, "dbias"),
             ("running_mean", layer.runningMean, "running_mean.out"),
             ("running_std", layer.runningStandardDeviation, "running_std.out"),
         ] {
@@ -47,10 +51,13 @@ struct BatchRenormTests {
 
     @Test func gradientsMatchFiniteDifferencesWithRAndDConstant() throws {
         var g = SeededGenerator(seed: 3)
-        let x = try Tensor<Double>.randomNormal(shape: [4, 3, 5], mean: 1, standardDeviation: 2, using: &g)
+        let x = try Tensor<Double>.randomNormal(
+            shape: [4, 3, 5], mean: 1, standardDeviation: 2, using: &g)
         let dy = try Tensor<Double>.randomNormal(shape: [4, 3, 5], using: &g)
         let layer = try BatchRenorm<Double>(channelCount: 3, limits: .fixed(rMax: 1.5, dMax: 0.5))
-        try layer.load(["running_mean": Tensor([0.5, 1.5, 1]), "running_std": Tensor([1.5, 2.5, 2])])
+        try layer.load([
+            "running_mean": Tensor([0.5, 1.5, 1]), "running_std": Tensor([1.5, 2.5, 2]),
+        ])
         let saved = layer.state()
         let (_, cache) = try layer.forward(x, mode: .training)
         let analytic = try layer.backward(dy, cache: cache)
@@ -70,7 +77,8 @@ struct BatchRenormTests {
                 var values: [Double] = []
                 for n in 0..<4 { for s in 0..<5 { values.append(input[n, c, s]) } }
                 let mu = values.reduce(0, +) / 20
-                let sigma = (values.map { ($0 - mu) * ($0 - mu) }.reduce(0, +) / 20 + 1e-5).squareRoot()
+                let sigma = (values.map { ($0 - mu) * ($0 - mu) }.reduce(0, +) / 20 + 1e-5)
+                    .squareRoot()
                 for n in 0..<4 {
                     for s in 0..<5 {
                         total += ((input[n, c, s] - mu) / sigma * r0[c] + d0[c]) * dy[n, c, s]
@@ -119,7 +127,9 @@ struct BatchRenormTests {
         #expect(throws: NormError.singleValuePerStatistic(layer: "BatchRenorm", shape: [1, 2])) {
             _ = try brn.forward(try Tensor(zeros: [1, 2]), mode: .training)
         }
-        #expect(throws: NormError.self) { _ = try BatchRenorm<Double>(channelCount: 2, limits: .fixed(rMax: 0.5, dMax: 1)) }
+        #expect(throws: NormError.self) {
+            _ = try BatchRenorm<Double>(channelCount: 2, limits: .fixed(rMax: 0.5, dMax: 1))
+        }
         #expect(brn.state() == before && brn.step == 0)
     }
 }
