@@ -14,7 +14,7 @@ struct ApplyCommand: ParsableCommand {
             or zeros, a missing running buffer PyTorch's initial value.
             """)
 
-    @Argument(help: "The layer: \(StandardLayer.allCases.map(\.rawValue).joined(separator: ", ")).")
+    @Argument(help: "The layer: \(ApplyRequest.layerNames.joined(separator: ", ")).")
     var layer: String
 
     @Option(help: "Input tensor (.npy, float32 or float64).")
@@ -54,6 +54,27 @@ struct ApplyCommand: ParsableCommand {
         help: "Track running statistics: true or false (default: PyTorch's default for the layer).")
     var trackRunningStats: Bool?
 
+    @Option(help: "switchnorm, sparseswitchnorm: include batch statistics (default: from mean_weight's size, else true).")
+    var usingBn: Bool?
+
+    @Option(help: "switchnorm, sparseswitchnorm: moving average (true, default) or batch average.")
+    var movingAverage: Bool = true
+
+    @Option(help: "sparseswitchnorm: the SparsestMax radius (default: the params' radius, else 0).")
+    var radius: Double?
+
+    @Option(help: "ibn: share of channels with instance normalization.")
+    var ratio: Double = 0.5
+
+    @Option(help: "metanorm: aggregations, e.g. in,bn,ln,gn2,whole,bgn2.")
+    var aggregations: String = "in,bn,ln,gn2"
+
+    @Option(help: "batchrenorm: r_max.")
+    var rmax: Double = 3
+
+    @Option(help: "batchrenorm: d_max.")
+    var dmax: Double = 5
+
     @Option(help: "Output gradient dL/dy (.npy); needs --grad-input.")
     var gradOutput: String?
 
@@ -67,9 +88,9 @@ struct ApplyCommand: ParsableCommand {
     var updatedParams: String?
 
     func validate() throws {
-        guard StandardLayer(rawValue: layer) != nil else {
+        guard ApplyRequest.layerNames.contains(layer) else {
             throw ValidationError(
-                "unknown layer '\(layer)'; expected one of: \(StandardLayer.allCases.map(\.rawValue).joined(separator: ", "))"
+                "unknown layer '\(layer)'; expected one of: \(ApplyRequest.layerNames.joined(separator: ", "))"
             )
         }
         guard Layout(rawValue: layout.lowercased()) != nil else {
@@ -96,8 +117,8 @@ struct ApplyCommand: ParsableCommand {
     }
 
     func run() throws {
-        let request = ApplyRequest(
-            layer: StandardLayer(rawValue: layer)!, input: input, output: output, params: params,
+        var request = ApplyRequest(
+            layer: layer, input: input, output: output, params: params,
             mode: eval ? .inference : .training,
             options: {
                 var o = LayerOptions()
@@ -112,6 +133,9 @@ struct ApplyCommand: ParsableCommand {
             }(),
             gradOutput: gradOutput, gradInput: gradInput, gradParams: gradParams,
             updatedParams: updatedParams)
+        request.learned = LearnedOptions(
+            momentum: momentum.flatMap(Double.init), usesBatchNorm: usingBn, movingAverage: movingAverage,
+            radius: radius, ratio: ratio, aggregations: aggregations, rMax: rmax, dMax: dmax)
         try request.run()
     }
 }
@@ -119,7 +143,12 @@ struct ApplyCommand: ParsableCommand {
 /// Everything `normkit apply` does, separate from argument parsing.
 public struct ApplyRequest: Sendable {
     /// The layer.
-    public var layer: StandardLayer
+    public var layer: String
+    /// Options of the learned normalizers.
+    public var learned = LearnedOptions()
+
+    /// Every layer name `apply` accepts.
+    public static let layerNames = StandardLayer.allCases.map(\.rawValue) + LearnedLayerName.allCases.map(\.rawValue)
     /// Paths.
     public var input: String
     /// Output path.
@@ -151,8 +180,11 @@ public struct ApplyRequest: Sendable {
     }
 
     private func compute<T: NormScalar>(_ x: Tensor<T>, state: Safetensors.File?) throws {
+        guard let standard = StandardLayer(rawValue: self.layer) else {
+            return try computeLearned(x, state: state)
+        }
         let names = Set(state?.tensors.keys.map { $0 } ?? [])
-        let layer = try self.layer.make(
+        let layer = try standard.make(
             inputShape: x.shape, options: options, parameterNames: names, as: T.self)
         if let state {
             var tensors: [String: Tensor<T>] = [:]

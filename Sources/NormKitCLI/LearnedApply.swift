@@ -1,0 +1,226 @@
+import NormKit
+
+/// The learned and composite normalizers `normkit apply` runs, with their official checkpoint
+/// names.
+public enum LearnedLayerName: String, CaseIterable, Sendable {
+    /// ``SwitchableNorm`` with softmax (`weight`, `bias`, `mean_weight`, `var_weight`,
+    /// `running_mean`, `running_var`).
+    case switchnorm
+    /// ``SwitchableNorm`` with SparsestMax (the same names, plus `radius`).
+    case sparseswitchnorm
+    /// ``MetaNorm`` (`weight`, `bias`, `mean_weight`, `var_weight`).
+    case metanorm
+    /// ``IBN`` (`IN.weight`, `IN.bias`, `BN.weight`, `BN.bias`, `BN.running_mean`,
+    /// `BN.running_var`, `BN.num_batches_tracked`).
+    case ibn
+    /// ``BatchRenorm`` (`weight`, `bias`, `running_mean`, `running_std`, `num_batches_tracked`).
+    case batchrenorm
+}
+
+/// Options of the learned normalizers on the command line.
+public struct LearnedOptions: Sendable {
+    /// switchnorm: the keep value (default 0.9 for rank 4, 0.997 otherwise, as the official
+    /// SwitchNorm2d/1d/3d); batchrenorm: α, the weight of the new batch (default 0.01).
+    public var momentum: Double?
+    /// switchnorm: three components or IN and LN only.
+    public var usesBatchNorm: Bool?
+    /// switchnorm: moving or batch average.
+    public var movingAverage = true
+    /// sparseswitchnorm: radius.
+    public var radius: Double?
+    /// ibn: ratio.
+    public var ratio = 0.5
+    /// metanorm: the aggregations.
+    public var aggregations = "in,bn,ln,gn2"
+    /// batchrenorm: r_max, d_max.
+    public var rMax = 3.0
+    /// batchrenorm: d_max.
+    public var dMax = 5.0
+
+    /// Defaults.
+    public init(
+        momentum: Double? = nil, usesBatchNorm: Bool? = nil, movingAverage: Bool = true, radius: Double? = nil,
+        ratio: Double = 0.5, aggregations: String = "in,bn,ln,gn2", rMax: Double = 3, dMax: Double = 5
+    ) {
+        self.momentum = momentum
+        self.usesBatchNorm = usesBatchNorm
+        self.movingAverage = movingAverage
+        self.radius = radius
+        self.ratio = ratio
+        self.aggregations = aggregations
+        self.rMax = rMax
+        self.dMax = dMax
+    }
+
+    /// Parses `in,bn,ln,gn2,whole,bgn2`.
+    func parsedAggregations() throws -> [StatisticsAggregation] {
+        try aggregations.split(separator: ",").map { raw in
+            let item = raw.trimmingCharacters(in: .whitespaces).lowercased()
+            switch item {
+            case "in": return .instance
+            case "bn": return .batchNorm
+            case "ln": return .layer
+            case "whole": return StatisticsAggregation(batch: .all, channel: .all)
+            default:
+                if item.hasPrefix("gn"), let g = Int(item.dropFirst(2)) { return .group(g) }
+                if item.hasPrefix("bgn"), let g = Int(item.dropFirst(3)) {
+                    return StatisticsAggregation(batch: .all, channel: .groups(g))
+                }
+                throw NormError.invalidHyperparameter(
+                    name: "--aggregations", value: item, requirement: "use in, bn, ln, gnG, whole or bgnG")
+            }
+        }
+    }
+}
+
+/// One learned layer behind a uniform interface for `apply`.
+struct LearnedAdapter<T: NormScalar> {
+    var load: ([String: Tensor<T>], Int?) throws -> Void
+    var forward: (Tensor<T>, Mode) throws -> Tensor<T>
+    /// dL/dx and the parameter gradients by checkpoint name, for the last forward.
+    var backward: (Tensor<T>) throws -> (Tensor<T>, [String: Tensor<T>])
+    var state: () -> ([String: Tensor<T>], Int?)
+}
+
+extension ApplyRequest {
+    func computeLearned<T: NormScalar>(_ x: Tensor<T>, state: Safetensors.File?) throws {
+        guard let name = LearnedLayerName(rawValue: layer) else {
+            throw NormError.invalidHyperparameter(name: "layer", value: layer, requirement: "unknown layer")
+        }
+        var tensors: [String: Tensor<T>] = [:]
+        var counter: Int?
+        for (key, array) in state?.tensors ?? [:] {
+            if key.hasSuffix("num_batches_tracked") {
+                guard case .int64(_, let values) = array, values.count == 1 else {
+                    throw NormError.parameterShapeMismatch(name: key, expected: [], actual: array.shape)
+                }
+                counter = Int(values[0])
+                continue
+            }
+            if case .int64 = array { throw FileFormatError.wrongDType(name: key, expected: T.dtypeName, actual: "int64") }
+            tensors[key] = array.tensor(as: T.self)
+        }
+        let adapter = try makeAdapter(name, x: x, parameters: tensors, as: T.self)
+        try adapter.load(tensors, counter)
+        let y = try adapter.forward(x, mode)
+        var gradients: (Tensor<T>, [String: Tensor<T>])?
+        if let gradOutput {
+            gradients = try adapter.backward(try Numpy.read(contentsOf: gradOutput).tensor(as: T.self))
+        }
+        // Every computation succeeded: now write the outputs.
+        try Numpy.write(y, to: output)
+        if let gradients {
+            if let gradInput { try Numpy.write(gradients.0, to: gradInput) }
+            if let gradParams {
+                var file = Safetensors.File()
+                for (k, v) in gradients.1 { file.tensors[k] = .init(v) }
+                try Safetensors.write(file, to: gradParams)
+            }
+        }
+        if let updatedParams {
+            let (tensors, counter) = adapter.state()
+            var file = Safetensors.File()
+            for (k, v) in tensors { file.tensors[k] = .init(v) }
+            if let counter {
+                let key = name == .ibn ? "BN.num_batches_tracked" : "num_batches_tracked"
+                file.tensors[key] = .int64(shape: [], values: [Int64(counter)])
+            }
+            try Safetensors.write(file, to: updatedParams)
+        }
+    }
+
+    func makeAdapter<T: NormScalar>(
+        _ name: LearnedLayerName, x: Tensor<T>, parameters: [String: Tensor<T>], as _: T.Type
+    ) throws -> LearnedAdapter<T> {
+        guard x.rank >= 2 else {
+            throw NormError.invalidRank(layer: name.rawValue, expected: "rank ≥ 2 (N, C, …)", shape: x.shape)
+        }
+        let layout = options.layout
+        let channels = x.shape[layout.channelAxis(rank: x.rank)]
+        let eps = options.epsilon ?? 1e-5
+        switch name {
+        case .switchnorm, .sparseswitchnorm:
+            let usesBN = learned.usesBatchNorm ?? (parameters["mean_weight"].map { $0.count != 2 } ?? true)
+            let keep = learned.momentum ?? (x.rank == 4 ? 0.9 : 0.997)
+            let layer = try SwitchableNorm<T>(
+                channelCount: channels, epsilon: eps, momentum: .keep(keep), usesBatchNorm: usesBN,
+                runningEstimate: learned.movingAverage ? .movingAverage : .batchAverage,
+                weighting: name == .switchnorm ? .softmax : .sparsestMax, layout: layout)
+            var cache: SwitchableNorm<T>.Cache?
+            return LearnedAdapter(
+                load: { tensors, _ in
+                    try layer.load(tensors)
+                    if let radius = learned.radius { layer.radius = radius }
+                },
+                forward: { input, mode in
+                    let (y, c) = try layer.forward(input, mode: mode)
+                    cache = c
+                    return y
+                },
+                backward: { dy in
+                    let g = try layer.backward(dy, cache: cache!)
+                    return (
+                        g.input,
+                        ["weight": g.scale, "bias": g.offset, "mean_weight": g.meanLogits, "var_weight": g.varianceLogits]
+                    )
+                },
+                state: { (layer.state(), nil) })
+        case .metanorm:
+            let layer = try MetaNorm<T>(
+                channelCount: channels, aggregations: try learned.parsedAggregations(), epsilon: eps, layout: layout)
+            var cache: MetaNorm<T>.Cache?
+            return LearnedAdapter(
+                load: { tensors, _ in try layer.load(tensors) },
+                forward: { input, mode in
+                    let (y, c) = try layer.forward(input, mode: mode)
+                    cache = c
+                    return y
+                },
+                backward: { dy in
+                    let g = try layer.backward(dy, cache: cache!)
+                    return (
+                        g.input,
+                        ["weight": g.scale, "bias": g.offset, "mean_weight": g.meanLogits, "var_weight": g.varianceLogits]
+                    )
+                },
+                state: { (layer.state(), nil) })
+        case .ibn:
+            let layer = try IBN<T>(channelCount: channels, ratio: learned.ratio, epsilon: eps, layout: layout)
+            var cache: IBN<T>.Cache?
+            return LearnedAdapter(
+                load: { tensors, counter in try layer.load(tensors, batchesTracked: counter) },
+                forward: { input, mode in
+                    let (y, c) = try layer.forward(input, mode: mode)
+                    cache = c
+                    return y
+                },
+                backward: { dy in
+                    let g = try layer.backward(dy, cache: cache!)
+                    var grads: [String: Tensor<T>] = [:]
+                    if let t = g.instance.scale { grads["IN.weight"] = t }
+                    if let t = g.instance.offset { grads["IN.bias"] = t }
+                    if let t = g.batch.scale { grads["BN.weight"] = t }
+                    if let t = g.batch.offset { grads["BN.bias"] = t }
+                    return (g.input, grads)
+                },
+                state: { layer.state() })
+        case .batchrenorm:
+            let layer = try BatchRenorm<T>(
+                channelCount: channels, epsilon: eps, momentum: .exponential(weightOfNew: learned.momentum ?? 0.01),
+                limits: .fixed(rMax: learned.rMax, dMax: learned.dMax), layout: layout)
+            var cache: BatchRenorm<T>.Cache?
+            return LearnedAdapter(
+                load: { tensors, counter in try layer.load(tensors, step: counter) },
+                forward: { input, mode in
+                    let (y, c) = try layer.forward(input, mode: mode)
+                    cache = c
+                    return y
+                },
+                backward: { dy in
+                    let g = try layer.backward(dy, cache: cache!)
+                    return (g.input, ["weight": g.scale, "bias": g.offset])
+                },
+                state: { (layer.state(), layer.step) })
+        }
+    }
+}

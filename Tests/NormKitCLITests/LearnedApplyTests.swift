@@ -1,0 +1,108 @@
+import Foundation
+import NormKit
+import NormTestSupport
+import Testing
+
+@testable import NormKitCLI
+
+/// `normkit apply` for the learned normalizers, end to end in float64, against the fixtures.
+@Suite("normkit apply, learned normalizers")
+struct LearnedApplyTests {
+    struct Case: Sendable, CustomStringConvertible {
+        var fixture: String
+        var flags: [String]
+        /// fixture key → file key for the initial parameters.
+        var parameters: [String: String]
+        /// gradient file key → fixture key.
+        var gradients: [String: String]
+        var description: String { fixture }
+    }
+
+    static let snParameters = [
+        "weight": "weight", "bias": "bias", "mean_weight": "mean_weight", "var_weight": "var_weight",
+        "running_mean.in": "running_mean", "running_var.in": "running_var",
+    ]
+    static let snGradients = [
+        "weight": "dweight", "bias": "dbias", "mean_weight": "dmean_weight", "var_weight": "dvar_weight",
+    ]
+
+    static let cases: [Case] = [
+        Case(fixture: "switchnorm/rank4_eval", flags: ["switchnorm"], parameters: snParameters, gradients: snGradients),
+        Case(
+            fixture: "switchnorm/rank3_keep0997", flags: ["switchnorm", "--momentum", "0.997"],
+            parameters: snParameters, gradients: snGradients),
+        Case(
+            fixture: "sparseswitchnorm/rank4_radius0.6", flags: ["sparseswitchnorm", "--radius", "0.6"],
+            parameters: snParameters, gradients: snGradients),
+        Case(
+            fixture: "metanorm/rank4_default", flags: ["metanorm", "--aggregations", "in,bn,ln,gn2"],
+            parameters: ["weight": "weight", "bias": "bias", "mean_weight": "mean_weight", "var_weight": "var_weight"],
+            gradients: snGradients),
+        Case(
+            fixture: "ibn/rank4_eval", flags: ["ibn"],
+            parameters: [
+                "IN.weight": "IN.weight", "IN.bias": "IN.bias", "BN.weight": "BN.weight", "BN.bias": "BN.bias",
+                "BN.running_mean.in": "BN.running_mean", "BN.running_var.in": "BN.running_var",
+            ],
+            gradients: ["IN.weight": "dIN.weight", "IN.bias": "dIN.bias", "BN.weight": "dBN.weight", "BN.bias": "dBN.bias"]),
+        Case(
+            fixture: "batchrenorm/rank4_steps", flags: ["batchrenorm", "--momentum", "0.1"],
+            parameters: [
+                "weight": "weight", "bias": "bias", "running_mean.in": "running_mean", "running_std.in": "running_std",
+            ], gradients: ["weight": "dweight", "bias": "dbias"]),
+    ]
+
+    @Test(arguments: cases)
+    func applyMatchesTheFixtures(_ c: Case) throws {
+        let f = try RawFixture.load(c.fixture)
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("normkit-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+        var params = Safetensors.File()
+        for (fixtureKey, fileKey) in c.parameters { params.tensors[fileKey] = f.file.tensors[fixtureKey] }
+        try Safetensors.write(params, to: path("p.safetensors"))
+        let steps = Int(f.number("steps") ?? 0)
+        var layoutFlags: [String] = []
+        if f.string("layout") == "nhwc" { layoutFlags = ["--layout", "nhwc"] }
+        for step in 0...steps {
+            let last = step == steps
+            try Numpy.write(f.tensor(last ? "x" : "x.\(step)", as: Double.self), to: path("x.npy"))
+            var args = ["apply"] + c.flags + layoutFlags + [
+                "--input", path("x.npy"), "--output", path("y.npy"), "--params", path("p.safetensors"),
+                "--updated-params", path("p.safetensors"),
+            ]
+            if last {
+                try Numpy.write(f.tensor("dy", as: Double.self), to: path("dy.npy"))
+                args += ["--grad-output", path("dy.npy"), "--grad-input", path("dx.npy"), "--grad-params", path("g.safetensors")]
+                if f.string("mode") == "eval" { args.append("--eval") }
+            }
+            var command = try NormKitCommand.parseAsRoot(args)
+            try command.run()
+        }
+        func expectClose(_ array: StoredArray?, _ key: String) {
+            guard case .float64(let t)? = array else {
+                Issue.record("\(c) \(key): missing or not float64")
+                return
+            }
+            let comparison = Comparison(t.scalars, (f.tensor(key) as Tensor<Double>).scalars)
+            #expect(comparison.relative < 1e-9, "\(c) \(key): \(comparison)")
+        }
+        expectClose(try Numpy.read(contentsOf: path("y.npy")), "y")
+        expectClose(try Numpy.read(contentsOf: path("dx.npy")), "dx")
+        let grads = try Safetensors.read(contentsOf: path("g.safetensors"))
+        for (fileKey, fixtureKey) in c.gradients { expectClose(grads.tensors[fileKey], fixtureKey) }
+    }
+
+    @Test func unknownAggregationsAreRefused() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("normkit-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let x = dir.appendingPathComponent("x.npy").path
+        try Numpy.write(try Tensor<Double>(zeros: [2, 4, 3]), to: x)
+        var command = try NormKitCommand.parseAsRoot([
+            "apply", "metanorm", "--aggregations", "in,xx", "--input", x, "--output", x + ".out",
+        ])
+        #expect(throws: NormError.self) { try command.run() }
+    }
+}
