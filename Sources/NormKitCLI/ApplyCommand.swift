@@ -54,7 +54,10 @@ struct ApplyCommand: ParsableCommand {
         help: "Track running statistics: true or false (default: PyTorch's default for the layer).")
     var trackRunningStats: Bool?
 
-    @Option(help: "switchnorm, sparseswitchnorm: include batch statistics (default: from mean_weight's size, else true).")
+    @Option(
+        help:
+            "switchnorm, sparseswitchnorm: include batch statistics (default: from mean_weight's size, else true)."
+    )
     var usingBn: Bool?
 
     @Option(help: "switchnorm, sparseswitchnorm: moving average (true, default) or batch average.")
@@ -134,7 +137,8 @@ struct ApplyCommand: ParsableCommand {
             gradOutput: gradOutput, gradInput: gradInput, gradParams: gradParams,
             updatedParams: updatedParams)
         request.learned = LearnedOptions(
-            momentum: momentum.flatMap(Double.init), usesBatchNorm: usingBn, movingAverage: movingAverage,
+            momentum: momentum.flatMap(Double.init), usesBatchNorm: usingBn,
+            movingAverage: movingAverage,
             radius: radius, ratio: ratio, aggregations: aggregations, rMax: rmax, dMax: dmax)
         try request.run()
     }
@@ -148,7 +152,8 @@ public struct ApplyRequest: Sendable {
     public var learned = LearnedOptions()
 
     /// Every layer name `apply` accepts.
-    public static let layerNames = StandardLayer.allCases.map(\.rawValue) + LearnedLayerName.allCases.map(\.rawValue)
+    public static let layerNames =
+        StandardLayer.allCases.map(\.rawValue) + LearnedLayerName.allCases.map(\.rawValue)
     /// Paths.
     public var input: String
     /// Output path.

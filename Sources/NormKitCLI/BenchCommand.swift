@@ -58,14 +58,15 @@ struct BenchCommand: ParsableCommand {
             throw ValidationError(
                 "--shape must be positive integers separated by commas, got '\(shape)'")
         }
-        guard let name = StandardLayer(rawValue: layer) else {
+        let learned = ["switchnorm", "sparseswitchnorm", "batchrenorm", "metanorm"].contains(layer)
+        guard learned || StandardLayer(rawValue: layer) != nil else {
             throw ValidationError("unknown layer '\(layer)'")
         }
         guard let layoutValue = Layout(rawValue: layout.lowercased()) else {
             throw ValidationError("unknown layout '\(layout)'; expected nchw or nhwc")
         }
         guard let passValue = BenchmarkPass(rawValue: pass) else {
-            throw ValidationError("--pass must be forward, inference, backward or residual")
+            throw ValidationError("--pass must be forward, inference, backward, residual or step")
         }
         guard `repeat` >= 1 else { throw ValidationError("--repeat must be at least 1") }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
@@ -78,6 +79,19 @@ struct BenchCommand: ParsableCommand {
         options.layout = layoutValue
         options.groups = groups
         options.normalizedDims = normalizedDims
+        if learned {
+            guard passValue == .step else {
+                throw ValidationError(
+                    "\(layer) is benchmarked with --pass step (forward + backward)")
+            }
+            let result = try Benchmark.learnedStep(
+                layer, shape: tensorShape, layout: layoutValue,
+                threads: threads ?? Parallelism.maximumThreads,
+                repeats: `repeat`)
+            print(json ? result.json : result.text)
+            return
+        }
+        let name = StandardLayer(rawValue: layer)!
         let result = try Benchmark.run(
             name, shape: tensorShape, options: options, pass: passValue,
             threads: threads ?? Parallelism.maximumThreads, repeats: `repeat`,
@@ -96,6 +110,8 @@ public enum BenchmarkPass: String, Sendable, CaseIterable {
     case backward
     /// Fused residual add and training forward: reads x and r, writes h and y.
     case residual
+    /// One training step: forward then backward (reads x twice and dy, writes y and dx).
+    case step
 
     /// Bytes per element of the minimum traffic model.
     public var bytesPerElement: Int {
@@ -103,6 +119,7 @@ public enum BenchmarkPass: String, Sendable, CaseIterable {
         case .forward, .inference: return 8
         case .backward: return 12
         case .residual: return 16
+        case .step: return 20
         }
     }
 }
@@ -189,6 +206,9 @@ public enum Benchmark {
                 case .backward: try layer.backward(dy, cache: cache, into: &grads)
                 case .residual:
                     _ = try layer.forward(x, adding: dy, mode: .training, sum: &h, into: &y)
+                case .step:
+                    let c = try layer.forward(x, mode: .training, into: &y)
+                    try layer.backward(dy, cache: c, into: &grads)
                 }
             }
             if i >= 3 { times.append(seconds(elapsed)) }
@@ -204,6 +224,59 @@ public enum Benchmark {
             repeats: repeats, medianMilliseconds: median * 1e3, minimumMilliseconds: times[0] * 1e3,
             effectiveGBps: bytes / median / 1e9, bandwidthGBps: copyBandwidth(threads: threads),
             kernels: kernels)
+    }
+
+    /// Times one training step (forward + backward) of a learned normalizer.
+    public static func learnedStep(
+        _ layer: String, shape: [Int], layout: Layout, threads: Int, repeats: Int
+    ) throws -> Result {
+        let previous = Parallelism.maximumThreads
+        Parallelism.maximumThreads = threads
+        defer { Parallelism.maximumThreads = previous }
+        var g = SeededGenerator(seed: 1)
+        let x = try Tensor<Float>.randomNormal(shape: shape, mean: 0.5, using: &g)
+        let dy = try Tensor<Float>.randomNormal(shape: shape, using: &g)
+        let channels = shape[layout.channelAxis(rank: shape.count)]
+        let step: () throws -> Float
+        switch layer {
+        case "switchnorm", "sparseswitchnorm":
+            let sn = try SwitchableNorm<Float>(
+                channelCount: channels, weighting: layer == "switchnorm" ? .softmax : .sparsestMax,
+                layout: layout)
+            sn.radius = 0.5
+            step = {
+                let (_, c) = try sn.forward(x, mode: .training)
+                return try sn.backward(dy, cache: c).input[flat: 0]
+            }
+        case "batchrenorm":
+            let brn = try BatchRenorm<Float>(channelCount: channels, layout: layout)
+            step = {
+                let (_, c) = try brn.forward(x, mode: .training)
+                return try brn.backward(dy, cache: c).input[flat: 0]
+            }
+        default:
+            let meta = try MetaNorm<Float>(channelCount: channels, layout: layout)
+            step = {
+                let (_, c) = try meta.forward(x, mode: .training)
+                return try meta.backward(dy, cache: c).input[flat: 0]
+            }
+        }
+        var times: [Double] = []
+        let clock = ContinuousClock()
+        for i in 0..<(repeats + 3) {
+            var sink: Float = 0
+            let elapsed = try clock.measure { sink = try step() }
+            blackHole(sink)
+            if i >= 3 { times.append(seconds(elapsed)) }
+        }
+        times.sort()
+        let median = times[times.count / 2]
+        return Result(
+            layer: layer, shape: shape, layout: layout, pass: .step, threads: threads,
+            repeats: repeats,
+            medianMilliseconds: median * 1e3, minimumMilliseconds: times[0] * 1e3,
+            effectiveGBps: Double(x.count * BenchmarkPass.step.bytesPerElement) / median / 1e9,
+            bandwidthGBps: copyBandwidth(threads: threads), kernels: .automatic)
     }
 
     /// Copy bandwidth (bytes read + bytes written per second, GB/s) of 2 × 128 MiB buffers,

@@ -39,8 +39,10 @@ public struct LearnedOptions: Sendable {
 
     /// Defaults.
     public init(
-        momentum: Double? = nil, usesBatchNorm: Bool? = nil, movingAverage: Bool = true, radius: Double? = nil,
-        ratio: Double = 0.5, aggregations: String = "in,bn,ln,gn2", rMax: Double = 3, dMax: Double = 5
+        momentum: Double? = nil, usesBatchNorm: Bool? = nil, movingAverage: Bool = true,
+        radius: Double? = nil,
+        ratio: Double = 0.5, aggregations: String = "in,bn,ln,gn2", rMax: Double = 3,
+        dMax: Double = 5
     ) {
         self.momentum = momentum
         self.usesBatchNorm = usesBatchNorm
@@ -67,7 +69,8 @@ public struct LearnedOptions: Sendable {
                     return StatisticsAggregation(batch: .all, channel: .groups(g))
                 }
                 throw NormError.invalidHyperparameter(
-                    name: "--aggregations", value: item, requirement: "use in, bn, ln, gnG, whole or bgnG")
+                    name: "--aggregations", value: item,
+                    requirement: "use in, bn, ln, gnG, whole or bgnG")
             }
         }
     }
@@ -85,19 +88,23 @@ struct LearnedAdapter<T: NormScalar> {
 extension ApplyRequest {
     func computeLearned<T: NormScalar>(_ x: Tensor<T>, state: Safetensors.File?) throws {
         guard let name = LearnedLayerName(rawValue: layer) else {
-            throw NormError.invalidHyperparameter(name: "layer", value: layer, requirement: "unknown layer")
+            throw NormError.invalidHyperparameter(
+                name: "layer", value: layer, requirement: "unknown layer")
         }
         var tensors: [String: Tensor<T>] = [:]
         var counter: Int?
         for (key, array) in state?.tensors ?? [:] {
             if key.hasSuffix("num_batches_tracked") {
                 guard case .int64(_, let values) = array, values.count == 1 else {
-                    throw NormError.parameterShapeMismatch(name: key, expected: [], actual: array.shape)
+                    throw NormError.parameterShapeMismatch(
+                        name: key, expected: [], actual: array.shape)
                 }
                 counter = Int(values[0])
                 continue
             }
-            if case .int64 = array { throw FileFormatError.wrongDType(name: key, expected: T.dtypeName, actual: "int64") }
+            if case .int64 = array {
+                throw FileFormatError.wrongDType(name: key, expected: T.dtypeName, actual: "int64")
+            }
             tensors[key] = array.tensor(as: T.self)
         }
         let adapter = try makeAdapter(name, x: x, parameters: tensors, as: T.self)
@@ -105,7 +112,8 @@ extension ApplyRequest {
         let y = try adapter.forward(x, mode)
         var gradients: (Tensor<T>, [String: Tensor<T>])?
         if let gradOutput {
-            gradients = try adapter.backward(try Numpy.read(contentsOf: gradOutput).tensor(as: T.self))
+            gradients = try adapter.backward(
+                try Numpy.read(contentsOf: gradOutput).tensor(as: T.self))
         }
         // Every computation succeeded: now write the outputs.
         try Numpy.write(y, to: output)
@@ -133,14 +141,16 @@ extension ApplyRequest {
         _ name: LearnedLayerName, x: Tensor<T>, parameters: [String: Tensor<T>], as _: T.Type
     ) throws -> LearnedAdapter<T> {
         guard x.rank >= 2 else {
-            throw NormError.invalidRank(layer: name.rawValue, expected: "rank ≥ 2 (N, C, …)", shape: x.shape)
+            throw NormError.invalidRank(
+                layer: name.rawValue, expected: "rank ≥ 2 (N, C, …)", shape: x.shape)
         }
         let layout = options.layout
         let channels = x.shape[layout.channelAxis(rank: x.rank)]
         let eps = options.epsilon ?? 1e-5
         switch name {
         case .switchnorm, .sparseswitchnorm:
-            let usesBN = learned.usesBatchNorm ?? (parameters["mean_weight"].map { $0.count != 2 } ?? true)
+            let usesBN =
+                learned.usesBatchNorm ?? (parameters["mean_weight"].map { $0.count != 2 } ?? true)
             let keep = learned.momentum ?? (x.rank == 4 ? 0.9 : 0.997)
             let layer = try SwitchableNorm<T>(
                 channelCount: channels, epsilon: eps, momentum: .keep(keep), usesBatchNorm: usesBN,
@@ -161,13 +171,17 @@ extension ApplyRequest {
                     let g = try layer.backward(dy, cache: cache!)
                     return (
                         g.input,
-                        ["weight": g.scale, "bias": g.offset, "mean_weight": g.meanLogits, "var_weight": g.varianceLogits]
+                        [
+                            "weight": g.scale, "bias": g.offset, "mean_weight": g.meanLogits,
+                            "var_weight": g.varianceLogits,
+                        ]
                     )
                 },
                 state: { (layer.state(), nil) })
         case .metanorm:
             let layer = try MetaNorm<T>(
-                channelCount: channels, aggregations: try learned.parsedAggregations(), epsilon: eps, layout: layout)
+                channelCount: channels, aggregations: try learned.parsedAggregations(),
+                epsilon: eps, layout: layout)
             var cache: MetaNorm<T>.Cache?
             return LearnedAdapter(
                 load: { tensors, _ in try layer.load(tensors) },
@@ -180,12 +194,16 @@ extension ApplyRequest {
                     let g = try layer.backward(dy, cache: cache!)
                     return (
                         g.input,
-                        ["weight": g.scale, "bias": g.offset, "mean_weight": g.meanLogits, "var_weight": g.varianceLogits]
+                        [
+                            "weight": g.scale, "bias": g.offset, "mean_weight": g.meanLogits,
+                            "var_weight": g.varianceLogits,
+                        ]
                     )
                 },
                 state: { (layer.state(), nil) })
         case .ibn:
-            let layer = try IBN<T>(channelCount: channels, ratio: learned.ratio, epsilon: eps, layout: layout)
+            let layer = try IBN<T>(
+                channelCount: channels, ratio: learned.ratio, epsilon: eps, layout: layout)
             var cache: IBN<T>.Cache?
             return LearnedAdapter(
                 load: { tensors, counter in try layer.load(tensors, batchesTracked: counter) },
@@ -206,7 +224,8 @@ extension ApplyRequest {
                 state: { layer.state() })
         case .batchrenorm:
             let layer = try BatchRenorm<T>(
-                channelCount: channels, epsilon: eps, momentum: .exponential(weightOfNew: learned.momentum ?? 0.01),
+                channelCount: channels, epsilon: eps,
+                momentum: .exponential(weightOfNew: learned.momentum ?? 0.01),
                 limits: .fixed(rMax: learned.rMax, dMax: learned.dMax), layout: layout)
             var cache: BatchRenorm<T>.Cache?
             return LearnedAdapter(

@@ -19,48 +19,65 @@ struct LearnedApplyTests {
     }
 
     static let snParameters = [
-        "weight": "weight", "bias": "bias", "mean_weight": "mean_weight", "var_weight": "var_weight",
+        "weight": "weight", "bias": "bias", "mean_weight": "mean_weight",
+        "var_weight": "var_weight",
         "running_mean.in": "running_mean", "running_var.in": "running_var",
     ]
     static let snGradients = [
-        "weight": "dweight", "bias": "dbias", "mean_weight": "dmean_weight", "var_weight": "dvar_weight",
+        "weight": "dweight", "bias": "dbias", "mean_weight": "dmean_weight",
+        "var_weight": "dvar_weight",
     ]
 
     static let cases: [Case] = [
-        Case(fixture: "switchnorm/rank4_eval", flags: ["switchnorm"], parameters: snParameters, gradients: snGradients),
+        Case(
+            fixture: "switchnorm/rank4_eval", flags: ["switchnorm"], parameters: snParameters,
+            gradients: snGradients),
         Case(
             fixture: "switchnorm/rank3_keep0997", flags: ["switchnorm", "--momentum", "0.997"],
             parameters: snParameters, gradients: snGradients),
         Case(
-            fixture: "sparseswitchnorm/rank4_radius0.6", flags: ["sparseswitchnorm", "--radius", "0.6"],
+            fixture: "sparseswitchnorm/rank4_radius0.6",
+            flags: ["sparseswitchnorm", "--radius", "0.6"],
             parameters: snParameters, gradients: snGradients),
         Case(
-            fixture: "metanorm/rank4_default", flags: ["metanorm", "--aggregations", "in,bn,ln,gn2"],
-            parameters: ["weight": "weight", "bias": "bias", "mean_weight": "mean_weight", "var_weight": "var_weight"],
+            fixture: "metanorm/rank4_default",
+            flags: ["metanorm", "--aggregations", "in,bn,ln,gn2"],
+            parameters: [
+                "weight": "weight", "bias": "bias", "mean_weight": "mean_weight",
+                "var_weight": "var_weight",
+            ],
             gradients: snGradients),
         Case(
             fixture: "ibn/rank4_eval", flags: ["ibn"],
             parameters: [
-                "IN.weight": "IN.weight", "IN.bias": "IN.bias", "BN.weight": "BN.weight", "BN.bias": "BN.bias",
+                "IN.weight": "IN.weight", "IN.bias": "IN.bias", "BN.weight": "BN.weight",
+                "BN.bias": "BN.bias",
                 "BN.running_mean.in": "BN.running_mean", "BN.running_var.in": "BN.running_var",
             ],
-            gradients: ["IN.weight": "dIN.weight", "IN.bias": "dIN.bias", "BN.weight": "dBN.weight", "BN.bias": "dBN.bias"]),
+            gradients: [
+                "IN.weight": "dIN.weight", "IN.bias": "dIN.bias", "BN.weight": "dBN.weight",
+                "BN.bias": "dBN.bias",
+            ]),
         Case(
             fixture: "batchrenorm/rank4_steps", flags: ["batchrenorm", "--momentum", "0.1"],
             parameters: [
-                "weight": "weight", "bias": "bias", "running_mean.in": "running_mean", "running_std.in": "running_std",
+                "weight": "weight", "bias": "bias", "running_mean.in": "running_mean",
+                "running_std.in": "running_std",
             ], gradients: ["weight": "dweight", "bias": "dbias"]),
     ]
 
     @Test(arguments: cases)
     func applyMatchesTheFixtures(_ c: Case) throws {
         let f = try RawFixture.load(c.fixture)
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("normkit-\(UUID().uuidString)")
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "normkit-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: dir) }
         func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
         var params = Safetensors.File()
-        for (fixtureKey, fileKey) in c.parameters { params.tensors[fileKey] = f.file.tensors[fixtureKey] }
+        for (fixtureKey, fileKey) in c.parameters {
+            params.tensors[fileKey] = f.file.tensors[fixtureKey]
+        }
         try Safetensors.write(params, to: path("p.safetensors"))
         let steps = Int(f.number("steps") ?? 0)
         var layoutFlags: [String] = []
@@ -68,13 +85,18 @@ struct LearnedApplyTests {
         for step in 0...steps {
             let last = step == steps
             try Numpy.write(f.tensor(last ? "x" : "x.\(step)", as: Double.self), to: path("x.npy"))
-            var args = ["apply"] + c.flags + layoutFlags + [
-                "--input", path("x.npy"), "--output", path("y.npy"), "--params", path("p.safetensors"),
-                "--updated-params", path("p.safetensors"),
-            ]
+            var args =
+                ["apply"] + c.flags + layoutFlags + [
+                    "--input", path("x.npy"), "--output", path("y.npy"), "--params",
+                    path("p.safetensors"),
+                    "--updated-params", path("p.safetensors"),
+                ]
             if last {
                 try Numpy.write(f.tensor("dy", as: Double.self), to: path("dy.npy"))
-                args += ["--grad-output", path("dy.npy"), "--grad-input", path("dx.npy"), "--grad-params", path("g.safetensors")]
+                args += [
+                    "--grad-output", path("dy.npy"), "--grad-input", path("dx.npy"),
+                    "--grad-params", path("g.safetensors"),
+                ]
                 if f.string("mode") == "eval" { args.append("--eval") }
             }
             var command = try NormKitCommand.parseAsRoot(args)
@@ -95,7 +117,8 @@ struct LearnedApplyTests {
     }
 
     @Test func unknownAggregationsAreRefused() throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("normkit-\(UUID().uuidString)")
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "normkit-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: dir) }
         let x = dir.appendingPathComponent("x.npy").path
@@ -104,5 +127,31 @@ struct LearnedApplyTests {
             "apply", "metanorm", "--aggregations", "in,xx", "--input", x, "--output", x + ".out",
         ])
         #expect(throws: NormError.self) { try command.run() }
+    }
+}
+
+@Suite("normkit weights")
+struct WeightsCommandTests {
+    @Test func readsEveryLayerOfAFile() throws {
+        var file = Safetensors.File()
+        file.tensors["layer1.sn.mean_weight"] = .float32(Tensor([0, 0, 0]))
+        file.tensors["layer1.sn.var_weight"] = .float32(Tensor([1000, 0, 0]))
+        file.tensors["layer2.sn.mean_weight"] = .float64(Tensor([2, 0]))
+        file.tensors["layer2.sn.var_weight"] = .float64(Tensor([0, 2]))
+        let report = try ImportanceReport.read(
+            file, layer: "switchnorm", radius: nil, aggregations: "")
+        #expect(report.entries.count == 2)
+        #expect(report.entries[0].components == ["IN", "LN", "BN"])
+        #expect(report.entries[0].mean.allSatisfy { abs($0 - 1.0 / 3) < 1e-12 })
+        #expect(report.entries[0].variance == [1, 0, 0])
+        #expect(report.entries[1].components == ["IN", "LN"])
+        #expect(report.text.contains("layer1.sn mean: IN 0.333  LN 0.333  BN 0.333"))
+        let sparse = try ImportanceReport.read(
+            file, layer: "sparseswitchnorm", radius: 1, aggregations: "")
+        #expect(sparse.entries[1].mean == [1, 0])
+        #expect(throws: (any Error).self) {
+            _ = try ImportanceReport.read(
+                Safetensors.File(), layer: "switchnorm", radius: nil, aggregations: "")
+        }
     }
 }

@@ -1,0 +1,141 @@
+import ArgumentParser
+import Foundation
+import NormKit
+
+/// `normkit weights`: what a learned normalizer chose, read from its parameters.
+struct WeightsCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "weights",
+        abstract:
+            "Print the importance weights of a Switchable, Sparse Switchable or Meta normalizer.",
+        discussion: """
+            Reads mean_weight and var_weight from a parameter file (any prefix: every pair \
+            <prefix>mean_weight / <prefix>var_weight is one layer) and prints the mixture weights: \
+            softmax for switchnorm and metanorm, SparsestMax with the file's radius (or --radius) for \
+            sparseswitchnorm.
+            """)
+
+    @Argument(help: "switchnorm, sparseswitchnorm or metanorm.")
+    var layer: String
+
+    @Option(help: "Parameter file (.safetensors).")
+    var params: String
+
+    @Option(help: "sparseswitchnorm: the radius (default: the file's radius, else 0).")
+    var radius: Double?
+
+    @Option(help: "metanorm: the aggregation names, e.g. in,bn,ln,gn2.")
+    var aggregations: String = "in,bn,ln,gn2"
+
+    @Flag(help: "Print JSON.")
+    var json = false
+
+    func run() throws {
+        let file = try Safetensors.read(contentsOf: params)
+        let report = try ImportanceReport.read(
+            file, layer: layer, radius: radius, aggregations: aggregations)
+        print(json ? report.json : report.text)
+    }
+}
+
+/// The importance weights of every learned layer in a parameter file.
+public struct ImportanceReport: Sendable {
+    /// One layer's weights.
+    public struct Entry: Sendable {
+        /// The key prefix (empty for a single layer).
+        public var prefix: String
+        /// Component names.
+        public var components: [String]
+        /// Mean-mixture weights.
+        public var mean: [Double]
+        /// Variance-mixture weights.
+        public var variance: [Double]
+    }
+
+    /// The layers, sorted by prefix.
+    public var entries: [Entry]
+
+    /// Reads every `<prefix>mean_weight` / `<prefix>var_weight` pair.
+    public static func read(
+        _ file: Safetensors.File, layer: String, radius: Double?, aggregations: String
+    ) throws -> ImportanceReport {
+        guard ["switchnorm", "sparseswitchnorm", "metanorm"].contains(layer) else {
+            throw ValidationError(
+                "weights reads switchnorm, sparseswitchnorm or metanorm parameters, not '\(layer)'")
+        }
+        let prefixes = file.tensors.keys.filter { $0.hasSuffix("mean_weight") }.map {
+            String($0.dropLast("mean_weight".count))
+        }
+        guard !prefixes.isEmpty else {
+            throw FileFormatError.missingTensor(
+                name: "mean_weight", available: Array(file.tensors.keys))
+        }
+        var entries: [Entry] = []
+        for prefix in prefixes.sorted() {
+            let mean: Tensor<Double> = try file.tensor(prefix + "mean_weight")
+            let variance: Tensor<Double> = try file.tensor(prefix + "var_weight")
+            let k = mean.count
+            let names: [String]
+            let weights: (Tensor<Double>) -> [Double]
+            if layer == "metanorm" {
+                names = aggregations.split(separator: ",").map { String($0).uppercased() }
+                weights = { t in
+                    let v = t.scalars
+                    let top = v.max() ?? 0
+                    let e = v.map { exp($0 - top) }
+                    let total = e.reduce(0, +)
+                    return e.map { $0 / total }
+                }
+            } else {
+                names = k == 2 ? ["IN", "LN"] : ["IN", "LN", "BN"]
+                let fileRadius = (try? file.tensor(prefix + "radius", as: Double.self))?.scalars
+                    .first
+                let r = radius ?? fileRadius ?? 0
+                weights = { t in
+                    if layer == "sparseswitchnorm" {
+                        return SparsestMax.evaluate(t.scalars, radius: r).p
+                    }
+                    let v = t.scalars
+                    let top = v.max() ?? 0
+                    let e = v.map { exp($0 - top) }
+                    let total = e.reduce(0, +)
+                    return e.map { $0 / total }
+                }
+            }
+            guard names.count == k else {
+                throw ValidationError(
+                    "\(prefix)mean_weight has \(k) logits but \(names.count) component names")
+            }
+            entries.append(
+                Entry(
+                    prefix: prefix, components: names, mean: weights(mean),
+                    variance: weights(variance)))
+        }
+        return ImportanceReport(entries: entries)
+    }
+
+    /// A table: one row per layer and mixture.
+    public var text: String {
+        var lines: [String] = []
+        for e in entries {
+            let label =
+                e.prefix.isEmpty
+                ? "layer" : String(e.prefix.dropLast(e.prefix.hasSuffix(".") ? 1 : 0))
+            for (kind, w) in [("mean", e.mean), ("variance", e.variance)] {
+                let parts = zip(e.components, w).map { "\($0) " + String(format: "%.3f", $1) }
+                lines.append("\(label) \(kind): " + parts.joined(separator: "  "))
+            }
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    /// JSON: a list of {"layer", "components", "mean", "variance"}.
+    public var json: String {
+        let items = entries.map { e in
+            "{\"layer\":\"\(e.prefix)\",\"components\":[\(e.components.map { "\"\($0)\"" }.joined(separator: ","))],"
+                + "\"mean\":[\(e.mean.map { String($0) }.joined(separator: ","))],"
+                + "\"variance\":[\(e.variance.map { String($0) }.joined(separator: ","))]}"
+        }
+        return "[" + items.joined(separator: ",") + "]"
+    }
+}
