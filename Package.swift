@@ -7,6 +7,8 @@ let package = Package(
     products: [
         // MARK: - Public API
         .library(name: "NormKit", targets: ["NormKit"]),
+        /// The training harness: small networks with any normalizer in any slot (needs BLAS).
+        .library(name: "NormKitTraining", targets: ["Training"]),
         .executable(name: "normkit", targets: ["normkit"]),
     ],
     dependencies: [
@@ -33,11 +35,23 @@ let package = Package(
         .target(name: "Normalization", dependencies: ["TensorCore", "NormKernels"]),
         /// NumPy `.npy` and safetensors readers and writers.
         .target(name: "NormIO", dependencies: ["TensorCore"]),
+        /// CBLAS from OpenBLAS on Linux (Accelerate provides it on Apple platforms).
+        .systemLibrary(
+            name: "COpenBLAS", pkgConfig: "openblas", providers: [.apt(["libopenblas-dev"])]),
+        /// Layers for small networks, optimisers, data, checkpoints, experiments.
+        .target(
+            name: "Training",
+            dependencies: [
+                "NormKit",
+                .target(name: "COpenBLAS", condition: .when(platforms: [.linux])),
+            ],
+            resources: [.copy("Resources/digits.safetensors")]),
         /// The `normkit` commands, as a library so that tests can run them in-process.
         .target(
             name: "NormKitCLI",
             dependencies: [
                 "NormKit",
+                "Training",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -50,5 +64,6 @@ let package = Package(
         .testTarget(name: "NormalizationTests", dependencies: ["NormKit", "NormTestSupport"]),
         .testTarget(name: "NormIOTests", dependencies: ["NormIO", "NormTestSupport"]),
         .testTarget(name: "NormKitCLITests", dependencies: ["NormKitCLI", "NormTestSupport"]),
+        .testTarget(name: "TrainingTests", dependencies: ["Training", "NormTestSupport"]),
     ]
 )

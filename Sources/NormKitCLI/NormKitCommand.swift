@@ -6,7 +6,10 @@ public struct NormKitCommand: ParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "normkit",
         abstract: "Normalization layers for deep learning: apply, check and explore them.",
-        subcommands: [ApplyCommand.self, TourCommand.self, BenchCommand.self, WeightsCommand.self]
+        subcommands: [
+            DemoCommand.self, TrainCommand.self, ApplyCommand.self, TourCommand.self,
+            BenchCommand.self, WeightsCommand.self,
+        ]
     )
 
     /// Creates the command.

@@ -1,0 +1,459 @@
+import NormKit
+
+/// A fully connected layer, `y = x·Wᵀ + b`, with W of shape `[out, in]` (PyTorch's layout).
+///
+/// ## Shape
+/// `[N, in]` → `[N, out]`.
+public final class Linear<Scalar: NormScalar>: Module {
+    /// W, `[out, in]`; Kaiming-uniform initialised like `nn.Linear`.
+    public let weight: Parameter<Scalar>
+    /// b, `[out]`.
+    public let bias: Parameter<Scalar>
+    let inputs: Int
+    let outputs: Int
+    var lastInput: Tensor<Scalar>?
+
+    /// Creates a layer with weights drawn from U(−1/√in, 1/√in) (PyTorch's default) from `generator`.
+    public init(
+        _ inputs: Int, _ outputs: Int, name: String = "linear", generator: inout SeededGenerator
+    ) throws {
+        self.inputs = inputs
+        self.outputs = outputs
+        let bound = 1 / Double(inputs).squareRoot()
+        let w = (0..<(inputs * outputs)).map { _ in
+            Scalar((2 * generator.nextUniform() - 1) * bound)
+        }
+        let b = (0..<outputs).map { _ in Scalar((2 * generator.nextUniform() - 1) * bound) }
+        weight = Parameter(
+            name: name + ".weight", value: try Tensor(shape: [outputs, inputs], scalars: w))
+        bias = Parameter(name: name + ".bias", value: try Tensor(shape: [outputs], scalars: b))
+    }
+
+    /// The trainable parameters.
+    public var parameters: [Parameter<Scalar>] { [weight, bias] }
+
+    /// Computes the output (see the type's documentation).
+    public func forward(_ x: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
+        guard x.rank == 2, x.shape[1] == inputs else {
+            throw TrainingError.shape(layer: "Linear", expected: "[N, \(inputs)]", actual: x.shape)
+        }
+        let n = x.shape[0]
+        var y = try Tensor<Scalar>(zeros: [n, outputs])
+        x.withUnsafeBufferPointer { xp in
+            weight.value.withUnsafeBufferPointer { wp in
+                y.withUnsafeMutableBufferPointer { yp in
+                    BLAS.gemm(
+                        transposeA: false, transposeB: true, m: n, n: outputs, k: inputs,
+                        xp.baseAddress!, lda: inputs,
+                        wp.baseAddress!, ldb: inputs, yp.baseAddress!, ldc: outputs)
+                    for i in 0..<n {
+                        for j in 0..<outputs { yp[i * outputs + j] += bias.value.scalars[j] }
+                    }
+                }
+            }
+        }
+        lastInput = x
+        return y
+    }
+
+    /// Back-propagates dL/dy to dL/dx, adding the parameters' gradients.
+    public func backward(_ dy: Tensor<Scalar>) throws -> Tensor<Scalar> {
+        guard let x = lastInput else { throw TrainingError.noForward(layer: "Linear") }
+        let n = x.shape[0]
+        var dx = try Tensor<Scalar>(zeros: x.shape)
+        dy.withUnsafeBufferPointer { dyp in
+            x.withUnsafeBufferPointer { xp in
+                weight.gradient.withUnsafeMutableBufferPointer { dwp in
+                    // dW += dyᵀ·x
+                    BLAS.gemm(
+                        transposeA: true, transposeB: false, m: outputs, n: inputs, k: n,
+                        dyp.baseAddress!,
+                        lda: outputs, xp.baseAddress!, ldb: inputs, beta: 1, dwp.baseAddress!,
+                        ldc: inputs)
+                }
+            }
+            weight.value.withUnsafeBufferPointer { wp in
+                dx.withUnsafeMutableBufferPointer { dxp in
+                    // dx = dy·W
+                    BLAS.gemm(
+                        transposeA: false, transposeB: false, m: n, n: inputs, k: outputs,
+                        dyp.baseAddress!,
+                        lda: outputs, wp.baseAddress!, ldb: inputs, dxp.baseAddress!, ldc: inputs)
+                }
+            }
+            bias.gradient.withUnsafeMutableBufferPointer { db in
+                for i in 0..<n { for j in 0..<outputs { db[j] += dyp[i * outputs + j] } }
+            }
+        }
+        return dx
+    }
+}
+
+/// A 2-D convolution (cross-correlation, as PyTorch) through im2col and one GEMM per sample.
+///
+/// ```
+/// cols[(c, i, j), (h, w)] = x[c, h·s + i − p, w·s + j − p]   (0 outside the image)
+/// y[n] = W[out, c·k·k] · cols + b
+/// ```
+/// ## Shape
+/// `[N, C_in, H, W]` → `[N, C_out, H′, W′]`, H′ = (H + 2p − k)/s + 1.
+public final class Conv2d<Scalar: NormScalar>: Module {
+    /// W, `[out, in, k, k]`, Kaiming-normal (fan-in, ReLU gain).
+    public let weight: Parameter<Scalar>
+    /// b, `[out]` (nil when a normalizer follows: its β does the job).
+    public let bias: Parameter<Scalar>?
+    let inChannels: Int
+    let outChannels: Int
+    let kernel: Int
+    let stride: Int
+    let padding: Int
+    var lastInput: Tensor<Scalar>?
+
+    /// Creates a convolution with Kaiming-normal weights N(0, 2/fan_in) from `generator`.
+    public init(
+        _ inChannels: Int, _ outChannels: Int, kernel: Int, stride: Int = 1, padding: Int = 0,
+        bias: Bool = true,
+        name: String = "conv", generator: inout SeededGenerator
+    ) throws {
+        guard inChannels >= 1, outChannels >= 1, kernel >= 1, stride >= 1, padding >= 0 else {
+            throw TrainingError.invalidSetting(
+                name: "Conv2d",
+                value: "\(inChannels)→\(outChannels) k\(kernel) s\(stride) p\(padding)",
+                requirement: "positive sizes")
+        }
+        self.inChannels = inChannels
+        self.outChannels = outChannels
+        self.kernel = kernel
+        self.stride = stride
+        self.padding = padding
+        let fanIn = inChannels * kernel * kernel
+        let std = (2 / Double(fanIn)).squareRoot()
+        let w = (0..<(outChannels * fanIn)).map { _ in Scalar(std * generator.nextNormal()) }
+        weight = Parameter(
+            name: name + ".weight",
+            value: try Tensor(shape: [outChannels, inChannels, kernel, kernel], scalars: w))
+        self.bias =
+            bias ? Parameter(name: name + ".bias", value: try Tensor(zeros: [outChannels])) : nil
+    }
+
+    /// The trainable parameters.
+    public var parameters: [Parameter<Scalar>] { [weight] + (bias.map { [$0] } ?? []) }
+
+    func outputSize(_ h: Int) -> Int { (h + 2 * padding - kernel) / stride + 1 }
+
+    /// cols (C·k·k × H′·W′) of one sample.
+    func im2col(_ x: UnsafePointer<Scalar>, h: Int, w: Int, into cols: UnsafeMutablePointer<Scalar>)
+    {
+        let ho = outputSize(h)
+        let wo = outputSize(w)
+        var row = 0
+        for c in 0..<inChannels {
+            for i in 0..<kernel {
+                for j in 0..<kernel {
+                    let out = cols + row * ho * wo
+                    for oh in 0..<ho {
+                        let ih = oh * stride + i - padding
+                        for ow in 0..<wo {
+                            let iw = ow * stride + j - padding
+                            out[oh * wo + ow] =
+                                (ih >= 0 && ih < h && iw >= 0 && iw < w)
+                                ? x[(c * h + ih) * w + iw] : 0
+                        }
+                    }
+                    row += 1
+                }
+            }
+        }
+    }
+
+    /// Adds cols back into the image gradient (the adjoint of im2col).
+    func col2im(
+        _ cols: UnsafePointer<Scalar>, h: Int, w: Int, into dx: UnsafeMutablePointer<Scalar>
+    ) {
+        let ho = outputSize(h)
+        let wo = outputSize(w)
+        var row = 0
+        for c in 0..<inChannels {
+            for i in 0..<kernel {
+                for j in 0..<kernel {
+                    let input = cols + row * ho * wo
+                    for oh in 0..<ho {
+                        let ih = oh * stride + i - padding
+                        guard ih >= 0 && ih < h else { continue }
+                        for ow in 0..<wo {
+                            let iw = ow * stride + j - padding
+                            if iw >= 0 && iw < w {
+                                dx[(c * h + ih) * w + iw] += input[oh * wo + ow]
+                            }
+                        }
+                    }
+                    row += 1
+                }
+            }
+        }
+    }
+
+    /// Computes the output (see the type's documentation).
+    public func forward(_ x: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
+        guard x.rank == 4, x.shape[1] == inChannels else {
+            throw TrainingError.shape(
+                layer: "Conv2d", expected: "[N, \(inChannels), H, W]", actual: x.shape)
+        }
+        let (n, h, w) = (x.shape[0], x.shape[2], x.shape[3])
+        let (ho, wo) = (outputSize(h), outputSize(w))
+        guard ho >= 1, wo >= 1 else {
+            throw TrainingError.shape(
+                layer: "Conv2d", expected: "an image at least the kernel's size", actual: x.shape)
+        }
+        let k = inChannels * kernel * kernel
+        var y = try Tensor<Scalar>(zeros: [n, outChannels, ho, wo])
+        var cols = [Scalar](repeating: 0, count: k * ho * wo)
+        x.withUnsafeBufferPointer { xp in
+            weight.value.withUnsafeBufferPointer { wp in
+                y.withUnsafeMutableBufferPointer { yp in
+                    cols.withUnsafeMutableBufferPointer { cp in
+                        for s in 0..<n {
+                            im2col(
+                                xp.baseAddress! + s * inChannels * h * w, h: h, w: w,
+                                into: cp.baseAddress!)
+                            let out = yp.baseAddress! + s * outChannels * ho * wo
+                            BLAS.gemm(
+                                transposeA: false, transposeB: false, m: outChannels, n: ho * wo,
+                                k: k, wp.baseAddress!,
+                                lda: k, cp.baseAddress!, ldb: ho * wo, out, ldc: ho * wo)
+                            if let bias {
+                                for o in 0..<outChannels {
+                                    let b = bias.value.scalars[o]
+                                    for p in 0..<(ho * wo) { out[o * ho * wo + p] += b }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        lastInput = x
+        return y
+    }
+
+    /// Back-propagates dL/dy to dL/dx, adding the parameters' gradients.
+    public func backward(_ dy: Tensor<Scalar>) throws -> Tensor<Scalar> {
+        guard let x = lastInput else { throw TrainingError.noForward(layer: "Conv2d") }
+        let (n, h, w) = (x.shape[0], x.shape[2], x.shape[3])
+        let (ho, wo) = (outputSize(h), outputSize(w))
+        let k = inChannels * kernel * kernel
+        var dx = try Tensor<Scalar>(zeros: x.shape)
+        var cols = [Scalar](repeating: 0, count: k * ho * wo)
+        var dcols = [Scalar](repeating: 0, count: k * ho * wo)
+        x.withUnsafeBufferPointer { xp in
+            dy.withUnsafeBufferPointer { dyp in
+                weight.value.withUnsafeBufferPointer { wp in
+                    weight.gradient.withUnsafeMutableBufferPointer { dwp in
+                        dx.withUnsafeMutableBufferPointer { dxp in
+                            cols.withUnsafeMutableBufferPointer { cp in
+                                dcols.withUnsafeMutableBufferPointer { dcp in
+                                    for s in 0..<n {
+                                        let g = dyp.baseAddress! + s * outChannels * ho * wo
+                                        im2col(
+                                            xp.baseAddress! + s * inChannels * h * w, h: h, w: w,
+                                            into: cp.baseAddress!)
+                                        // dW += dy_s · colsᵀ
+                                        BLAS.gemm(
+                                            transposeA: false, transposeB: true, m: outChannels,
+                                            n: k, k: ho * wo, g,
+                                            lda: ho * wo, cp.baseAddress!, ldb: ho * wo, beta: 1,
+                                            dwp.baseAddress!, ldc: k)
+                                        // dcols = Wᵀ · dy_s
+                                        BLAS.gemm(
+                                            transposeA: true, transposeB: false, m: k, n: ho * wo,
+                                            k: outChannels,
+                                            wp.baseAddress!, lda: k, g, ldb: ho * wo,
+                                            dcp.baseAddress!, ldc: ho * wo)
+                                        col2im(
+                                            dcp.baseAddress!, h: h, w: w,
+                                            into: dxp.baseAddress! + s * inChannels * h * w)
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                if let bias {
+                    bias.gradient.withUnsafeMutableBufferPointer { db in
+                        for s in 0..<n {
+                            for o in 0..<outChannels {
+                                var total = Scalar(0)
+                                for p in 0..<(ho * wo) {
+                                    total += dyp[(s * outChannels + o) * ho * wo + p]
+                                }
+                                db[o] += total
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        return dx
+    }
+}
+
+/// max(x, 0).
+public final class ReLU<Scalar: NormScalar>: Module {
+    var mask: [Bool] = []
+    var shape: [Int] = []
+
+    /// Creates the activation.
+    public init() {}
+
+    /// The trainable parameters.
+    public var parameters: [Parameter<Scalar>] { [] }
+
+    /// Computes the output (see the type's documentation).
+    public func forward(_ x: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
+        mask = x.scalars.map { $0 > 0 }
+        shape = x.shape
+        return x.map { $0 > 0 ? $0 : 0 }
+    }
+
+    /// Back-propagates dL/dy to dL/dx, adding the parameters' gradients.
+    public func backward(_ dy: Tensor<Scalar>) throws -> Tensor<Scalar> {
+        guard dy.shape == shape else { throw TrainingError.noForward(layer: "ReLU") }
+        return try Tensor(shape: dy.shape, scalars: zip(dy.scalars, mask).map { $1 ? $0 : 0 })
+    }
+}
+
+/// Max or average pooling over k×k windows with stride k (no padding).
+public final class Pool2d<Scalar: NormScalar>: Module {
+    /// The reduction.
+    public enum Kind: Sendable { case max, average }
+    let kind: Kind
+    let size: Int
+    var argmax: [Int] = []
+    var inputShape: [Int] = []
+
+    /// Creates a pooling layer.
+    public init(_ kind: Kind, size: Int = 2) {
+        self.kind = kind
+        self.size = size
+    }
+
+    /// The trainable parameters.
+    public var parameters: [Parameter<Scalar>] { [] }
+
+    /// Computes the output (see the type's documentation).
+    public func forward(_ x: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
+        guard x.rank == 4, x.shape[2] >= size, x.shape[3] >= size else {
+            throw TrainingError.shape(
+                layer: "Pool2d", expected: "[N, C, H ≥ \(size), W ≥ \(size)]", actual: x.shape)
+        }
+        let (nc, h, w) = (x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
+        let (ho, wo) = (h / size, w / size)
+        var out = [Scalar](repeating: 0, count: nc * ho * wo)
+        argmax = [Int](repeating: 0, count: out.count)
+        for p in 0..<nc {
+            for oh in 0..<ho {
+                for ow in 0..<wo {
+                    var best = -Scalar.infinity
+                    var bestIndex = 0
+                    var total = Scalar(0)
+                    for i in 0..<size {
+                        for j in 0..<size {
+                            let index = (p * h + oh * size + i) * w + ow * size + j
+                            let v = x.scalars[index]
+                            total += v
+                            if v > best {
+                                best = v
+                                bestIndex = index
+                            }
+                        }
+                    }
+                    let o = (p * ho + oh) * wo + ow
+                    out[o] = kind == .max ? best : total / Scalar(size * size)
+                    argmax[o] = bestIndex
+                }
+            }
+        }
+        inputShape = x.shape
+        return try Tensor(shape: [x.shape[0], x.shape[1], ho, wo], scalars: out)
+    }
+
+    /// Back-propagates dL/dy to dL/dx, adding the parameters' gradients.
+    public func backward(_ dy: Tensor<Scalar>) throws -> Tensor<Scalar> {
+        guard !inputShape.isEmpty else { throw TrainingError.noForward(layer: "Pool2d") }
+        var dx = try Tensor<Scalar>(zeros: inputShape)
+        let (h, w) = (inputShape[2], inputShape[3])
+        let (ho, wo) = (dy.shape[2], dy.shape[3])
+        for o in 0..<dy.count {
+            if kind == .max {
+                dx[flat: argmax[o]] += dy[flat: o]
+            } else {
+                let p = o / (ho * wo)
+                let oh = (o / wo) % ho
+                let ow = o % wo
+                let share = dy[flat: o] / Scalar(size * size)
+                for i in 0..<size {
+                    for j in 0..<size {
+                        dx[flat: (p * h + oh * size + i) * w + ow * size + j] += share
+                    }
+                }
+            }
+        }
+        return dx
+    }
+}
+
+/// Global average pooling `[N, C, H, W]` → `[N, C]`.
+public final class GlobalAveragePool<Scalar: NormScalar>: Module {
+    var inputShape: [Int] = []
+
+    /// Creates the layer.
+    public init() {}
+
+    /// The trainable parameters.
+    public var parameters: [Parameter<Scalar>] { [] }
+
+    /// Computes the output (see the type's documentation).
+    public func forward(_ x: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
+        guard x.rank == 4 else {
+            throw TrainingError.shape(
+                layer: "GlobalAveragePool", expected: "[N, C, H, W]", actual: x.shape)
+        }
+        inputShape = x.shape
+        let l = x.shape[2] * x.shape[3]
+        let nc = x.shape[0] * x.shape[1]
+        let out = (0..<nc).map { p in x.scalars[(p * l)..<((p + 1) * l)].reduce(0, +) / Scalar(l) }
+        return try Tensor(shape: [x.shape[0], x.shape[1]], scalars: out)
+    }
+
+    /// Back-propagates dL/dy to dL/dx, adding the parameters' gradients.
+    public func backward(_ dy: Tensor<Scalar>) throws -> Tensor<Scalar> {
+        guard !inputShape.isEmpty else { throw TrainingError.noForward(layer: "GlobalAveragePool") }
+        let l = inputShape[2] * inputShape[3]
+        var out: [Scalar] = []
+        out.reserveCapacity(dy.count * l)
+        for v in dy.scalars { out.append(contentsOf: repeatElement(v / Scalar(l), count: l)) }
+        return try Tensor(shape: inputShape, scalars: out)
+    }
+}
+
+/// `[N, …]` → `[N, ∏…]`.
+public final class Flatten<Scalar: NormScalar>: Module {
+    var inputShape: [Int] = []
+
+    /// Creates the layer.
+    public init() {}
+
+    /// The trainable parameters.
+    public var parameters: [Parameter<Scalar>] { [] }
+
+    /// Computes the output (see the type's documentation).
+    public func forward(_ x: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
+        inputShape = x.shape
+        return try x.reshaped([x.shape[0], x.count / max(x.shape[0], 1)])
+    }
+
+    /// Back-propagates dL/dy to dL/dx, adding the parameters' gradients.
+    public func backward(_ dy: Tensor<Scalar>) throws -> Tensor<Scalar> {
+        try dy.reshaped(inputShape)
+    }
+}

@@ -1,0 +1,122 @@
+import NormKit
+import NormTestSupport
+import Testing
+
+@testable import Training
+
+/// Central finite differences in Double for every layer of the harness: input and parameters.
+@Suite("Harness layers: finite differences")
+struct LayerGradientTests {
+    /// Checks dx and every parameter gradient of `module` at `x` (loss Σ y·dy).
+    static func check<M: Module>(
+        _ module: M, _ x: Tensor<Double>, label: String, mode: Mode = .training, h: Double = 1e-6
+    ) throws where M.Scalar == Double {
+        var g = SeededGenerator(seed: 77)
+        let y0 = try module.forward(x, mode: mode)
+        let dy = try Tensor<Double>.randomNormal(shape: y0.shape, using: &g)
+        for p in module.parameters { p.zeroGradient() }
+        let dx = try module.backward(dy)
+        let analytic = module.parameters.map(\.gradient)
+        func loss(_ input: Tensor<Double>) throws -> Double {
+            zip(try module.forward(input, mode: mode).scalars, dy.scalars).reduce(0) {
+                $0 + $1.0 * $1.1
+            }
+        }
+        var worst = 0.0
+        var probe = x
+        for i in 0..<x.count {
+            let v = probe[flat: i]
+            probe[flat: i] = v + h
+            let plus = try loss(probe)
+            probe[flat: i] = v - h
+            let minus = try loss(probe)
+            probe[flat: i] = v
+            worst = max(worst, abs((plus - minus) / (2 * h) - dx[flat: i]))
+        }
+        #expect(worst < 1e-6, "\(label) dx: worst \(worst)")
+        for (p, a) in zip(module.parameters, analytic) {
+            var worstP = 0.0
+            for i in 0..<p.value.count {
+                let v = p.value[flat: i]
+                p.value[flat: i] = v + h
+                let plus = try loss(x)
+                p.value[flat: i] = v - h
+                let minus = try loss(x)
+                p.value[flat: i] = v
+                worstP = max(worstP, abs((plus - minus) / (2 * h) - a[flat: i]))
+            }
+            #expect(worstP < 1e-6, "\(label) d\(p.name): worst \(worstP)")
+        }
+    }
+
+    static func input(_ shape: [Int], seed: UInt64 = 5) throws -> Tensor<Double> {
+        var g = SeededGenerator(seed: seed)
+        return try Tensor.randomNormal(shape: shape, using: &g)
+    }
+
+    @Test func linear() throws {
+        var g = SeededGenerator(seed: 1)
+        try Self.check(
+            try Linear<Double>(5, 3, generator: &g), try Self.input([4, 5]), label: "Linear")
+    }
+
+    @Test(arguments: [(1, 0), (1, 1), (2, 1), (2, 0)])
+    func conv2d(_ stride: Int, _ padding: Int) throws {
+        var g = SeededGenerator(seed: 2)
+        let conv = try Conv2d<Double>(
+            2, 3, kernel: 3, stride: stride, padding: padding, generator: &g)
+        try Self.check(conv, try Self.input([2, 2, 5, 6]), label: "Conv2d s\(stride) p\(padding)")
+    }
+
+    @Test func reluAndPooling() throws {
+        // Offsets keep every input away from ReLU's kink and max-pool ties.
+        var x = try Self.input([2, 3, 4, 4])
+        for i in 0..<x.count { x[flat: i] += x[flat: i] > 0 ? 0.1 : -0.1 }
+        try Self.check(ReLU<Double>(), x, label: "ReLU")
+        try Self.check(Pool2d<Double>(.max), x, label: "MaxPool")
+        try Self.check(Pool2d<Double>(.average), x, label: "AvgPool")
+        try Self.check(GlobalAveragePool<Double>(), x, label: "GlobalAveragePool")
+        try Self.check(Flatten<Double>(), x, label: "Flatten")
+    }
+
+    @Test(arguments: [NormalizerChoice.bn, .gn, .ln, .in, .sn, .ssn, .brn, .ibn, .meta, .none])
+    func normSlots(_ choice: NormalizerChoice) throws {
+        let slot = try NormSlot<Double>(choice, channels: 4, groups: 2, name: "n")
+        // Batch Renormalization's training gradient treats r and d as constants, which finite
+        // differences of the full function cannot (BatchRenormTests checks it against the
+        // detached function); here its inference mode is checked.
+        try Self.check(
+            slot, try Self.input([3, 4, 2, 3]), label: "NormSlot \(choice)",
+            mode: choice == .brn ? .inference : .training)
+    }
+
+    @Test func residualBlockAndSequential() throws {
+        var g = SeededGenerator(seed: 3)
+        let block = try ResidualBlock<Double>(
+            2, 4, stride: 2, normalizer: .gn, groups: 2, name: "b", generator: &g)
+        try Self.check(block, try Self.input([2, 2, 4, 4]), label: "ResidualBlock")
+        let net = try Models.make(
+            .convnet, normalizer: .bn, inputShape: [1, 4, 4], classes: 3, width: 2, groups: 1,
+            seed: 4, as: Double.self)
+        try Self.check(net, try Self.input([3, 1, 4, 4]), label: "convnet")
+    }
+
+    @Test func softmaxCrossEntropyGradient() throws {
+        let logits = try Self.input([3, 4])
+        let labels = [0, 3, 1]
+        let (_, gradient, _) = try SoftmaxCrossEntropy.evaluate(logits, labels: labels)
+        var probe = logits
+        for i in 0..<logits.count {
+            let v = probe[flat: i]
+            probe[flat: i] = v + 1e-6
+            let plus = try SoftmaxCrossEntropy.evaluate(probe, labels: labels).loss
+            probe[flat: i] = v - 1e-6
+            let minus = try SoftmaxCrossEntropy.evaluate(probe, labels: labels).loss
+            probe[flat: i] = v
+            #expect(abs((plus - minus) / 2e-6 - gradient[flat: i]) < 1e-8)
+        }
+        #expect(throws: TrainingError.self) {
+            _ = try SoftmaxCrossEntropy.evaluate(logits, labels: [0, 4, 1])
+        }
+    }
+}
