@@ -64,6 +64,7 @@ let package = Package(
         .testTarget(name: "NormalizationTests", dependencies: ["NormKit", "NormTestSupport"]),
         .testTarget(name: "NormIOTests", dependencies: ["NormIO", "NormTestSupport"]),
         .testTarget(name: "NormKitCLITests", dependencies: ["NormKitCLI", "NormTestSupport"]),
-        .testTarget(name: "TrainingTests", dependencies: ["Training", "NormKitCLI", "NormTestSupport"]),
+        .testTarget(
+            name: "TrainingTests", dependencies: ["Training", "NormKitCLI", "NormTestSupport"]),
     ]
 )
