@@ -44,6 +44,21 @@ public enum Report {
                 }
             }
         }
+        if let run = learned.first(where: { $0.batchSize == r.plan.batchSizes.max() }),
+            !run.weightHistory.isEmpty
+        {
+            md +=
+                "\n## How \(run.normalizer)'s mean weights moved during training (B=\(run.batchSize), after each epoch)\n\n"
+            md += "| epoch | " + run.weights.map(\.slot).joined(separator: " | ") + " |\n"
+            md += "|---|" + run.weights.map { _ in "---|" }.joined() + "\n"
+            for (e, slots) in run.weightHistory.enumerated() {
+                let cells = slots.map { w in
+                    zip(w.components, w.mean).map { "\($0) \(String(format: "%.2f", $1))" }.joined(
+                        separator: ", ")
+                }
+                md += "| \(e + 1) | " + cells.joined(separator: " | ") + " |\n"
+            }
+        }
         md += "\n## BatchNorm's optimisation effect (convnet on shapes, batch 32)\n\n"
         md +=
             "| normalizer | learning rate | first loss | last loss | test error |\n|---|---|---|---|---|\n"
@@ -101,6 +116,9 @@ public enum Report {
             "<h1>NormKit demo</h1>\n<p>Measured in this run (\(String(format: "%.0f", r.seconds)) s).</p>\n"
         body += "<h2>Test error by batch size</h2>\n" + batchSizeChart(r)
         body += "<h2>What the learned normalizers chose</h2>\n" + weightsChart(r)
+        body +=
+            "<h2>How the BN share of SN's mean weights moved during training</h2>\n"
+            + weightHistoryChart(r)
         body += "<h2>Training loss with and without BatchNorm</h2>\n" + lossChart(r)
         body += "<h2>Summary</h2>\n<pre>" + escape(markdown(r)) + "</pre>\n"
         return """
@@ -195,6 +213,28 @@ public enum Report {
         let top = series.flatMap { $0.points.map(\.1) }.filter(\.isFinite).max() ?? 3
         return lineChart(
             series: series, xLabel: "step", yLabel: "training loss", logX: false, yMax: min(top, 5))
+    }
+
+    /// The BN component of the mean weights of every slot of each learned run at the largest
+    /// batch, after every epoch.
+    static func weightHistoryChart(_ r: Experiments.Results) -> String {
+        var series: [(name: String, points: [(Double, Double)])] = []
+        for run in r.batchSize
+        where run.batchSize == r.plan.batchSizes.max() && !run.weightHistory.isEmpty {
+            let slots = run.weightHistory.first?.map(\.slot) ?? []
+            for (k, slot) in slots.enumerated() {
+                let points = run.weightHistory.enumerated().compactMap {
+                    e, weights -> (Double, Double)? in
+                    guard k < weights.count, let bn = weights[k].components.firstIndex(of: "BN")
+                    else { return nil }
+                    return (Double(e + 1), weights[k].mean[bn])
+                }
+                series.append((name: "\(run.normalizer) \(slot)", points: points))
+            }
+        }
+        guard !series.isEmpty else { return "<p>(no learned normalizer in this run)</p>" }
+        return lineChart(
+            series: series, xLabel: "epoch", yLabel: "BN weight (mean)", logX: false, yMax: 1)
     }
 
     /// Stacked bars of the mean and variance weights of every SN/SSN slot.
