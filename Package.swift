@@ -8,7 +8,7 @@ let package = Package(
         // MARK: - Public API
         .library(name: "NormKit", targets: ["NormKit"]),
         /// The training harness: small networks with any normalizer in any slot (needs BLAS).
-        .library(name: "NormKitTraining", targets: ["Training"]),
+        .library(name: "NormKitTraining", targets: ["Training", "Whitening"]),
         .executable(name: "normkit", targets: ["normkit"]),
     ],
     dependencies: [
@@ -46,12 +46,24 @@ let package = Package(
                 .target(name: "COpenBLAS", condition: .when(platforms: [.linux])),
             ],
             resources: [.copy("Resources/digits.safetensors")]),
+        /// LAPACKE on Linux (Accelerate provides LAPACK on Apple platforms).
+        .systemLibrary(
+            name: "CLAPACKE", pkgConfig: "lapacke", providers: [.apt(["liblapacke-dev"])]),
+        /// Whitening normalizers (decorrelated BN, IterNorm, Switchable Whitening) and Kalman
+        /// Normalization.
+        .target(
+            name: "Whitening",
+            dependencies: [
+                "NormKit", "Training",
+                .target(name: "CLAPACKE", condition: .when(platforms: [.linux])),
+            ]),
         /// The `normkit` commands, as a library so that tests can run them in-process.
         .target(
             name: "NormKitCLI",
             dependencies: [
                 "NormKit",
                 "Training",
+                "Whitening",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -60,6 +72,7 @@ let package = Package(
         /// Fixture loading and comparison helpers shared by the test targets.
         .target(name: "NormTestSupport", dependencies: ["NormKit"], path: "Tests/_TestSupport"),
         .testTarget(name: "TensorCoreTests", dependencies: ["TensorCore"]),
+        .testTarget(name: "WhiteningTests", dependencies: ["Whitening", "NormTestSupport"]),
         .testTarget(name: "NormKernelsTests", dependencies: ["NormKernels", "NormTestSupport"]),
         .testTarget(name: "NormalizationTests", dependencies: ["NormKit", "NormTestSupport"]),
         .testTarget(name: "NormIOTests", dependencies: ["NormIO", "NormTestSupport"]),

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what NormKit needs beyond the Swift toolchain, when it is missing:
-# OpenBLAS (CBLAS) and pkg-config, from Debian's packages. Safe to run repeatedly.
+# OpenBLAS (CBLAS), LAPACKE and pkg-config, from Debian's packages. Safe to run repeatedly.
 set -euo pipefail
-if command -v pkg-config >/dev/null 2>&1 && pkg-config --exists openblas 2>/dev/null; then
+if command -v pkg-config >/dev/null 2>&1 && pkg-config --exists openblas lapacke 2>/dev/null; then
     exit 0
 fi
 if [ "$(uname)" = "Darwin" ]; then
@@ -10,9 +10,9 @@ if [ "$(uname)" = "Darwin" ]; then
 fi
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null 2>&1 || { echo "NormKit needs libopenblas-dev and pkg-config: install them as root"; exit 1; }
+    command -v sudo >/dev/null 2>&1 || { echo "NormKit needs libopenblas-dev, liblapacke-dev and pkg-config: install them as root"; exit 1; }
     sudo="sudo"
 fi
-echo "Installing libopenblas-dev and pkg-config (Debian packages)…"
+echo "Installing libopenblas-dev, liblapacke-dev and pkg-config (Debian packages)…"
 $sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libopenblas-dev pkg-config >/dev/null
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libopenblas-dev liblapacke-dev pkg-config >/dev/null

@@ -45,7 +45,8 @@ public enum Momentum: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
-    func validate() throws(NormError) {
+    /// Throws when an exponential weight lies outside [0, 1].
+    public func validate() throws(NormError) {
         if case .exponential(let m) = self, !(m >= 0 && m <= 1) {
             throw .invalidHyperparameter(
                 name: "momentum", value: "\(m)",

@@ -1,0 +1,137 @@
+import NormKit
+import Training
+
+#if canImport(Accelerate)
+    import Accelerate
+#else
+    import CLAPACKE
+#endif
+
+/// A small dense row-major matrix of Doubles (covariances, whitening matrices), with products
+/// through BLAS and the symmetric eigendecomposition through LAPACK.
+public struct Matrix: Sendable, Equatable {
+    /// Rows.
+    public var rows: Int
+    /// Columns.
+    public var cols: Int
+    /// Row-major values.
+    public var values: [Double]
+
+    /// A zero matrix.
+    public init(rows: Int, cols: Int) {
+        self.rows = rows
+        self.cols = cols
+        values = [Double](repeating: 0, count: rows * cols)
+    }
+
+    /// A matrix from values.
+    public init(rows: Int, cols: Int, values: [Double]) {
+        precondition(
+            values.count == rows * cols, "A \(rows)×\(cols) matrix needs \(rows * cols) values.")
+        self.rows = rows
+        self.cols = cols
+        self.values = values
+    }
+
+    /// The identity.
+    public static func identity(_ n: Int) -> Matrix {
+        var m = Matrix(rows: n, cols: n)
+        for i in 0..<n { m.values[i * n + i] = 1 }
+        return m
+    }
+
+    /// Element access.
+    public subscript(_ i: Int, _ j: Int) -> Double {
+        get { values[i * cols + j] }
+        set { values[i * cols + j] = newValue }
+    }
+
+    /// The transpose.
+    public var transposed: Matrix {
+        var t = Matrix(rows: cols, cols: rows)
+        for i in 0..<rows { for j in 0..<cols { t.values[j * rows + i] = values[i * cols + j] } }
+        return t
+    }
+
+    /// The trace.
+    public var trace: Double { (0..<min(rows, cols)).reduce(0) { $0 + self[$1, $1] } }
+
+    /// op(a)·op(b) through BLAS.
+    public static func product(
+        _ a: Matrix, _ b: Matrix, transposeA: Bool = false, transposeB: Bool = false
+    ) -> Matrix {
+        let m = transposeA ? a.cols : a.rows
+        let k = transposeA ? a.rows : a.cols
+        let n = transposeB ? b.rows : b.cols
+        precondition(k == (transposeB ? b.cols : b.rows), "Matrix product sizes do not agree.")
+        var c = Matrix(rows: m, cols: n)
+        a.values.withUnsafeBufferPointer { pa in
+            b.values.withUnsafeBufferPointer { pb in
+                c.values.withUnsafeMutableBufferPointer { pc in
+                    BLAS.gemm(
+                        transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k,
+                        pa.baseAddress!,
+                        lda: a.cols, pb.baseAddress!, ldb: b.cols, pc.baseAddress!, ldc: n)
+                }
+            }
+        }
+        return c
+    }
+
+    /// a·b.
+    public static func * (a: Matrix, b: Matrix) -> Matrix { product(a, b) }
+    /// Elementwise sum.
+    public static func + (a: Matrix, b: Matrix) -> Matrix {
+        Matrix(rows: a.rows, cols: a.cols, values: zip(a.values, b.values).map { $0 + $1 })
+    }
+    /// Elementwise difference.
+    public static func - (a: Matrix, b: Matrix) -> Matrix {
+        Matrix(rows: a.rows, cols: a.cols, values: zip(a.values, b.values).map { $0 - $1 })
+    }
+    /// Scaling.
+    public static func * (s: Double, a: Matrix) -> Matrix {
+        Matrix(rows: a.rows, cols: a.cols, values: a.values.map { s * $0 })
+    }
+    /// Σ a ∘ b.
+    public static func frobenius(_ a: Matrix, _ b: Matrix) -> Double {
+        zip(a.values, b.values).reduce(0) { $0 + $1.0 * $1.1 }
+    }
+
+    /// Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix, by LAPACK's
+    /// `dsyev`.
+    /// - Throws: ``TrainingError/invalidSetting(name:value:requirement:)`` when LAPACK reports a failure.
+    public func symmetricEigen() throws -> (values: [Double], vectors: Matrix) {
+        precondition(rows == cols, "The eigendecomposition needs a square matrix.")
+        var a = values
+        var w = [Double](repeating: 0, count: rows)
+        let n = rows
+        #if canImport(Accelerate)
+            var jobz = Int8(UInt8(ascii: "V"))
+            var uplo = Int8(UInt8(ascii: "U"))
+            var nn = __CLPK_integer(n)
+            var lda = nn
+            var lwork = __CLPK_integer(max(1, 3 * n))
+            var work = [Double](repeating: 0, count: Int(lwork))
+            var info: __CLPK_integer = 0
+            // Column-major LAPACK on a symmetric matrix: the row-major values are its transpose,
+            // which is the same matrix.
+            dsyev_(&jobz, &uplo, &nn, &a, &lda, &w, &work, &lwork, &info)
+            let status = Int(info)
+            let columnMajor = true
+        #else
+            let status = Int(
+                LAPACKE_dsyev(
+                    LAPACK_ROW_MAJOR, Int8(UInt8(ascii: "V")), Int8(UInt8(ascii: "U")), Int32(n),
+                    &a, Int32(n), &w))
+            let columnMajor = false
+        #endif
+        guard status == 0 else {
+            throw TrainingError.invalidSetting(
+                name: "eigendecomposition", value: "info \(status)",
+                requirement: "LAPACK dsyev failed")
+        }
+        var vectors = Matrix(rows: n, cols: n, values: a)
+        if columnMajor { vectors = vectors.transposed }
+        return (w, vectors)
+    }
+}

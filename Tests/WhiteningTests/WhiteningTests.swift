@@ -1,0 +1,139 @@
+import NormKit
+import NormTestSupport
+import Testing
+
+@testable import Whitening
+
+/// Decorrelated BN and IterNorm: finite differences in Double, whitened covariance, IterNorm's
+/// convergence to ZCA, inference.
+@Suite("Whitening")
+struct WhiteningTests {
+    static func data(_ shape: [Int], seed: UInt64) throws -> Tensor<Double> {
+        var g = SeededGenerator(seed: seed)
+        var x = try Tensor<Double>.randomNormal(shape: shape, using: &g)
+        // Correlate the channels: x_c += 0.6·x_{c−1}.
+        let (n, c) = (shape[0], shape[1])
+        let l = x.count / (n * c)
+        for b in 0..<n {
+            for ch in 1..<c {
+                for s in 0..<l {
+                    x[flat: (b * c + ch) * l + s] +=
+                        0.6 * x[flat: (b * c + ch - 1) * l + s] + Double(ch)
+                }
+            }
+        }
+        return x
+    }
+
+    static func finiteDifferences(
+        _ forward: (Tensor<Double>) throws -> Tensor<Double>, _ analytic: Tensor<Double>,
+        x: Tensor<Double>,
+        dy: Tensor<Double>
+    ) throws -> Double {
+        var worst = 0.0
+        var scale = 1e-12
+        var probe = x
+        for i in 0..<x.count {
+            let v = probe[flat: i]
+            probe[flat: i] = v + 1e-6
+            let plus = zip(try forward(probe).scalars, dy.scalars).reduce(0) { $0 + $1.0 * $1.1 }
+            probe[flat: i] = v - 1e-6
+            let minus = zip(try forward(probe).scalars, dy.scalars).reduce(0) { $0 + $1.0 * $1.1 }
+            probe[flat: i] = v
+            let numeric = (plus - minus) / 2e-6
+            worst = max(worst, abs(numeric - analytic[flat: i]))
+            scale = max(scale, abs(numeric))
+        }
+        return worst / scale
+    }
+
+    @Test(arguments: [([6, 4, 3], 2), ([5, 3, 2, 2], 3), ([8, 5], 3)])
+    func dbnGradientsMatchFiniteDifferences(_ shape: [Int], _ group: Int) throws {
+        let x = try Self.data(shape, seed: 1)
+        var g = SeededGenerator(seed: 2)
+        let dy = try Tensor<Double>.randomNormal(shape: shape, using: &g)
+        let layer = try DecorrelatedBatchNorm<Double>(channelCount: shape[1], groupSize: group)
+        layer.scale = layer.scale!.map { _ in 1 + 0.3 * g.nextNormal() }
+        let (_, cache) = try layer.forward(x, mode: .training)
+        let grads = try layer.backward(dy, cache: cache)
+        let error = try Self.finiteDifferences(
+            { try layer.forward($0, mode: .training).output }, grads.input, x: x, dy: dy)
+        #expect(error < 1e-5, "relative error \(error)")
+    }
+
+    @Test(arguments: [([6, 4, 3], 4, 5), ([5, 6, 2, 2], 3, 3), ([8, 4], 2, 7)])
+    func iterNormGradientsMatchFiniteDifferences(_ shape: [Int], _ group: Int, _ t: Int) throws {
+        let x = try Self.data(shape, seed: 3)
+        var g = SeededGenerator(seed: 4)
+        let dy = try Tensor<Double>.randomNormal(shape: shape, using: &g)
+        let layer = try IterNorm<Double>(channelCount: shape[1], groupSize: group, iterations: t)
+        let (_, cache) = try layer.forward(x, mode: .training)
+        let grads = try layer.backward(dy, cache: cache)
+        let error = try Self.finiteDifferences(
+            { try layer.forward($0, mode: .training).output }, grads.input, x: x, dy: dy)
+        #expect(error < 1e-6, "relative error \(error)")
+    }
+
+    /// The whitened covariance of each group (over the batch) is the identity, up to ε.
+    static func groupCovariances(_ y: Tensor<Double>, group: Int) -> [Matrix] {
+        let c = y.shape[1]
+        return GroupWhitening.groups(channels: c, size: group).map { r in
+            let (_, yc) = GroupWhitening.centre(GroupWhitening.gather(y, r))
+            return (1 / Double(yc.cols)) * Matrix.product(yc, yc, transposeB: true)
+        }
+    }
+
+    @Test func dbnOutputIsWhite() throws {
+        let x = try Self.data([64, 6, 3, 3], seed: 5)
+        let layer = try DecorrelatedBatchNorm<Double>(channelCount: 6, groupSize: 3, epsilon: 1e-9)
+        let y = try layer.forward(x, mode: .training).output
+        for sigma in Self.groupCovariances(y, group: 3) {
+            let error = zip(sigma.values, Matrix.identity(3).values).map { abs($0 - $1) }.max() ?? 1
+            #expect(error < 1e-6)
+        }
+    }
+
+    @Test func iterNormTendsToZCA() throws {
+        let x = try Self.data([64, 4, 4], seed: 6)
+        let zca = try DecorrelatedBatchNorm<Double>(channelCount: 4, groupSize: 4, affine: false)
+        let y = try zca.forward(x, mode: .training).output
+        var previous = Double.infinity
+        for t in [1, 3, 6, 12] {
+            let it = try IterNorm<Double>(channelCount: 4, iterations: t, affine: false)
+            let distance = Comparison(try it.forward(x, mode: .training).output.scalars, y.scalars)
+                .maxAbsolute
+            #expect(distance < previous, "T = \(t): \(distance)")
+            previous = distance
+        }
+        #expect(previous < 1e-3)
+    }
+
+    @Test func inferenceUsesTheRunningWhiteningMatrix() throws {
+        let layer = try IterNorm<Double>(
+            channelCount: 3, iterations: 4, momentum: .exponential(weightOfNew: 1))
+        let x = try Self.data([16, 3, 2], seed: 7)
+        let train = try layer.forward(x, mode: .training).output
+        // With weight of new 1 the running estimates are this batch's: inference reproduces it.
+        let (inference, cache) = try layer.forward(x, mode: .inference)
+        #expect(Comparison(inference.scalars, train.scalars).maxAbsolute < 1e-10)
+        // Inference is affine: its gradient is Wᵀ dy.
+        var g = SeededGenerator(seed: 8)
+        let dy = try Tensor<Double>.randomNormal(shape: x.shape, using: &g)
+        let grads = try layer.backward(dy, cache: cache)
+        let error = try Self.finiteDifferences(
+            { try layer.forward($0, mode: .inference).output }, grads.input, x: x, dy: dy)
+        #expect(error < 1e-8)
+    }
+
+    @Test func badInputIsRefused() throws {
+        let layer = try DecorrelatedBatchNorm<Double>(channelCount: 4)
+        #expect(throws: NormError.self) {
+            _ = try layer.forward(try Tensor(zeros: [2, 3, 2]), mode: .training)
+        }
+        #expect(throws: NormError.self) {
+            _ = try layer.forward(try Tensor(zeros: [1, 4]), mode: .training)
+        }
+        #expect(throws: NormError.self) { _ = try IterNorm<Double>(channelCount: 4, iterations: 0) }
+        #expect(layer.runningMean.scalars == [0, 0, 0, 0])
+    }
+}
