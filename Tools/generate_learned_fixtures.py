@@ -259,7 +259,105 @@ def generate_metanorm(spec, out_dir):
     write_safetensors(path, {k: v.detach().contiguous() for k, v in tensors.items()}, meta)
 
 
+def newton(sigma, t):
+    tr = torch.trace(sigma)
+    sn = sigma / tr
+    p = torch.eye(sigma.shape[0])
+    for _ in range(t):
+        p = 1.5 * p - 0.5 * (p @ p @ p @ sn)
+    return p / torch.sqrt(tr)
+
+
+def whiten_forward(layer, spec, x, params):
+    """DBN (ZCA through torch.linalg.eigh), IterNorm and SwitchWhiten2d per normalizers-spec.md."""
+    n, c = x.shape[0], x.shape[1]
+    flat = x.reshape(n, c, -1)
+    l = flat.shape[2]
+    eps = spec.get("eps", 1e-5)
+    d = spec["group"]
+    outs = []
+    for g0 in range(0, c, d):
+        xg = flat[:, g0:g0 + d, :]
+        dg = xg.shape[1]
+        if layer in ("dbn", "iternorm"):
+            xm = xg.permute(1, 0, 2).reshape(dg, -1)
+            mu = xm.mean(1, keepdim=True)
+            xc = xm - mu
+            sigma = xc @ xc.T / xm.shape[1] + eps * torch.eye(dg)
+            if layer == "dbn":
+                lam, vec = torch.linalg.eigh(sigma)
+                w = vec @ torch.diag(lam ** -0.5) @ vec.T
+            else:
+                w = newton(sigma, spec.get("T", 5))
+            y = (w @ xc).reshape(dg, n, l).permute(1, 0, 2)
+            outs.append(y)
+        else:
+            sw_type = spec["type"]
+            wm = torch.softmax(params["sw_mean_weight"], 0)
+            wv = torch.softmax(params["sw_var_weight"], 0)
+            xm = xg.permute(1, 0, 2).reshape(dg, -1)
+            mean_bn = xm.mean(1, keepdim=True)
+            xcb = xm - mean_bn
+            cov_bn = xcb @ xcb.T / xm.shape[1]
+            ys = []
+            for b in range(n):
+                xn = xg[b]
+                mean_in = xn.mean(1, keepdim=True)
+                xci = xn - mean_in
+                cov_in = xci @ xci.T / l
+                mu_ln = flat[b].mean()
+                var_ln = flat[b].var()
+                if sw_type == 2:
+                    mean = wm[0] * mean_bn + wm[1] * mean_in
+                    cov = wv[0] * cov_bn + wv[1] * cov_in
+                elif sw_type == 3:
+                    mean = wm[0] * mean_bn + wm[1] * mean_in + wm[2] * mu_ln
+                    cov = wv[0] * cov_bn + wv[1] * cov_in + wv[2] * var_ln * torch.eye(dg)
+                else:
+                    mean = (wm[0] + wm[2]) * mean_bn + (wm[1] + wm[3]) * mean_in + wm[4] * mu_ln
+                    cov = (wv[0] * cov_bn + wv[1] * cov_in + wv[0] * torch.diag(torch.diag(cov_bn))
+                           + wv[1] * torch.diag(torch.diag(cov_in)) + wv[4] * var_ln * torch.eye(dg))
+                cov = cov + eps * torch.eye(dg)
+                ys.append(newton(cov, spec.get("T", 5)) @ (xn - mean))
+            outs.append(torch.stack(ys))
+    y = torch.cat(outs, 1)
+    y = y * params["weight"][None, :, None] + params["bias"][None, :, None]
+    return y.reshape(x.shape)
+
+
+def generate_whitening(spec, out_dir):
+    g = torch.Generator().manual_seed(spec["seed"])
+    shape = spec["shape"]
+    c = shape[1]
+    layer = spec["layer"]
+    x = f32(torch.randn(shape, generator=g))
+    # Correlated channels, as whitening needs something to undo.
+    mix = f32(torch.eye(c) + 0.4 * torch.randn(c, c, generator=g))
+    x = f32(torch.einsum("ij,nj...->ni...", mix, x) + spec.get("offset", 0.0)).requires_grad_(True)
+    params = {"weight": f32(1 + 0.3 * torch.randn(c, generator=g)).requires_grad_(True),
+              "bias": f32(0.3 * torch.randn(c, generator=g)).requires_grad_(True)}
+    if layer == "switchwhiten":
+        k = spec["type"]
+        params["sw_mean_weight"] = f32(1 + torch.randn(k, generator=g)).requires_grad_(True)
+        params["sw_var_weight"] = f32(1 + torch.randn(k, generator=g)).requires_grad_(True)
+    dy = f32(torch.randn(shape, generator=g))
+    y = whiten_forward(layer, spec, x, params)
+    (y * dy).sum().backward()
+    tensors = {"x": x.detach(), "dy": dy, "y": y.detach(), "dx": x.grad}
+    for k, v in params.items():
+        tensors[k] = v.detach()
+        tensors["d" + k] = v.grad
+    meta = {"generator": "Tools/generate_learned_fixtures.py", "torch": torch.__version__,
+            "command": "python Tools/generate_learned_fixtures.py Tests/Fixtures",
+            "spec": json.dumps(spec, sort_keys=True)}
+    path = os.path.join(out_dir, layer, spec["name"] + ".safetensors")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_safetensors(path, {k: v.detach().contiguous() for k, v in tensors.items()}, meta)
+
+
 def generate(spec, out_dir):
+    if spec["layer"] in ("dbn", "iternorm", "switchwhiten"):
+        return generate_whitening(spec, out_dir)
     if spec["layer"] == "ibn":
         return generate_ibn(spec, out_dir)
     if spec["layer"] == "metanorm":
@@ -377,6 +475,18 @@ def cases():
     add("metanorm", "rank4_single_gn", shape=[2, 6, 3, 3], kinds=["I/G3"])
     add("metanorm", "rank4_offset", shape=[3, 4, 3, 3], kinds=default, offset=1000.0)
     add("metanorm", "rank5_default", shape=[2, 4, 2, 2, 2], kinds=default)
+    add("dbn", "rank4_group2", shape=[8, 4, 3, 3], group=2)
+    add("dbn", "rank4_group3_uneven", shape=[6, 5, 3, 3], group=3)
+    add("dbn", "rank2_one_group", shape=[32, 6], group=6)
+    add("dbn", "rank3_offset", shape=[8, 4, 7], group=4, offset=10.0)
+    add("iternorm", "rank4_T5", shape=[8, 4, 3, 3], group=4, T=5)
+    add("iternorm", "rank4_group2_T3", shape=[6, 4, 3, 3], group=2, T=3)
+    add("iternorm", "rank2_T7", shape=[32, 6], group=6, T=7)
+    add("iternorm", "rank3_offset", shape=[8, 4, 7], group=4, T=5, offset=10.0)
+    add("switchwhiten", "type2", shape=[4, 4, 3, 3], group=2, type=2, T=5)
+    add("switchwhiten", "type3", shape=[4, 4, 3, 3], group=2, type=3, T=5)
+    add("switchwhiten", "type5", shape=[4, 4, 3, 3], group=2, type=5, T=5)
+    add("switchwhiten", "type5_group4", shape=[3, 8, 4, 2], group=4, type=5, T=4)
     return out
 
 
