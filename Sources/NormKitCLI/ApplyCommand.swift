@@ -78,6 +78,15 @@ struct ApplyCommand: ParsableCommand {
     @Option(help: "batchrenorm: d_max.")
     var dmax: Double = 5
 
+    @Option(help: "dbn, iternorm, switchwhiten: channels per group.")
+    var groupSize: Int?
+
+    @Option(help: "iternorm, switchwhiten: Newton iterations T.")
+    var iterations: Int = 5
+
+    @Option(help: "switchwhiten: 2, 3 or 5 components.")
+    var swType: Int = 5
+
     @Option(help: "Output gradient dL/dy (.npy); needs --grad-input.")
     var gradOutput: String?
 
@@ -140,6 +149,9 @@ struct ApplyCommand: ParsableCommand {
             momentum: momentum.flatMap(Double.init), usesBatchNorm: usingBn,
             movingAverage: movingAverage,
             radius: radius, ratio: ratio, aggregations: aggregations, rMax: rmax, dMax: dmax)
+        request.learned.groupSize = groupSize
+        request.learned.iterations = iterations
+        request.learned.switchType = swType
         try request.run()
     }
 }

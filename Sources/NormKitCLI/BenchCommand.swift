@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import NormKit
+import Whitening
 
 /// `normkit bench`: times one layer pass in-process and relates it to the machine's memory
 /// bandwidth, measured in the same process.
@@ -58,7 +59,11 @@ struct BenchCommand: ParsableCommand {
             throw ValidationError(
                 "--shape must be positive integers separated by commas, got '\(shape)'")
         }
-        let learned = ["switchnorm", "sparseswitchnorm", "batchrenorm", "metanorm"].contains(layer)
+        let learned = [
+            "switchnorm", "sparseswitchnorm", "batchrenorm", "metanorm", "dbn", "iternorm",
+            "switchwhiten",
+        ]
+        .contains(layer)
         guard learned || StandardLayer(rawValue: layer) != nil else {
             throw ValidationError("unknown layer '\(layer)'")
         }
@@ -228,7 +233,8 @@ public enum Benchmark {
 
     /// Times one training step (forward + backward) of a learned normalizer.
     public static func learnedStep(
-        _ layer: String, shape: [Int], layout: Layout, threads: Int, repeats: Int
+        _ layer: String, shape: [Int], layout: Layout, threads: Int, repeats: Int,
+        groupSize: Int = 16
     ) throws -> Result {
         let previous = Parallelism.maximumThreads
         Parallelism.maximumThreads = threads
@@ -247,6 +253,24 @@ public enum Benchmark {
             step = {
                 let (_, c) = try sn.forward(x, mode: .training)
                 return try sn.backward(dy, cache: c).input[flat: 0]
+            }
+        case "dbn":
+            let dbn = try DecorrelatedBatchNorm<Float>(channelCount: channels, groupSize: groupSize)
+            step = {
+                let (_, c) = try dbn.forward(x, mode: .training)
+                return try dbn.backward(dy, cache: c).input[flat: 0]
+            }
+        case "iternorm":
+            let it = try IterNorm<Float>(channelCount: channels, groupSize: groupSize)
+            step = {
+                let (_, c) = try it.forward(x, mode: .training)
+                return try it.backward(dy, cache: c).input[flat: 0]
+            }
+        case "switchwhiten":
+            let sw = try SwitchableWhitening<Float>(channelCount: channels, groupSize: groupSize)
+            step = {
+                let (_, c) = try sw.forward(x, mode: .training)
+                return try sw.backward(dy, cache: c).input[flat: 0]
             }
         case "batchrenorm":
             let brn = try BatchRenorm<Float>(channelCount: channels, layout: layout)

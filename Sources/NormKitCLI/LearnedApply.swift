@@ -1,4 +1,5 @@
 import NormKit
+import Whitening
 
 /// The learned and composite normalizers `normkit apply` runs, with their official checkpoint
 /// names.
@@ -15,6 +16,16 @@ public enum LearnedLayerName: String, CaseIterable, Sendable {
     case ibn
     /// ``BatchRenorm`` (`weight`, `bias`, `running_mean`, `running_std`, `num_batches_tracked`).
     case batchrenorm
+    /// Decorrelated BN (`weight`, `bias`, `running_mean`, `running_projection` [G, d, d]).
+    case dbn
+    /// IterNorm (`weight`, `bias`, `running_mean`, `running_wm` [G, d, d]).
+    case iternorm
+    /// Switchable Whitening (`weight`, `bias`, `sw_mean_weight`, `sw_var_weight`,
+    /// `running_mean`, `running_cov` [G, d, d]).
+    case switchwhiten
+    /// Kalman Normalization: a single layer has no predecessor and is BatchNorm, so `apply`
+    /// refuses it and points to `batchnorm` (the chain is trained with `normkit train`).
+    case kalmannorm
 }
 
 /// Options of the learned normalizers on the command line.
@@ -36,6 +47,12 @@ public struct LearnedOptions: Sendable {
     public var rMax = 3.0
     /// batchrenorm: d_max.
     public var dMax = 5.0
+    /// dbn, iternorm, switchwhiten: channels per group (nil: the layer's default).
+    public var groupSize: Int?
+    /// iternorm, switchwhiten: Newton iterations.
+    public var iterations = 5
+    /// switchwhiten: 2, 3 or 5.
+    public var switchType = 5
 
     /// Defaults.
     public init(
@@ -222,6 +239,75 @@ extension ApplyRequest {
                     return (g.input, grads)
                 },
                 state: { layer.state() })
+        case .kalmannorm:
+            throw NormError.invalidHyperparameter(
+                name: "layer", value: "kalmannorm",
+                requirement:
+                    "a single Kalman Normalization layer has no predecessor and is BatchNorm: use batchnorm, "
+                    + "or train a chain with normkit train --normalizer kn")
+        case .dbn:
+            let layer = try DecorrelatedBatchNorm<T>(
+                channelCount: channels, groupSize: learned.groupSize, epsilon: eps)
+            var cache: DecorrelatedBatchNorm<T>.Cache?
+            return LearnedAdapter(
+                load: { tensors, _ in try layer.load(tensors) },
+                forward: { input, mode in
+                    let (y, c) = try layer.forward(input, mode: mode)
+                    cache = c
+                    return y
+                },
+                backward: { dy in
+                    let g = try layer.backward(dy, cache: cache!)
+                    var grads: [String: Tensor<T>] = [:]
+                    if let s = g.scale { grads["weight"] = s }
+                    if let o = g.offset { grads["bias"] = o }
+                    return (g.input, grads)
+                },
+                state: { ((try? layer.state()) ?? [:], nil) })
+        case .iternorm:
+            let layer = try IterNorm<T>(
+                channelCount: channels, groupSize: learned.groupSize,
+                iterations: learned.iterations, epsilon: eps)
+            var cache: IterNorm<T>.Cache?
+            return LearnedAdapter(
+                load: { tensors, _ in try layer.load(tensors) },
+                forward: { input, mode in
+                    let (y, c) = try layer.forward(input, mode: mode)
+                    cache = c
+                    return y
+                },
+                backward: { dy in
+                    let g = try layer.backward(dy, cache: cache!)
+                    var grads: [String: Tensor<T>] = [:]
+                    if let s = g.scale { grads["weight"] = s }
+                    if let o = g.offset { grads["bias"] = o }
+                    return (g.input, grads)
+                },
+                state: { ((try? layer.state()) ?? [:], nil) })
+        case .switchwhiten:
+            let layer = try SwitchableWhitening<T>(
+                channelCount: channels, groupSize: learned.groupSize ?? 16,
+                type: learned.switchType,
+                iterations: learned.iterations, epsilon: eps)
+            var cache: SwitchableWhitening<T>.Cache?
+            return LearnedAdapter(
+                load: { tensors, _ in try layer.load(tensors) },
+                forward: { input, mode in
+                    let (y, c) = try layer.forward(input, mode: mode)
+                    cache = c
+                    return y
+                },
+                backward: { dy in
+                    let g = try layer.backward(dy, cache: cache!)
+                    return (
+                        g.input,
+                        [
+                            "weight": g.scale, "bias": g.offset, "sw_mean_weight": g.meanLogits,
+                            "sw_var_weight": g.varianceLogits,
+                        ]
+                    )
+                },
+                state: { ((try? layer.state()) ?? [:], nil) })
         case .batchrenorm:
             let layer = try BatchRenorm<T>(
                 channelCount: channels, epsilon: eps,

@@ -55,7 +55,8 @@ public enum KernelChoice: String, Sendable, Hashable {
             rstd: rstd)
     }
 
-    func forward<Scalar: NormScalar>(
+    /// y = γ·(x − μ)·rstd + β with per-set μ and rstd given, into `yb`.
+    public func forward<Scalar: NormScalar>(
         _ x: Tensor<Scalar>, plan: ReductionPlan, mean: [Double], rstd: [Double],
         scale: Tensor<Scalar>?,
         offset: Tensor<Scalar>?, indexing: ParameterIndexing?,
@@ -133,8 +134,9 @@ extension UnsafeMutableBufferPointer {
 // MARK: - Primitives for statistics sources (Switchable Normalization, Batch Renormalization)
 
 extension KernelChoice {
-    /// Per-set statistics of `x` over `plan`, without an output.
-    func moments<Scalar: NormScalar>(
+    /// Per-set statistics of `x` over `plan`, without an output (a primitive for statistics
+    /// sources that mix or filter statistics before normalizing).
+    public func moments<Scalar: NormScalar>(
         _ x: Tensor<Scalar>, plan: ReductionPlan, operation op: ReferenceNormKernel.Operation,
         indexing: ParameterIndexing?
     ) -> FastNormKernel.Statistics {
@@ -155,7 +157,7 @@ extension KernelChoice {
     }
 
     /// Per-set Σg, Σg·(x − μ) and the affine gradients (g = dy·γ, x̂ = (x − μ)·rstd).
-    func gradientSums<Scalar: NormScalar>(
+    public func gradientSums<Scalar: NormScalar>(
         _ x: Tensor<Scalar>, outputGradient dy: Tensor<Scalar>, plan: ReductionPlan, mean: [Double],
         rstd: [Double], scale: Tensor<Scalar>?, indexing: ParameterIndexing?
     ) -> FastNormKernel.GradientSums {
@@ -178,8 +180,8 @@ extension KernelChoice {
         }
     }
 
-    /// dx = A·g + B·(x − μ) + C per set (g = dy·γ).
-    func applyGradient<Scalar: NormScalar>(
+    /// dx = A·g + B·(x − μ) + C per set (g = dy·γ), into `dxb`.
+    public func applyGradient<Scalar: NormScalar>(
         _ x: Tensor<Scalar>, outputGradient dy: Tensor<Scalar>, plan: ReductionPlan, mean: [Double],
         a: [Double], b: [Double], c: [Double], scale: Tensor<Scalar>?, indexing: ParameterIndexing?,
         into dxb: UnsafeMutableBufferPointer<Scalar>

@@ -20,12 +20,12 @@ public enum Experiments {
 
         /// The full demo (a few minutes on 2 cores).
         public static let full = Plan(
-            normalizers: ["bn", "gn", "ln", "in", "none", "sn", "ssn"],
+            normalizers: ["bn", "gn", "ln", "in", "none", "sn", "ssn", "kn"],
             batchSizes: [2, 4, 8, 16, 32], epochs: 4,
             optimisationEpochs: 4, learningRates: [0.02, 0.2], shapesCount: 2000)
         /// A quick version for tests (well under a minute).
         public static let quick = Plan(
-            normalizers: ["bn", "gn", "none", "sn"], batchSizes: [4, 32], epochs: 1,
+            normalizers: ["bn", "gn", "none", "sn", "kn"], batchSizes: [4, 32], epochs: 1,
             optimisationEpochs: 1,
             learningRates: [0.02, 0.2], shapesCount: 400)
     }

@@ -24,9 +24,18 @@ public enum Models {
         var g = SeededGenerator(seed: seed)
         let c = inputShape[0]
         let bias = normalizer == .none
+        if normalizer == .kn && kind != .convnet {
+            throw TrainingError.invalidSetting(
+                name: "normalizer", value: "kn with \(kind.rawValue)",
+                requirement:
+                    "Kalman Normalization chains through a sequential network: use the convnet model"
+            )
+        }
+        let chain: KalmanChain<Scalar>? = normalizer == .kn ? KalmanChain<Scalar>() : nil
         func norm(_ channels: Int, _ name: String) throws -> AnyModule<Scalar> {
             try NormSlot<Scalar>(
-                normalizer, channels: channels, groups: groups, name: name, radiusSteps: radiusSteps
+                normalizer, channels: channels, groups: groups, name: name,
+                radiusSteps: radiusSteps, chain: chain
             ).erased
         }
         switch kind {

@@ -22,6 +22,8 @@ public enum NormalizerChoice: String, CaseIterable, Sendable {
     case ibn
     /// MetaNorm over IN, BN, LN and GN.
     case meta
+    /// Kalman Normalization (a chain through the network's slots; sequential models only).
+    case kn
 }
 
 /// A normalizer in a network slot, behind the ``Module`` interface: parameters live in
@@ -41,7 +43,7 @@ public final class NormSlot<Scalar: NormScalar>: Module {
     /// - Parameter groups: GroupNorm's G (reduced to the largest divisor of C not above it).
     public init(
         _ choice: NormalizerChoice, channels: Int, groups: Int = 8, name: String,
-        radiusSteps: Int = 1
+        radiusSteps: Int = 1, chain: KalmanChain<Scalar>? = nil
     ) throws {
         self.choice = choice
         self.name = name
@@ -97,6 +99,19 @@ public final class NormSlot<Scalar: NormScalar>: Module {
                 channelCount: channels, momentum: .exponential(weightOfNew: 0.1))
             layer = l
             parameters = affine(l.scale, l.offset)
+        case .kn:
+            guard let chain else {
+                throw TrainingError.invalidSetting(
+                    name: "normalizer", value: "kn",
+                    requirement: "Kalman Normalization needs a chain (convnet model)")
+            }
+            let l = try KalmanNorm<Scalar>(channelCount: channels, chain: chain)
+            layer = l
+            parameters =
+                affine(l.scale, l.offset) + [
+                    Parameter(name: name + ".transition", value: l.transition, group: "kalman"),
+                    Parameter(name: name + ".gain", value: l.gainLogits, group: "kalman"),
+                ]
         case .ibn:
             let l = try IBN<Scalar>(channelCount: max(channels, 2))
             layer = l
@@ -140,6 +155,11 @@ public final class NormSlot<Scalar: NormScalar>: Module {
         case let l as BatchRenorm<Scalar>:
             l.scale = v[0]
             l.offset = v[1]
+        case let l as KalmanNorm<Scalar>:
+            l.scale = v[0]
+            l.offset = v[1]
+            l.transition = v[2]
+            l.gainLogits = v[3]
         case let l as IBN<Scalar>:
             l.instance.scale = v[0]
             l.instance.offset = v[1]
@@ -184,6 +204,10 @@ public final class NormSlot<Scalar: NormScalar>: Module {
             let (y, c) = try l.forward(x, mode: mode)
             cache = c
             return y
+        case let l as KalmanNorm<Scalar>:
+            let (y, c) = try l.forward(x, mode: mode)
+            cache = c
+            return y
         default:
             return x
         }
@@ -217,6 +241,10 @@ public final class NormSlot<Scalar: NormScalar>: Module {
             let g = try l.backward(dy, cache: c)
             try accumulate([g.scale, g.offset])
             return g.input
+        case (let l as KalmanNorm<Scalar>, let c as KalmanNorm<Scalar>.Cache):
+            let g = try l.backward(dy, cache: c)
+            try accumulate([g.scale, g.offset, g.transition, g.gainLogits])
+            return g.input
         case (let l as IBN<Scalar>, let c as IBN<Scalar>.Cache):
             let g = try l.backward(dy, cache: c)
             try accumulate([g.instance.scale, g.instance.offset, g.batch.scale, g.batch.offset])
@@ -247,6 +275,9 @@ public final class NormSlot<Scalar: NormScalar>: Module {
                 out[name + ".BN.running_mean"] = r.mean
                 out[name + ".BN.running_var"] = r.variance
             }
+        case let l as KalmanNorm<Scalar>:
+            out[name + ".running_mean"] = Tensor(l.runningMean.map { Scalar($0) })
+            out[name + ".running_var"] = Tensor(l.runningVariance.map { Scalar($0) })
         case let l as MetaNorm<Scalar>:
             for (k, values) in l.runningMean.enumerated() {
                 out[name + ".running_mean.\(k)"] = Tensor(values.map { Scalar($0) })
@@ -288,6 +319,9 @@ public final class NormSlot<Scalar: NormScalar>: Module {
                 "BN.running_mean": try get(".BN.running_mean"),
                 "BN.running_var": try get(".BN.running_var"),
             ])
+        case let l as KalmanNorm<Scalar>:
+            l.runningMean = try get(".running_mean").scalars.map(Double.init)
+            l.runningVariance = try get(".running_var").scalars.map(Double.init)
         case let l as MetaNorm<Scalar>:
             for k in 0..<l.runningMean.count {
                 l.runningMean[k] = try get(".running_mean.\(k)").scalars.map(Double.init)

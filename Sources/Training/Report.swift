@@ -94,6 +94,12 @@ public enum Report {
                 "- Wu & He (2018) report BN degrading at small batches while GN stays stable; compare the bn and gn rows "
                     + "above. On this small data set and short schedule the differences can be small or reversed."
             )
+            if let kn = error("kn", small), let bn = error("bn", small) {
+                lines.append(
+                    "- Micro-batches (B=\(small)): Kalman Normalization \(String(format: "%.1f%%", 100 * kn)) against "
+                        + "BatchNorm \(String(format: "%.1f%%", 100 * bn)) (Wang et al. 2018 report KN ahead of BN at "
+                        + "batch sizes 1 to 4).")
+            }
         }
         let bn = r.curves.filter { $0.normalizer == "bn" }
         let none = r.curves.filter { $0.normalizer == "none" }

@@ -76,7 +76,7 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
     /// What forward keeps for backward.
     public struct Cache: Sendable {
         let input: Tensor<Scalar>
-        let whitened: Tensor<Scalar>
+        let whitened: [Double]
         let centred: [Matrix]
         let eigenvalues: [[Double]]
         let eigenvectors: [Matrix]
@@ -102,7 +102,8 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
     ) {
         try GroupWhitening.validate(x, channels: channelCount, layer: "DecorrelatedBatchNorm")
         let m = x.count / channelCount
-        var y = try Tensor<Scalar>(zeros: x.shape)
+        let xd = GroupWhitening.doubles(x)
+        var yd = [Double](repeating: 0, count: x.count)
         var centred: [Matrix] = []
         var values: [[Double]] = []
         var vectors: [Matrix] = []
@@ -115,7 +116,7 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
         }
         let f = momentum.weightOfNew(batchesTracked: 1)
         for (k, group) in groups.enumerated() {
-            let xg = GroupWhitening.gather(x, group)
+            let xg = GroupWhitening.gather(xd, shape: x.shape, group)
             if training {
                 let (mu, xc) = GroupWhitening.centre(xg)
                 let sigma = GroupWhitening.covariance(xc, epsilon: epsilon)
@@ -125,7 +126,7 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
                 var dScaled = d
                 for i in 0..<d.rows { for j in 0..<d.cols { dScaled[i, j] *= inverseRoot[j] } }
                 let w = Matrix.product(dScaled, d, transposeB: true)
-                GroupWhitening.scatter(w * xc, group, into: &y)
+                GroupWhitening.scatter(w * xc, group, shape: x.shape, into: &yd)
                 centred.append(xc)
                 values.append(lambda)
                 vectors.append(d)
@@ -140,12 +141,12 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
                     let mu = Double(runningMean.scalars[group.lowerBound + i])
                     for j in 0..<xc.cols { xc.values[i * xc.cols + j] -= mu }
                 }
-                GroupWhitening.scatter(runningProjections[k] * xc, group, into: &y)
+                GroupWhitening.scatter(runningProjections[k] * xc, group, shape: x.shape, into: &yd)
                 centred.append(xc)
                 projections.append(runningProjections[k])
             }
         }
-        guard y.isFinite || !x.isFinite else {
+        guard yd.allSatisfy(\.isFinite) || !x.isFinite else {
             throw NormError.nonFiniteStatistics(layer: "DecorrelatedBatchNorm")
         }
         if training {
@@ -155,8 +156,9 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
             runningMean = try Tensor(shape: [channelCount], rounding: newMean)
             runningProjections = newProjections
         }
-        let whitened = y
-        GroupWhitening.affine(&y, scale: scale, offset: offset)
+        let whitened = yd
+        GroupWhitening.affine(&yd, shape: x.shape, scale: scale, offset: offset)
+        let y = try Tensor<Scalar>(shape: x.shape, rounding: yd)
         return (
             y,
             Cache(
@@ -177,12 +179,14 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
         }
         let (g, dScale, dOffset) = try GroupWhitening.affineBackward(
             dy, whitened: cache.whitened, scale: scale)
-        var dx = try Tensor<Scalar>(zeros: dy.shape)
+        var dxd = [Double](repeating: 0, count: dy.count)
         for (k, group) in groups.enumerated() {
-            let dYw = GroupWhitening.gather(g, group)  // d × m
+            let dYw = GroupWhitening.gather(g, shape: dy.shape, group)  // d × m
             if !cache.training {
                 GroupWhitening.scatter(
-                    Matrix.product(cache.projections[k], dYw, transposeA: true), group, into: &dx)
+                    Matrix.product(cache.projections[k], dYw, transposeA: true), group,
+                    shape: dy.shape,
+                    into: &dxd)
                 continue
             }
             let lambda = cache.eigenvalues[k]
@@ -213,9 +217,10 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
             var inner = zh * s + dZ
             for r in 0..<inner.rows { for j in 0..<n { inner[r, j] -= colMeans[j] } }
             let dXrows = Matrix.product(inner, u, transposeB: true)
-            GroupWhitening.scatter(dXrows.transposed, group, into: &dx)
+            GroupWhitening.scatter(dXrows.transposed, group, shape: dy.shape, into: &dxd)
         }
-        return Gradients(input: dx, scale: dScale, offset: dOffset)
+        return Gradients(
+            input: try Tensor(shape: dy.shape, rounding: dxd), scale: dScale, offset: dOffset)
     }
 
     /// One line with the configuration.
@@ -293,7 +298,7 @@ public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
     /// What forward keeps for backward.
     public struct Cache: Sendable {
         let input: Tensor<Scalar>
-        let whitened: Tensor<Scalar>
+        let whitened: [Double]
         let centred: [Matrix]
         let sigma: [Matrix]
         let iterates: [[Matrix]]
@@ -334,7 +339,8 @@ public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
         if training && x.count / channelCount < 2 {
             throw NormError.singleValuePerStatistic(layer: "IterNorm", shape: x.shape)
         }
-        var y = try Tensor<Scalar>(zeros: x.shape)
+        let xd = GroupWhitening.doubles(x)
+        var yd = [Double](repeating: 0, count: x.count)
         var centred: [Matrix] = []
         var sigmas: [Matrix] = []
         var iterates: [[Matrix]] = []
@@ -343,12 +349,12 @@ public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
         var newWhitening = runningWhitening
         let f = momentum.weightOfNew(batchesTracked: 1)
         for (k, group) in groups.enumerated() {
-            let xg = GroupWhitening.gather(x, group)
+            let xg = GroupWhitening.gather(xd, shape: x.shape, group)
             if training {
                 let (mu, xc) = GroupWhitening.centre(xg)
                 let sigma = GroupWhitening.covariance(xc, epsilon: epsilon)
                 let (w, ps) = whitening(sigma)
-                GroupWhitening.scatter(w * xc, group, into: &y)
+                GroupWhitening.scatter(w * xc, group, shape: x.shape, into: &yd)
                 centred.append(xc)
                 sigmas.append(sigma)
                 iterates.append(ps)
@@ -363,7 +369,7 @@ public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
                     let mu = Double(runningMean.scalars[group.lowerBound + i])
                     for j in 0..<xc.cols { xc.values[i * xc.cols + j] -= mu }
                 }
-                GroupWhitening.scatter(runningWhitening[k] * xc, group, into: &y)
+                GroupWhitening.scatter(runningWhitening[k] * xc, group, shape: x.shape, into: &yd)
                 centred.append(xc)
                 whitenings.append(runningWhitening[k])
             }
@@ -375,8 +381,9 @@ public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
             runningMean = try Tensor(shape: [channelCount], rounding: newMean)
             runningWhitening = newWhitening
         }
-        let whitened = y
-        GroupWhitening.affine(&y, scale: scale, offset: offset)
+        let whitened = yd
+        GroupWhitening.affine(&yd, shape: x.shape, scale: scale, offset: offset)
+        let y = try Tensor<Scalar>(shape: x.shape, rounding: yd)
         return (
             y,
             Cache(
@@ -391,14 +398,15 @@ public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
         guard dy.shape == cache.input.shape else {
             throw NormError.gradientShapeMismatch(expected: cache.input.shape, actual: dy.shape)
         }
-        let (gTensor, dScale, dOffset) = try GroupWhitening.affineBackward(
+        let (gValues, dScale, dOffset) = try GroupWhitening.affineBackward(
             dy, whitened: cache.whitened, scale: scale)
-        var dx = try Tensor<Scalar>(zeros: dy.shape)
+        var dxd = [Double](repeating: 0, count: dy.count)
         for (k, group) in groups.enumerated() {
-            let g = GroupWhitening.gather(gTensor, group)
+            let g = GroupWhitening.gather(gValues, shape: dy.shape, group)
             let w = cache.whitening[k]
             if !cache.training {
-                GroupWhitening.scatter(Matrix.product(w, g, transposeA: true), group, into: &dx)
+                GroupWhitening.scatter(
+                    Matrix.product(w, g, transposeA: true), group, shape: dy.shape, into: &dxd)
                 continue
             }
             let xc = cache.centred[k]
@@ -435,9 +443,10 @@ public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
                 for j in 0..<g.cols { centredG[i, j] -= mean }
             }
             let dX = Matrix.product(w, centredG, transposeA: true) + (2 / m) * (dSym * xc)
-            GroupWhitening.scatter(dX, group, into: &dx)
+            GroupWhitening.scatter(dX, group, shape: dy.shape, into: &dxd)
         }
-        return Gradients(input: dx, scale: dScale, offset: dOffset)
+        return Gradients(
+            input: try Tensor(shape: dy.shape, rounding: dxd), scale: dScale, offset: dOffset)
     }
 
     /// One line with the configuration.

@@ -22,34 +22,60 @@ enum GroupWhitening {
         }
     }
 
-    /// The channels `group` of x as a d × m matrix (columns in (n, s) order).
-    static func gather<S: NormScalar>(_ x: Tensor<S>, _ group: Range<Int>) -> Matrix {
-        let (n, c) = (x.shape[0], x.shape[1])
+    /// The elements as Doubles (a specialized conversion for Float and Double: the generic
+    /// layers would otherwise pay a witness call per element).
+    static func doubles<S: NormScalar>(_ x: Tensor<S>) -> [Double] {
+        if let d = x as? Tensor<Double> { return d.scalars }
+        if let f = x as? Tensor<Float> { return f.scalars.map(Double.init) }
+        return x.scalars.map(Double.init)
+    }
+
+    /// The channels `group` of x (given as Doubles, shape `[N, C, …]`) as a d × m matrix.
+    static func gather(_ x: [Double], shape: [Int], _ group: Range<Int>) -> Matrix {
+        let (n, c) = (shape[0], shape[1])
         let l = x.count / (n * c)
         var out = Matrix(rows: group.count, cols: n * l)
-        x.withUnsafeBufferPointer { p in
-            for (i, ch) in group.enumerated() {
-                for b in 0..<n {
-                    let base = (b * c + ch) * l
-                    for s in 0..<l { out.values[i * n * l + b * l + s] = Double(p[base + s]) }
+        out.values.withUnsafeMutableBufferPointer { o in
+            x.withUnsafeBufferPointer { p in
+                for (i, ch) in group.enumerated() {
+                    for b in 0..<n {
+                        let base = (b * c + ch) * l
+                        let to = i * n * l + b * l
+                        for s in 0..<l { o[to + s] = p[base + s] }
+                    }
                 }
             }
         }
         return out
     }
 
-    /// Writes a d × m matrix into the channels `group` of `y`.
-    static func scatter<S: NormScalar>(_ m: Matrix, _ group: Range<Int>, into y: inout Tensor<S>) {
-        let (n, c) = (y.shape[0], y.shape[1])
+    /// The channels `group` of a tensor as a d × m matrix.
+    static func gather<S: NormScalar>(_ x: Tensor<S>, _ group: Range<Int>) -> Matrix {
+        gather(doubles(x), shape: x.shape, group)
+    }
+
+    /// Writes a d × m matrix into the channels `group` of `y` (Doubles, shape `[N, C, …]`).
+    static func scatter(_ m: Matrix, _ group: Range<Int>, shape: [Int], into y: inout [Double]) {
+        let (n, c) = (shape[0], shape[1])
         let l = y.count / (n * c)
         y.withUnsafeMutableBufferPointer { p in
-            for (i, ch) in group.enumerated() {
-                for b in 0..<n {
-                    let base = (b * c + ch) * l
-                    for s in 0..<l { p[base + s] = S(m.values[i * n * l + b * l + s]) }
+            m.values.withUnsafeBufferPointer { v in
+                for (i, ch) in group.enumerated() {
+                    for b in 0..<n {
+                        let base = (b * c + ch) * l
+                        let from = i * n * l + b * l
+                        for s in 0..<l { p[base + s] = v[from + s] }
+                    }
                 }
             }
         }
+    }
+
+    /// Writes a d × m matrix into the channels `group` of a tensor.
+    static func scatter<S: NormScalar>(_ m: Matrix, _ group: Range<Int>, into y: inout Tensor<S>) {
+        var values = doubles(y)
+        scatter(m, group, shape: y.shape, into: &values)
+        y = (try? Tensor(shape: y.shape, rounding: values)) ?? y
     }
 
     /// Row means of a d × m matrix, and the matrix centred by them.
@@ -72,39 +98,48 @@ enum GroupWhitening {
         return sigma
     }
 
-    /// y = γ_c·ŷ + β_c over a whole tensor, and the per-channel sums for dγ, dβ.
-    static func affine<S: NormScalar>(_ y: inout Tensor<S>, scale: Tensor<S>?, offset: Tensor<S>?) {
+    /// y = γ_c·ŷ + β_c over a whole tensor of Doubles.
+    static func affine<S: NormScalar>(
+        _ y: inout [Double], shape: [Int], scale: Tensor<S>?, offset: Tensor<S>?
+    ) {
         guard let scale, let offset else { return }
-        let (n, c) = (y.shape[0], y.shape[1])
+        let (n, c) = (shape[0], shape[1])
         let l = y.count / (n * c)
+        let gs = doubles(scale)
+        let os = doubles(offset)
         y.withUnsafeMutableBufferPointer { p in
             for b in 0..<n {
                 for ch in 0..<c {
-                    let g = scale.scalars[ch]
-                    let o = offset.scalars[ch]
-                    for s in 0..<l { p[(b * c + ch) * l + s] = p[(b * c + ch) * l + s] * g + o }
+                    let (g, o) = (gs[ch], os[ch])
+                    let base = (b * c + ch) * l
+                    for s in 0..<l { p[base + s] = p[base + s] * g + o }
                 }
             }
         }
     }
 
-    /// dŷ = dy·γ (per channel), dγ = Σ dy·ŷ, dβ = Σ dy.
+    /// dŷ = dy·γ (per channel), dγ = Σ dy·ŷ, dβ = Σ dy, with ŷ the whitened output (Doubles).
     static func affineBackward<S: NormScalar>(
-        _ dy: Tensor<S>, whitened: Tensor<S>, scale: Tensor<S>?
-    ) throws -> (Tensor<S>, Tensor<S>?, Tensor<S>?) {
-        guard let scale else { return (dy, nil, nil) }
+        _ dy: Tensor<S>, whitened: [Double], scale: Tensor<S>?
+    ) throws -> ([Double], Tensor<S>?, Tensor<S>?) {
+        var g = doubles(dy)
+        guard let scale else { return (g, nil, nil) }
         let (n, c) = (dy.shape[0], dy.shape[1])
         let l = dy.count / (n * c)
+        let gs = doubles(scale)
         var dg = [Double](repeating: 0, count: c)
         var db = [Double](repeating: 0, count: c)
-        var g = dy
-        for b in 0..<n {
-            for ch in 0..<c {
-                for s in 0..<l {
-                    let i = (b * c + ch) * l + s
-                    dg[ch] += Double(dy[flat: i]) * Double(whitened[flat: i])
-                    db[ch] += Double(dy[flat: i])
-                    g[flat: i] = dy[flat: i] * scale.scalars[ch]
+        g.withUnsafeMutableBufferPointer { p in
+            whitened.withUnsafeBufferPointer { w in
+                for b in 0..<n {
+                    for ch in 0..<c {
+                        let base = (b * c + ch) * l
+                        for s in 0..<l {
+                            dg[ch] += p[base + s] * w[base + s]
+                            db[ch] += p[base + s]
+                            p[base + s] *= gs[ch]
+                        }
+                    }
                 }
             }
         }

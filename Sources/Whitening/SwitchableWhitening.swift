@@ -62,16 +62,21 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
     /// Creates a Switchable Whitening layer.
     /// - Throws: ``NormError`` for a type other than 2, 3, 5 or a group size that does not divide C.
     public init(
-        channelCount: Int, groupSize: Int = 16, type: Int = 5, iterations: Int = 5, epsilon: Double = 1e-5,
+        channelCount: Int, groupSize: Int = 16, type: Int = 5, iterations: Int = 5,
+        epsilon: Double = 1e-5,
         momentum: Momentum = .keep(0.99)
     ) throws(NormError) {
         guard [2, 3, 5].contains(type) else {
-            throw .invalidHyperparameter(name: "sw_type", value: "\(type)", requirement: "must be 2, 3 or 5")
+            throw .invalidHyperparameter(
+                name: "sw_type", value: "\(type)", requirement: "must be 2, 3 or 5")
         }
         let d = min(groupSize, channelCount)
-        guard d >= 1, channelCount % d == 0 else { throw .groupsDoNotDivideChannels(groups: d, channels: channelCount) }
+        guard d >= 1, channelCount % d == 0 else {
+            throw .groupsDoNotDivideChannels(groups: d, channels: channelCount)
+        }
         guard iterations >= 1, epsilon > 0 else {
-            throw .invalidHyperparameter(name: "T, eps", value: "\(iterations), \(epsilon)", requirement: "positive")
+            throw .invalidHyperparameter(
+                name: "T, eps", value: "\(iterations), \(epsilon)", requirement: "positive")
         }
         try momentum.validate()
         self.channelCount = channelCount
@@ -101,7 +106,9 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
 
     /// The importance weights (BW, IW[, LN] or BW, IW, BN, IN, LN).
     public var importanceWeights: (components: [String], mean: [Double], variance: [Double]) {
-        let names = type == 2 ? ["BW", "IW"] : type == 3 ? ["BW", "IW", "LN"] : ["BW", "IW", "BN", "IN", "LN"]
+        let names =
+            type == 2
+            ? ["BW", "IW"] : type == 3 ? ["BW", "IW", "LN"] : ["BW", "IW", "BN", "IN", "LN"]
         return (names, Self.softmax(meanLogits), Self.softmax(varianceLogits))
     }
 
@@ -119,7 +126,7 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
     /// What forward keeps for backward.
     public struct Cache: Sendable {
         let input: Tensor<Scalar>
-        let whitened: Tensor<Scalar>
+        let whitened: [Double]
         let units: [[Unit]]  // [n][group]
         let meanBW: [[Double]]
         let covBW: [Matrix]
@@ -157,40 +164,50 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
 
     /// Whitens `x`.
     /// - Throws: ``NormError`` for a wrong shape or non-finite statistics.
-    public func forward(_ x: Tensor<Scalar>, mode: Mode) throws -> (output: Tensor<Scalar>, cache: Cache) {
+    public func forward(_ x: Tensor<Scalar>, mode: Mode) throws -> (
+        output: Tensor<Scalar>, cache: Cache
+    ) {
         try GroupWhitening.validate(x, channels: channelCount, layer: "SwitchableWhitening")
         for t in [meanLogits, varianceLogits] where t.count != type {
-            throw NormError.parameterShapeMismatch(name: "sw_mean_weight", expected: [type], actual: t.shape)
+            throw NormError.parameterShapeMismatch(
+                name: "sw_mean_weight", expected: [type], actual: t.shape)
         }
         let n = x.shape[0]
         let c = channelCount
         let l = x.count / (n * c)
         let batchIsConstant = mode.usesRunningStatistics
-        if mode == .training && n * l < 2 { throw NormError.singleValuePerStatistic(layer: "SwitchableWhitening", shape: x.shape) }
+        if mode == .training && n * l < 2 {
+            throw NormError.singleValuePerStatistic(layer: "SwitchableWhitening", shape: x.shape)
+        }
         let w = Self.softmax(meanLogits)
         let wv = Self.softmax(varianceLogits)
         let (em, ev) = effective(w, wv)
         // LN statistics per sample over all channels and positions (unbiased variance).
         var muLN = [Double](repeating: 0, count: n)
         var varLN = [Double](repeating: 0, count: n)
-        x.withUnsafeBufferPointer { p in
+        let xAll = GroupWhitening.doubles(x)
+        do {
             for b in 0..<n {
-                let values = p[(b * c * l)..<((b + 1) * c * l)].map(Double.init)
+                let values = xAll[(b * c * l)..<((b + 1) * c * l)]
                 let mean = values.reduce(0, +) / Double(values.count)
                 muLN[b] = mean
-                varLN[b] = values.count > 1 ? values.map { ($0 - mean) * ($0 - mean) }.reduce(0, +) / Double(values.count - 1) : 0
+                varLN[b] =
+                    values.count > 1
+                    ? values.map { ($0 - mean) * ($0 - mean) }.reduce(0, +)
+                        / Double(values.count - 1) : 0
             }
         }
         var meanBW: [[Double]] = []
         var covBW: [Matrix] = []
         var centredBW: [Matrix] = []
         var units = [[Unit]](repeating: [], count: n)
-        var y = try Tensor<Scalar>(zeros: x.shape)
+        let xd = GroupWhitening.doubles(x)
+        var yd = [Double](repeating: 0, count: x.count)
         var newMean = runningMean
         var newCov = runningCovariance
         let f = momentum.weightOfNew(batchesTracked: 1)
         for (k, group) in groups.enumerated() {
-            let xg = GroupWhitening.gather(x, group)  // d × (N·L)
+            let xg = GroupWhitening.gather(xd, shape: x.shape, group)  // d × (N·L)
             let d = group.count
             var mBW: [Double]
             var cBW: Matrix
@@ -203,7 +220,9 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
                 mBW = mean
                 cBW = (1 / Double(xc.cols)) * Matrix.product(xc, xc, transposeB: true)
                 centredBW.append(xc)
-                for (i, ch) in group.enumerated() { newMean[ch] = (1 - f) * runningMean[ch] + f * mean[i] }
+                for (i, ch) in group.enumerated() {
+                    newMean[ch] = (1 - f) * runningMean[ch] + f * mean[i]
+                }
                 newCov[k] = (1 - f) * runningCovariance[k] + f * cBW
             }
             meanBW.append(mBW)
@@ -221,7 +240,8 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
                     for j in 0..<d {
                         sigma[i, j] = ev[0] * cBW[i, j] + ev[1] * covIn[i, j]
                     }
-                    sigma[i, i] += ev[2] * cBW[i, i] + ev[3] * covIn[i, i] + ev[4] * varLN[b] + epsilon
+                    sigma[i, i] +=
+                        ev[2] * cBW[i, i] + ev[3] * covIn[i, i] + ev[4] * varLN[b] + epsilon
                 }
                 let (wm, iterates) = newton(sigma)
                 var xmu = xn
@@ -229,21 +249,27 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
                 let yn = wm * xmu
                 for i in 0..<d { for s in 0..<l { out[i, b * l + s] = yn[i, s] } }
                 units[b].append(
-                    Unit(x: xn, mu: mu, sigma: sigma, iterates: iterates, whitening: wm, meanIn: meanIn, covIn: covIn))
+                    Unit(
+                        x: xn, mu: mu, sigma: sigma, iterates: iterates, whitening: wm,
+                        meanIn: meanIn, covIn: covIn))
             }
-            GroupWhitening.scatter(out, group, into: &y)
+            GroupWhitening.scatter(out, group, shape: x.shape, into: &yd)
         }
-        guard y.isFinite else { throw NormError.nonFiniteStatistics(layer: "SwitchableWhitening") }
+        guard yd.allSatisfy(\.isFinite) else {
+            throw NormError.nonFiniteStatistics(layer: "SwitchableWhitening")
+        }
         if mode == .training {
             runningMean = newMean
             runningCovariance = newCov
         }
-        let whitened = y
-        GroupWhitening.affine(&y, scale: scale, offset: offset)
+        let whitened = yd
+        GroupWhitening.affine(&yd, shape: x.shape, scale: scale, offset: offset)
+        let y = try Tensor<Scalar>(shape: x.shape, rounding: yd)
         return (
             y,
             Cache(
-                input: x, whitened: whitened, units: units, meanBW: meanBW, covBW: covBW, centredBW: centredBW,
+                input: x, whitened: whitened, units: units, meanBW: meanBW, covBW: covBW,
+                centredBW: centredBW,
                 muLN: muLN, varLN: varLN, w: w, wv: wv, batchIsConstant: batchIsConstant)
         )
     }
@@ -275,7 +301,8 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
             let a3 = a2 * a
             dSn = dSn - 0.5 * Matrix.product(a3, dP, transposeA: true)
             let t1 = Matrix.product(dP, a2 * sn, transposeB: true)
-            let t2 = Matrix.product(Matrix.product(a, dP, transposeA: true), a * sn, transposeB: true)
+            let t2 = Matrix.product(
+                Matrix.product(a, dP, transposeA: true), a * sn, transposeB: true)
             let t3 = Matrix.product(Matrix.product(a2, dP, transposeA: true), sn, transposeB: true)
             dP = 1.5 * dP - 0.5 * (t1 + t2 + t3)
         }
@@ -288,25 +315,17 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
     /// Back-propagates through the whitening, the mixture and the statistics.
     public func backward(_ dy: Tensor<Scalar>, cache: Cache) throws -> Gradients {
         let x = cache.input
-        guard dy.shape == x.shape else { throw NormError.gradientShapeMismatch(expected: x.shape, actual: dy.shape) }
+        guard dy.shape == x.shape else {
+            throw NormError.gradientShapeMismatch(expected: x.shape, actual: dy.shape)
+        }
         let n = x.shape[0]
         let c = channelCount
         let l = x.count / (n * c)
         let (em, ev) = effective(cache.w, cache.wv)
         // dŷ and the affine gradients.
-        var dg = [Double](repeating: 0, count: c)
-        var db = [Double](repeating: 0, count: c)
-        var g = dy
-        for b in 0..<n {
-            for ch in 0..<c {
-                for s in 0..<l {
-                    let i = (b * c + ch) * l + s
-                    dg[ch] += Double(dy[flat: i]) * Double(cache.whitened[flat: i])
-                    db[ch] += Double(dy[flat: i])
-                    g[flat: i] = dy[flat: i] * scale.scalars[ch]
-                }
-            }
-        }
+        let (g, dScale, dOffset) = try GroupWhitening.affineBackward(
+            dy, whitened: cache.whitened, scale: scale)
+        let xd = GroupWhitening.doubles(x)
         var dx = [Double](repeating: 0, count: x.count)
         var aMean = [Double](repeating: 0, count: 3)  // Σ dμ·(BW, IW, LN) contributions
         var aVar = [Double](repeating: 0, count: 5)  // Σ ⟨dΣ, (BW, IW, diagBW, diagIW, LN·I)⟩
@@ -314,7 +333,7 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
         var dvarLN = [Double](repeating: 0, count: n)
         for (k, group) in groups.enumerated() {
             let d = group.count
-            let gk = GroupWhitening.gather(g, group)
+            let gk = GroupWhitening.gather(g, shape: dy.shape, group)
             var dMeanBW = [Double](repeating: 0, count: d)
             var dCovBW = Matrix(rows: d, cols: d)
             for b in 0..<n {
@@ -356,7 +375,8 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
                 let fromCov = (2 / Double(l)) * (dCovIn * xcIn)
                 for (i, ch) in group.enumerated() {
                     for s in 0..<l {
-                        dx[(b * c + ch) * l + s] += wtg[i, s] + dMeanIn[i] / Double(l) + fromCov[i, s]
+                        dx[(b * c + ch) * l + s] +=
+                            wtg[i, s] + dMeanIn[i] / Double(l) + fromCov[i, s]
                     }
                 }
             }
@@ -366,7 +386,9 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
                 let fromCov = (2 / m) * (dCovBW * xc)
                 for (i, ch) in group.enumerated() {
                     for b in 0..<n {
-                        for s in 0..<l { dx[(b * c + ch) * l + s] += dMeanBW[i] / m + fromCov[i, b * l + s] }
+                        for s in 0..<l {
+                            dx[(b * c + ch) * l + s] += dMeanBW[i] / m + fromCov[i, b * l + s]
+                        }
                     }
                 }
             }
@@ -377,7 +399,7 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
             for j in 0..<(c * l) {
                 let i = b * c * l + j
                 var v = dmuLN[b] / cl
-                if c * l > 1 { v += dvarLN[b] * 2 * (Double(x[flat: i]) - cache.muLN[b]) / (cl - 1) }
+                if c * l > 1 { v += dvarLN[b] * 2 * (xd[i] - cache.muLN[b]) / (cl - 1) }
                 dx[i] += v
             }
         }
@@ -400,8 +422,7 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
             return zip(w, a).map { $0 * ($1 - dot) }
         }
         return Gradients(
-            input: try Tensor(shape: x.shape, rounding: dx), scale: try Tensor(shape: [c], rounding: dg),
-            offset: try Tensor(shape: [c], rounding: db),
+            input: try Tensor(shape: x.shape, rounding: dx), scale: dScale!, offset: dOffset!,
             meanLogits: try Tensor(shape: [type], rounding: softmaxBackward(cache.w, dw)),
             varianceLogits: try Tensor(shape: [type], rounding: softmaxBackward(cache.wv, dwv)))
     }

@@ -155,3 +155,60 @@ struct WeightsCommandTests {
         }
     }
 }
+
+/// `normkit apply` for the whitening layers against the PyTorch fixtures (training mode).
+@Suite("normkit apply, whitening")
+struct WhiteningApplyTests {
+    @Test(arguments: [
+        ("dbn/rank4_group2", ["dbn", "--group-size", "2"]),
+        ("iternorm/rank4_group2_T3", ["iternorm", "--group-size", "2", "--iterations", "3"]),
+        ("switchwhiten/type5", ["switchwhiten", "--group-size", "2", "--sw-type", "5"]),
+    ])
+    func applyMatchesPyTorch(_ name: String, _ flags: [String]) throws {
+        let f = try RawFixture.load(name)
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "normkit-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        func path(_ n: String) -> String { dir.appendingPathComponent(n).path }
+        var params = Safetensors.File()
+        for key in ["weight", "bias", "sw_mean_weight", "sw_var_weight"] where f.has(key) {
+            params.tensors[key] = f.file.tensors[key]
+        }
+        try Safetensors.write(params, to: path("p.safetensors"))
+        try Numpy.write(f.tensor("x", as: Double.self), to: path("x.npy"))
+        try Numpy.write(f.tensor("dy", as: Double.self), to: path("dy.npy"))
+        var command = try NormKitCommand.parseAsRoot(
+            ["apply"] + flags + [
+                "--input", path("x.npy"), "--output", path("y.npy"), "--params",
+                path("p.safetensors"),
+                "--grad-output", path("dy.npy"), "--grad-input", path("dx.npy"), "--updated-params",
+                path("u.safetensors"),
+            ])
+        try command.run()
+        for (file, key) in [("y.npy", "y"), ("dx.npy", "dx")] {
+            let got = try Numpy.read(contentsOf: path(file)).tensor(as: Double.self)
+            let c = Comparison(got.scalars, (f.tensor(key) as Tensor<Double>).scalars)
+            #expect(c.relative < 1e-8, "\(name) \(key): \(c)")
+        }
+        #expect(FileManager.default.fileExists(atPath: path("u.safetensors")))
+    }
+
+    @Test func kalmanNormAloneIsRefusedWithAnExplanation() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "normkit-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let x = dir.appendingPathComponent("x.npy").path
+        try Numpy.write(try Tensor<Double>(zeros: [2, 3, 4]), to: x)
+        var command = try NormKitCommand.parseAsRoot([
+            "apply", "kalmannorm", "--input", x, "--output", x + ".y",
+        ])
+        do {
+            try command.run()
+            Issue.record("kalmannorm alone must be refused")
+        } catch {
+            #expect("\(error)".contains("batchnorm"))
+        }
+    }
+}

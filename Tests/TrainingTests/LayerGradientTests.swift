@@ -120,3 +120,39 @@ struct LayerGradientTests {
         }
     }
 }
+
+/// Kalman Normalization: gradients through the whole chain (input, γ, β, transitions, gains),
+/// and its first layer equals BatchNorm.
+@Suite("Kalman Normalization")
+struct KalmanNormTests {
+    @Test func gradientsThroughTheChainMatchFiniteDifferences() throws {
+        let net = try Models.make(
+            .convnet, normalizer: .kn, inputShape: [1, 4, 4], classes: 3, width: 2, groups: 1,
+            seed: 9, as: Double.self)
+        // Move the gains and transitions away from their initial values.
+        var g = SeededGenerator(seed: 10)
+        for p in net.parameters where p.group == "kalman" {
+            p.value = p.value.map { $0 + 0.3 * g.nextNormal() }
+        }
+        try LayerGradientTests.check(
+            net, try LayerGradientTests.input([4, 1, 4, 4], seed: 11), label: "KN convnet")
+    }
+
+    @Test func theFirstLayerIsBatchNorm() throws {
+        let chain = KalmanChain<Double>()
+        let kn = try KalmanNorm<Double>(channelCount: 3, chain: chain)
+        let bn = try BatchNorm<Double>(featureCount: 3)
+        let x = try LayerGradientTests.input([4, 3, 5], seed: 12)
+        let a = try kn.forward(x, mode: .training).0
+        let b = try bn.forward(x, mode: .training).output
+        #expect(Comparison(a.scalars, b.scalars).relative < 1e-12)
+    }
+
+    @Test func residualNetworksAreRefused() {
+        #expect(throws: TrainingError.self) {
+            _ = try Models.make(
+                .resnet, normalizer: .kn, inputShape: [1, 8, 8], classes: 3, seed: 1, as: Float.self
+            )
+        }
+    }
+}

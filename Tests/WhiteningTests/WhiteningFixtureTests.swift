@@ -8,9 +8,12 @@ import Testing
 /// versions of their official forward passes, with autograd gradients.
 @Suite("Whitening against PyTorch")
 struct WhiteningFixtureTests {
-    static let cases = RawFixture.names("dbn") + RawFixture.names("iternorm") + RawFixture.names("switchwhiten")
+    static let cases =
+        RawFixture.names("dbn") + RawFixture.names("iternorm") + RawFixture.names("switchwhiten")
 
-    static func run<T: NormScalar>(_ f: RawFixture, as _: T.Type) throws -> [(String, Tensor<T>, String)] {
+    static func run<T: NormScalar>(_ f: RawFixture, as _: T.Type) throws -> [(
+        String, Tensor<T>, String
+    )] {
         let x: Tensor<T> = f.tensor("x")
         let dy: Tensor<T> = f.tensor("dy")
         let c = x.shape[1]
@@ -23,18 +26,26 @@ struct WhiteningFixtureTests {
             layer.offset = bias
             let (y, cache) = try layer.forward(x, mode: .training)
             let g = try layer.backward(dy, cache: cache)
-            return [("y", y, "y"), ("dx", g.input, "dx"), ("dweight", g.scale!, "dweight"), ("dbias", g.offset!, "dbias")]
+            return [
+                ("y", y, "y"), ("dx", g.input, "dx"), ("dweight", g.scale!, "dweight"),
+                ("dbias", g.offset!, "dbias"),
+            ]
         }
         if f.name.hasPrefix("iternorm") {
-            let layer = try IterNorm<T>(channelCount: c, groupSize: group, iterations: Int(f.number("T") ?? 5))
+            let layer = try IterNorm<T>(
+                channelCount: c, groupSize: group, iterations: Int(f.number("T") ?? 5))
             layer.scale = weight
             layer.offset = bias
             let (y, cache) = try layer.forward(x, mode: .training)
             let g = try layer.backward(dy, cache: cache)
-            return [("y", y, "y"), ("dx", g.input, "dx"), ("dweight", g.scale!, "dweight"), ("dbias", g.offset!, "dbias")]
+            return [
+                ("y", y, "y"), ("dx", g.input, "dx"), ("dweight", g.scale!, "dweight"),
+                ("dbias", g.offset!, "dbias"),
+            ]
         }
         let layer = try SwitchableWhitening<T>(
-            channelCount: c, groupSize: group, type: Int(f.number("type") ?? 5), iterations: Int(f.number("T") ?? 5))
+            channelCount: c, groupSize: group, type: Int(f.number("type") ?? 5),
+            iterations: Int(f.number("T") ?? 5))
         layer.scale = weight
         layer.offset = bias
         layer.meanLogits = f.tensor("sw_mean_weight")
@@ -42,8 +53,10 @@ struct WhiteningFixtureTests {
         let (y, cache) = try layer.forward(x, mode: .training)
         let g = try layer.backward(dy, cache: cache)
         return [
-            ("y", y, "y"), ("dx", g.input, "dx"), ("dweight", g.scale, "dweight"), ("dbias", g.offset, "dbias"),
-            ("dsw_mean_weight", g.meanLogits, "dsw_mean_weight"), ("dsw_var_weight", g.varianceLogits, "dsw_var_weight"),
+            ("y", y, "y"), ("dx", g.input, "dx"), ("dweight", g.scale, "dweight"),
+            ("dbias", g.offset, "dbias"),
+            ("dsw_mean_weight", g.meanLogits, "dsw_mean_weight"),
+            ("dsw_var_weight", g.varianceLogits, "dsw_var_weight"),
         ]
     }
 

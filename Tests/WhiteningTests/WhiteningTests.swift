@@ -145,29 +145,40 @@ struct SwitchableWhiteningTests {
         let x = try WhiteningTests.data(shape, seed: UInt64(10 + type))
         var g = SeededGenerator(seed: 11)
         let dy = try Tensor<Double>.randomNormal(shape: shape, using: &g)
-        let layer = try SwitchableWhitening<Double>(channelCount: shape[1], groupSize: shape[1] == 6 ? 3 : 2, type: type, iterations: 4)
+        let layer = try SwitchableWhitening<Double>(
+            channelCount: shape[1], groupSize: shape[1] == 6 ? 3 : 2, type: type, iterations: 4)
         layer.meanLogits = layer.meanLogits.map { _ in g.nextNormal() }
         layer.varianceLogits = layer.varianceLogits.map { _ in g.nextNormal() }
         for mode in [Mode.training, .inference] {
             let (_, cache) = try layer.forward(x, mode: mode)
             let grads = try layer.backward(dy, cache: cache)
             func loss() throws -> Double {
-                zip(try layer.forward(x, mode: mode).output.scalars, dy.scalars).reduce(0) { $0 + $1.0 * $1.1 }
+                zip(try layer.forward(x, mode: mode).output.scalars, dy.scalars).reduce(0) {
+                    $0 + $1.0 * $1.1
+                }
             }
             let error = try WhiteningTests.finiteDifferences(
                 { try layer.forward($0, mode: mode).output }, grads.input, x: x, dy: dy)
             #expect(error < 1e-6, "type \(type) \(mode) dx: \(error)")
             for i in 0..<type {
                 for (label, analytic, perturb) in [
-                    ("mean", grads.meanLogits[flat: i], { (h: Double) in layer.meanLogits[flat: i] += h }),
-                    ("variance", grads.varianceLogits[flat: i], { (h: Double) in layer.varianceLogits[flat: i] += h }),
+                    (
+                        "mean", grads.meanLogits[flat: i],
+                        { (h: Double) in layer.meanLogits[flat: i] += h }
+                    ),
+                    (
+                        "variance", grads.varianceLogits[flat: i],
+                        { (h: Double) in layer.varianceLogits[flat: i] += h }
+                    ),
                 ] {
                     perturb(1e-6)
                     let plus = try loss()
                     perturb(-2e-6)
                     let minus = try loss()
                     perturb(1e-6)
-                    #expect(abs((plus - minus) / 2e-6 - analytic) < 1e-6 * max(1, abs(analytic)), "type \(type) \(mode) \(label) logit \(i)")
+                    #expect(
+                        abs((plus - minus) / 2e-6 - analytic) < 1e-6 * max(1, abs(analytic)),
+                        "type \(type) \(mode) \(label) logit \(i)")
                 }
             }
         }
@@ -178,7 +189,8 @@ struct SwitchableWhiteningTests {
         let layer = try SwitchableWhitening<Double>(channelCount: 4, groupSize: 2, type: 5)
         let (_, cache) = try layer.forward(x, mode: .training)
         var g = SeededGenerator(seed: 21)
-        let grads = try layer.backward(try Tensor.randomNormal(shape: x.shape, using: &g), cache: cache)
+        let grads = try layer.backward(
+            try Tensor.randomNormal(shape: x.shape, using: &g), cache: cache)
         // w′₂ and w′₃ only enter through the softmax normalisation.
         let w = layer.importanceWeights.variance
         let a2 = grads.varianceLogits[flat: 2] / w[2]
@@ -188,7 +200,8 @@ struct SwitchableWhiteningTests {
 
     @Test func batchWhiteningAloneWhitensTheBatch() throws {
         let x = try WhiteningTests.data([64, 4, 3], seed: 22)
-        let layer = try SwitchableWhitening<Double>(channelCount: 4, groupSize: 4, type: 2, iterations: 20, epsilon: 1e-9)
+        let layer = try SwitchableWhitening<Double>(
+            channelCount: 4, groupSize: 4, type: 2, iterations: 20, epsilon: 1e-9)
         layer.meanLogits = Tensor([60, 0])
         layer.varianceLogits = Tensor([60, 0])
         let y = try layer.forward(x, mode: .training).output

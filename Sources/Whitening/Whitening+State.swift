@@ -1,0 +1,148 @@
+import NormKit
+
+/// Packs per-group d × d matrices into one `[G, d, d]` tensor (equal group sizes) and back.
+enum GroupMatrices {
+    static func pack<S: NormScalar>(_ matrices: [Matrix]) throws -> Tensor<S> {
+        let d = matrices.first?.rows ?? 0
+        guard matrices.allSatisfy({ $0.rows == d }) else {
+            throw NormError.invalidHyperparameter(
+                name: "groups", value: "unequal sizes",
+                requirement: "checkpoints need equal group sizes")
+        }
+        return try Tensor(shape: [matrices.count, d, d], rounding: matrices.flatMap(\.values))
+    }
+
+    static func unpack<S: NormScalar>(_ t: Tensor<S>, like matrices: [Matrix], name: String) throws
+        -> [Matrix]
+    {
+        let total = matrices.reduce(0) { $0 + $1.values.count }
+        guard t.count == total else {
+            throw NormError.parameterShapeMismatch(
+                name: name,
+                expected: [matrices.count, matrices.first?.rows ?? 0, matrices.first?.rows ?? 0],
+                actual: t.shape)
+        }
+        var offset = 0
+        return matrices.map { m in
+            let values = t.scalars[offset..<(offset + m.values.count)].map(Double.init)
+            offset += m.values.count
+            return Matrix(rows: m.rows, cols: m.cols, values: values)
+        }
+    }
+
+    static func vector<S: NormScalar>(_ t: Tensor<S>, count: Int, name: String) throws -> [Double] {
+        guard t.count == count else {
+            throw NormError.parameterShapeMismatch(name: name, expected: [count], actual: t.shape)
+        }
+        return t.scalars.map(Double.init)
+    }
+}
+
+extension DecorrelatedBatchNorm {
+    /// `weight`, `bias`, `running_mean` [C], `running_projection` [G, d, d].
+    public func state() throws -> [String: Tensor<Scalar>] {
+        var out: [String: Tensor<Scalar>] = [
+            "running_mean": runningMean,
+            "running_projection": try GroupMatrices.pack(runningProjections),
+        ]
+        if let scale, let offset {
+            out["weight"] = scale
+            out["bias"] = offset
+        }
+        return out
+    }
+
+    /// Loads the entries of ``state()`` (any shape with the right element count).
+    public func load(_ t: [String: Tensor<Scalar>]) throws {
+        let projections = try t["running_projection"].map {
+            try GroupMatrices.unpack($0, like: runningProjections, name: "running_projection")
+        }
+        let mean = try t["running_mean"].map {
+            try GroupMatrices.vector($0, count: channelCount, name: "running_mean")
+        }
+        let w = try t["weight"].map {
+            try GroupMatrices.vector($0, count: channelCount, name: "weight")
+        }
+        let b = try t["bias"].map {
+            try GroupMatrices.vector($0, count: channelCount, name: "bias")
+        }
+        if let projections { runningProjections = projections }
+        if let mean { runningMean = try Tensor(shape: [channelCount], rounding: mean) }
+        if let w { scale = try Tensor(shape: [channelCount], rounding: w) }
+        if let b { offset = try Tensor(shape: [channelCount], rounding: b) }
+    }
+}
+
+extension IterNorm {
+    /// `weight`, `bias`, `running_mean` [C], `running_wm` [G, d, d].
+    public func state() throws -> [String: Tensor<Scalar>] {
+        var out: [String: Tensor<Scalar>] = [
+            "running_mean": runningMean, "running_wm": try GroupMatrices.pack(runningWhitening),
+        ]
+        if let scale, let offset {
+            out["weight"] = scale
+            out["bias"] = offset
+        }
+        return out
+    }
+
+    /// Loads the entries of ``state()`` (any shape with the right element count).
+    public func load(_ t: [String: Tensor<Scalar>]) throws {
+        let wm = try t["running_wm"].map {
+            try GroupMatrices.unpack($0, like: runningWhitening, name: "running_wm")
+        }
+        let mean = try t["running_mean"].map {
+            try GroupMatrices.vector($0, count: channelCount, name: "running_mean")
+        }
+        let w = try t["weight"].map {
+            try GroupMatrices.vector($0, count: channelCount, name: "weight")
+        }
+        let b = try t["bias"].map {
+            try GroupMatrices.vector($0, count: channelCount, name: "bias")
+        }
+        if let wm { runningWhitening = wm }
+        if let mean { runningMean = try Tensor(shape: [channelCount], rounding: mean) }
+        if let w { scale = try Tensor(shape: [channelCount], rounding: w) }
+        if let b { offset = try Tensor(shape: [channelCount], rounding: b) }
+    }
+}
+
+extension SwitchableWhitening {
+    /// `weight`, `bias`, `sw_mean_weight`, `sw_var_weight`, `running_mean` [C], `running_cov` [G, d, d].
+    public func state() throws -> [String: Tensor<Scalar>] {
+        [
+            "weight": scale, "bias": offset, "sw_mean_weight": meanLogits,
+            "sw_var_weight": varianceLogits,
+            "running_mean": try Tensor(shape: [channelCount], rounding: runningMean),
+            "running_cov": try GroupMatrices.pack(runningCovariance),
+        ]
+    }
+
+    /// Loads the entries of ``state()`` (any shape with the right element count).
+    public func load(_ t: [String: Tensor<Scalar>]) throws {
+        let cov = try t["running_cov"].map {
+            try GroupMatrices.unpack($0, like: runningCovariance, name: "running_cov")
+        }
+        let mean = try t["running_mean"].map {
+            try GroupMatrices.vector($0, count: channelCount, name: "running_mean")
+        }
+        let w = try t["weight"].map {
+            try GroupMatrices.vector($0, count: channelCount, name: "weight")
+        }
+        let b = try t["bias"].map {
+            try GroupMatrices.vector($0, count: channelCount, name: "bias")
+        }
+        let ml = try t["sw_mean_weight"].map {
+            try GroupMatrices.vector($0, count: type, name: "sw_mean_weight")
+        }
+        let vl = try t["sw_var_weight"].map {
+            try GroupMatrices.vector($0, count: type, name: "sw_var_weight")
+        }
+        if let cov { runningCovariance = cov }
+        if let mean { runningMean = mean }
+        if let w { scale = try Tensor(shape: [channelCount], rounding: w) }
+        if let b { offset = try Tensor(shape: [channelCount], rounding: b) }
+        if let ml { meanLogits = try Tensor(shape: [type], rounding: ml) }
+        if let vl { varianceLogits = try Tensor(shape: [type], rounding: vl) }
+    }
+}
