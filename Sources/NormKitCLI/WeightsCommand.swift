@@ -79,13 +79,7 @@ public struct ImportanceReport: Sendable {
             let weights: (Tensor<Double>) -> [Double]
             if layer == "metanorm" {
                 names = aggregations.split(separator: ",").map { String($0).uppercased() }
-                weights = { t in
-                    let v = t.scalars
-                    let top = v.max() ?? 0
-                    let e = v.map { exp($0 - top) }
-                    let total = e.reduce(0, +)
-                    return e.map { $0 / total }
-                }
+                weights = { MixtureWeights.softmax($0.scalars) }
             } else {
                 names = k == 2 ? ["IN", "LN"] : ["IN", "LN", "BN"]
                 let fileRadius = (try? file.tensor(prefix + "radius", as: Double.self))?.scalars
@@ -95,11 +89,7 @@ public struct ImportanceReport: Sendable {
                     if layer == "sparseswitchnorm" {
                         return SparsestMax.evaluate(t.scalars, radius: r).p
                     }
-                    let v = t.scalars
-                    let top = v.max() ?? 0
-                    let e = v.map { exp($0 - top) }
-                    let total = e.reduce(0, +)
-                    return e.map { $0 / total }
+                    return MixtureWeights.softmax(t.scalars)
                 }
             }
             guard names.count == k else {

@@ -105,11 +105,7 @@ public final class MetaNorm<Scalar: NormScalar>: CustomStringConvertible {
     }
 
     func softmax(_ t: Tensor<Scalar>) -> [Double] {
-        let v = t.scalars.map(Double.init)
-        let top = v.max() ?? 0
-        let e = v.map { exp($0 - top) }
-        let total = e.reduce(0, +)
-        return e.map { $0 / total }
+        MixtureWeights.softmax(t.scalars.map(Double.init))
     }
 
     /// What forward keeps for backward.
@@ -306,10 +302,6 @@ public final class MetaNorm<Scalar: NormScalar>: CustomStringConvertible {
         }
         // The blocks' means are over |B| entries; blockMean already divided by |B|, and each
         // entry's share of Σ_B is the same, which is what mean_B of the upstream gives.
-        func softmaxBackward(_ w: [Double], _ a: [Double]) -> [Double] {
-            let dot = zip(w, a).reduce(0) { $0 + $1.0 * $1.1 }
-            return zip(w, a).map { $0 * ($1 - dot) }
-        }
         let l = Double(cache.spatial)
         let b = dV.map { 2 * $0 / l }
         let cc = dM.map { $0 / l }
@@ -325,8 +317,10 @@ public final class MetaNorm<Scalar: NormScalar>: CustomStringConvertible {
             return Gradients(
                 input: dx, scale: try Tensor(shape: [c], rounding: sums.scaleGradient),
                 offset: try Tensor(shape: [c], rounding: sums.offsetGradient),
-                meanLogits: try Tensor(shape: [k], rounding: softmaxBackward(cache.w, aMean)),
-                varianceLogits: try Tensor(shape: [k], rounding: softmaxBackward(cache.wv, aVar)))
+                meanLogits: try Tensor(
+                    shape: [k], rounding: MixtureWeights.softmaxBackward(cache.w, aMean)),
+                varianceLogits: try Tensor(
+                    shape: [k], rounding: MixtureWeights.softmaxBackward(cache.wv, aVar)))
         } catch { throw .tensor(error) }
     }
 

@@ -167,18 +167,8 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
         }
         switch weighting {
         case .softmax:
-            let top = v.max() ?? 0
-            let e: [Double] = v.map { exp($0 - top) }
-            let total = e.reduce(0, +)
-            let w: [Double] = e.map { $0 / total }
-            var j = [[Double]](repeating: [Double](repeating: 0, count: k), count: k)
-            for i in 0..<k {
-                for l in 0..<k {
-                    let delta: Double = i == l ? 1 : 0
-                    j[i][l] = w[i] * (delta - w[l])
-                }
-            }
-            return (w, j)
+            let w = MixtureWeights.softmax(v)
+            return (w, MixtureWeights.softmaxJacobian(w))
         case .sparsestMax:
             let result = SparsestMax.evaluate(v, radius: radius)
             return (result.p, result.jacobian)

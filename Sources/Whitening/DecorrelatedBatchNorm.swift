@@ -316,19 +316,6 @@ public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
         public var offset: Tensor<Scalar>?
     }
 
-    /// The whitening matrix of a covariance and the Newton iterates P₀…P_T.
-    func whitening(_ sigma: Matrix) -> (Matrix, [Matrix]) {
-        let tr = sigma.trace
-        let sn = (1 / tr) * sigma
-        var p = Matrix.identity(sigma.rows)
-        var iterates = [p]
-        for _ in 0..<iterations {
-            p = 1.5 * p - 0.5 * (p * p * p * sn)
-            iterates.append(p)
-        }
-        return ((1 / tr.squareRoot()) * p, iterates)
-    }
-
     /// Whitens `x`.
     /// - Throws: ``NormError`` for a wrong shape or a single sample per statistic in training.
     public func forward(_ x: Tensor<Scalar>, mode: Mode) throws -> (
@@ -353,7 +340,7 @@ public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
             if training {
                 let (mu, xc) = GroupWhitening.centre(xg)
                 let sigma = GroupWhitening.covariance(xc, epsilon: epsilon)
-                let (w, ps) = whitening(sigma)
+                let (w, ps) = NewtonWhitening.forward(sigma, iterations: iterations)
                 GroupWhitening.scatter(w * xc, group, shape: x.shape, into: &yd)
                 centred.append(xc)
                 sigmas.append(sigma)
@@ -410,31 +397,10 @@ public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
                 continue
             }
             let xc = cache.centred[k]
-            let sigma = cache.sigma[k]
-            let ps = cache.iterates[k]
             let m = Double(xc.cols)
-            let tr = sigma.trace
-            let sn = (1 / tr) * sigma
             let dW = Matrix.product(g, xc, transposeB: true)
-            var dP = (1 / tr.squareRoot()) * dW
-            let dtr = -0.5 * pow(tr, -1.5) * Matrix.frobenius(dW, ps[iterations])
-            var dSn = Matrix(rows: sigma.rows, cols: sigma.cols)
-            for step in stride(from: iterations, through: 1, by: -1) {
-                let a = ps[step - 1]
-                let a2 = a * a
-                let a3 = a2 * a
-                dSn = dSn - 0.5 * Matrix.product(a3, dP, transposeA: true)
-                let t1 = Matrix.product(dP, a2 * sn, transposeB: true)
-                let t2 = Matrix.product(
-                    Matrix.product(a, dP, transposeA: true), a * sn, transposeB: true)
-                let t3 = Matrix.product(
-                    Matrix.product(a2, dP, transposeA: true), sn, transposeB: true)
-                dP = 1.5 * dP - 0.5 * (t1 + t2 + t3)
-            }
-            var dSigma = (1 / tr) * dSn
-            let diagonal = dtr - Matrix.frobenius(dSn, sigma) / (tr * tr)
-            for i in 0..<dSigma.rows { dSigma[i, i] += diagonal }
-            let dSym = 0.5 * (dSigma + dSigma.transposed)
+            let dSym = NewtonWhitening.backward(
+                dW, sigma: cache.sigma[k], iterates: cache.iterates[k])
             var centredG = g
             for i in 0..<g.rows {
                 var mean = 0.0

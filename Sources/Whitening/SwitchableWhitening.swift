@@ -97,11 +97,7 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
     }
 
     static func softmax(_ t: Tensor<Scalar>) -> [Double] {
-        let v = t.scalars.map(Double.init)
-        let top = v.max() ?? 0
-        let e = v.map { exp($0 - top) }
-        let total = e.reduce(0, +)
-        return e.map { $0 / total }
+        MixtureWeights.softmax(t.scalars.map(Double.init))
     }
 
     /// The importance weights (BW, IW[, LN] or BW, IW, BN, IN, LN).
@@ -243,7 +239,7 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
                     sigma[i, i] +=
                         ev[2] * cBW[i, i] + ev[3] * covIn[i, i] + ev[4] * varLN[b] + epsilon
                 }
-                let (wm, iterates) = newton(sigma)
+                let (wm, iterates) = NewtonWhitening.forward(sigma, iterations: iterations)
                 var xmu = xn
                 for i in 0..<d { for s in 0..<l { xmu[i, s] -= mu[i] } }
                 let yn = wm * xmu
@@ -272,44 +268,6 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
                 centredBW: centredBW,
                 muLN: muLN, varLN: varLN, w: w, wv: wv, batchIsConstant: batchIsConstant)
         )
-    }
-
-    func newton(_ sigma: Matrix) -> (Matrix, [Matrix]) {
-        let tr = sigma.trace
-        let sn = (1 / tr) * sigma
-        var p = Matrix.identity(sigma.rows)
-        var iterates = [p]
-        for _ in 0..<iterations {
-            p = 1.5 * p - 0.5 * (p * p * p * sn)
-            iterates.append(p)
-        }
-        return ((1 / tr.squareRoot()) * p, iterates)
-    }
-
-    /// dΣ (symmetrised) of a Newton whitening from dW = dL/dW (IterNorm's backward).
-    func newtonBackward(_ dW: Matrix, _ unit: Unit) -> Matrix {
-        let sigma = unit.sigma
-        let ps = unit.iterates
-        let tr = sigma.trace
-        let sn = (1 / tr) * sigma
-        var dP = (1 / tr.squareRoot()) * dW
-        let dtr = -0.5 * pow(tr, -1.5) * Matrix.frobenius(dW, ps[iterations])
-        var dSn = Matrix(rows: sigma.rows, cols: sigma.cols)
-        for step in stride(from: iterations, through: 1, by: -1) {
-            let a = ps[step - 1]
-            let a2 = a * a
-            let a3 = a2 * a
-            dSn = dSn - 0.5 * Matrix.product(a3, dP, transposeA: true)
-            let t1 = Matrix.product(dP, a2 * sn, transposeB: true)
-            let t2 = Matrix.product(
-                Matrix.product(a, dP, transposeA: true), a * sn, transposeB: true)
-            let t3 = Matrix.product(Matrix.product(a2, dP, transposeA: true), sn, transposeB: true)
-            dP = 1.5 * dP - 0.5 * (t1 + t2 + t3)
-        }
-        var dSigma = (1 / tr) * dSn
-        let diagonal = dtr - Matrix.frobenius(dSn, sigma) / (tr * tr)
-        for i in 0..<dSigma.rows { dSigma[i, i] += diagonal }
-        return 0.5 * (dSigma + dSigma.transposed)
     }
 
     /// Back-propagates through the whitening, the mixture and the statistics.
@@ -343,7 +301,8 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
                 var xmu = unit.x
                 for i in 0..<d { for s in 0..<l { xmu[i, s] -= unit.mu[i] } }
                 let dW = Matrix.product(gn, xmu, transposeB: true)
-                let dSigma = newtonBackward(dW, unit)
+                let dSigma = NewtonWhitening.backward(
+                    dW, sigma: unit.sigma, iterates: unit.iterates)
                 let wtg = Matrix.product(unit.whitening, gn, transposeA: true)  // direct dX
                 var dmu = [Double](repeating: 0, count: d)
                 for i in 0..<d { for s in 0..<l { dmu[i] -= wtg[i, s] } }
@@ -417,14 +376,12 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
             dw = [aMean[0], aMean[1], aMean[0], aMean[1], aMean[2]]
             dwv = [aVar[0] + aVar[2], aVar[1] + aVar[3], 0, 0, aVar[4]]
         }
-        func softmaxBackward(_ w: [Double], _ a: [Double]) -> [Double] {
-            let dot = zip(w, a).reduce(0) { $0 + $1.0 * $1.1 }
-            return zip(w, a).map { $0 * ($1 - dot) }
-        }
         return Gradients(
             input: try Tensor(shape: x.shape, rounding: dx), scale: dScale!, offset: dOffset!,
-            meanLogits: try Tensor(shape: [type], rounding: softmaxBackward(cache.w, dw)),
-            varianceLogits: try Tensor(shape: [type], rounding: softmaxBackward(cache.wv, dwv)))
+            meanLogits: try Tensor(
+                shape: [type], rounding: MixtureWeights.softmaxBackward(cache.w, dw)),
+            varianceLogits: try Tensor(
+                shape: [type], rounding: MixtureWeights.softmaxBackward(cache.wv, dwv)))
     }
 
     /// One line with the configuration.
