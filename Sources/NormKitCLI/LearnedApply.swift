@@ -100,6 +100,30 @@ struct LearnedAdapter<T: NormScalar> {
     /// dL/dx and the parameter gradients by checkpoint name, for the last forward.
     var backward: (Tensor<T>) throws -> (Tensor<T>, [String: Tensor<T>])
     var state: () -> ([String: Tensor<T>], Int?)
+
+    /// An adapter for a layer whose forward returns (output, cache): keeps the last cache for
+    /// backward.
+    init<Cache>(
+        load: @escaping ([String: Tensor<T>], Int?) throws -> Void,
+        forward: @escaping (Tensor<T>, Mode) throws -> (Tensor<T>, Cache),
+        backward: @escaping (Tensor<T>, Cache) throws -> (Tensor<T>, [String: Tensor<T>]),
+        state: @escaping () -> ([String: Tensor<T>], Int?)
+    ) {
+        var last: Cache?
+        self.load = load
+        self.forward = { x, mode in
+            let (y, c) = try forward(x, mode)
+            last = c
+            return y
+        }
+        self.backward = { dy in
+            guard let c = last else {
+                throw NormError.gradientShapeMismatch(expected: [], actual: dy.shape)
+            }
+            return try backward(dy, c)
+        }
+        self.state = state
+    }
 }
 
 extension ApplyRequest {
@@ -173,19 +197,14 @@ extension ApplyRequest {
                 channelCount: channels, epsilon: eps, momentum: .keep(keep), usesBatchNorm: usesBN,
                 runningEstimate: learned.movingAverage ? .movingAverage : .batchAverage,
                 weighting: name == .switchnorm ? .softmax : .sparsestMax, layout: layout)
-            var cache: SwitchableNorm<T>.Cache?
             return LearnedAdapter(
                 load: { tensors, _ in
                     try layer.load(tensors)
                     if let radius = learned.radius { layer.radius = radius }
                 },
-                forward: { input, mode in
-                    let (y, c) = try layer.forward(input, mode: mode)
-                    cache = c
-                    return y
-                },
-                backward: { dy in
-                    let g = try layer.backward(dy, cache: cache!)
+                forward: { try layer.forward($0, mode: $1) },
+                backward: { dy, cache in
+                    let g = try layer.backward(dy, cache: cache)
                     return (
                         g.input,
                         [
@@ -199,16 +218,11 @@ extension ApplyRequest {
             let layer = try MetaNorm<T>(
                 channelCount: channels, aggregations: try learned.parsedAggregations(),
                 epsilon: eps, layout: layout)
-            var cache: MetaNorm<T>.Cache?
             return LearnedAdapter(
                 load: { tensors, _ in try layer.load(tensors) },
-                forward: { input, mode in
-                    let (y, c) = try layer.forward(input, mode: mode)
-                    cache = c
-                    return y
-                },
-                backward: { dy in
-                    let g = try layer.backward(dy, cache: cache!)
+                forward: { try layer.forward($0, mode: $1) },
+                backward: { dy, cache in
+                    let g = try layer.backward(dy, cache: cache)
                     return (
                         g.input,
                         [
@@ -221,16 +235,11 @@ extension ApplyRequest {
         case .ibn:
             let layer = try IBN<T>(
                 channelCount: channels, ratio: learned.ratio, epsilon: eps, layout: layout)
-            var cache: IBN<T>.Cache?
             return LearnedAdapter(
                 load: { tensors, counter in try layer.load(tensors, batchesTracked: counter) },
-                forward: { input, mode in
-                    let (y, c) = try layer.forward(input, mode: mode)
-                    cache = c
-                    return y
-                },
-                backward: { dy in
-                    let g = try layer.backward(dy, cache: cache!)
+                forward: { try layer.forward($0, mode: $1) },
+                backward: { dy, cache in
+                    let g = try layer.backward(dy, cache: cache)
                     var grads: [String: Tensor<T>] = [:]
                     if let t = g.instance.scale { grads["IN.weight"] = t }
                     if let t = g.instance.offset { grads["IN.bias"] = t }
@@ -248,16 +257,11 @@ extension ApplyRequest {
         case .dbn:
             let layer = try DecorrelatedBatchNorm<T>(
                 channelCount: channels, groupSize: learned.groupSize, epsilon: eps)
-            var cache: DecorrelatedBatchNorm<T>.Cache?
             return LearnedAdapter(
                 load: { tensors, _ in try layer.load(tensors) },
-                forward: { input, mode in
-                    let (y, c) = try layer.forward(input, mode: mode)
-                    cache = c
-                    return y
-                },
-                backward: { dy in
-                    let g = try layer.backward(dy, cache: cache!)
+                forward: { try layer.forward($0, mode: $1) },
+                backward: { dy, cache in
+                    let g = try layer.backward(dy, cache: cache)
                     var grads: [String: Tensor<T>] = [:]
                     if let s = g.scale { grads["weight"] = s }
                     if let o = g.offset { grads["bias"] = o }
@@ -268,16 +272,11 @@ extension ApplyRequest {
             let layer = try IterNorm<T>(
                 channelCount: channels, groupSize: learned.groupSize,
                 iterations: learned.iterations, epsilon: eps)
-            var cache: IterNorm<T>.Cache?
             return LearnedAdapter(
                 load: { tensors, _ in try layer.load(tensors) },
-                forward: { input, mode in
-                    let (y, c) = try layer.forward(input, mode: mode)
-                    cache = c
-                    return y
-                },
-                backward: { dy in
-                    let g = try layer.backward(dy, cache: cache!)
+                forward: { try layer.forward($0, mode: $1) },
+                backward: { dy, cache in
+                    let g = try layer.backward(dy, cache: cache)
                     var grads: [String: Tensor<T>] = [:]
                     if let s = g.scale { grads["weight"] = s }
                     if let o = g.offset { grads["bias"] = o }
@@ -289,16 +288,11 @@ extension ApplyRequest {
                 channelCount: channels, groupSize: learned.groupSize ?? 16,
                 type: learned.switchType,
                 iterations: learned.iterations, epsilon: eps)
-            var cache: SwitchableWhitening<T>.Cache?
             return LearnedAdapter(
                 load: { tensors, _ in try layer.load(tensors) },
-                forward: { input, mode in
-                    let (y, c) = try layer.forward(input, mode: mode)
-                    cache = c
-                    return y
-                },
-                backward: { dy in
-                    let g = try layer.backward(dy, cache: cache!)
+                forward: { try layer.forward($0, mode: $1) },
+                backward: { dy, cache in
+                    let g = try layer.backward(dy, cache: cache)
                     return (
                         g.input,
                         [
@@ -313,16 +307,11 @@ extension ApplyRequest {
                 channelCount: channels, epsilon: eps,
                 momentum: .exponential(weightOfNew: learned.momentum ?? 0.01),
                 limits: .fixed(rMax: learned.rMax, dMax: learned.dMax), layout: layout)
-            var cache: BatchRenorm<T>.Cache?
             return LearnedAdapter(
                 load: { tensors, counter in try layer.load(tensors, step: counter) },
-                forward: { input, mode in
-                    let (y, c) = try layer.forward(input, mode: mode)
-                    cache = c
-                    return y
-                },
-                backward: { dy in
-                    let g = try layer.backward(dy, cache: cache!)
+                forward: { try layer.forward($0, mode: $1) },
+                backward: { dy, cache in
+                    let g = try layer.backward(dy, cache: cache)
                     return (g.input, ["weight": g.scale, "bias": g.offset])
                 },
                 state: { (layer.state(), layer.step) })
