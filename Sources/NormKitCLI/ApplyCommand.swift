@@ -41,8 +41,11 @@ struct ApplyCommand: ParsableCommand {
     @Option(help: "Number of groups (groupnorm).")
     var groups: Int?
 
-    @Option(help: "Number of trailing dimensions to normalize (layernorm, rmsnorm; default 1).")
-    var normalizedDims: Int = 1
+    @Option(
+        help:
+            "Trailing dimensions to normalize (layernorm, rmsnorm; default: the rank of weight in --params, else 1)."
+    )
+    var normalizedDims: Int?
 
     @Option(help: "Channel axis position: nchw (default) or nhwc.")
     var layout: String = "nchw"
@@ -137,7 +140,8 @@ struct ApplyCommand: ParsableCommand {
                 o.epsilon = eps
                 o.momentum = (try? parsedMomentum()) ?? .pytorchDefault
                 o.groups = groups
-                o.normalizedDims = normalizedDims
+                o.normalizedDims = normalizedDims ?? 1
+                o.inferNormalizedDims = normalizedDims == nil
                 o.layout = Layout(rawValue: layout.lowercased()) ?? .channelsFirst
                 o.affine = affine
                 o.trackRunningStatistics = trackRunningStats
@@ -199,6 +203,14 @@ public struct ApplyRequest: Sendable {
     private func compute<T: NormScalar>(_ x: Tensor<T>, state: Safetensors.File?) throws {
         guard let standard = StandardLayer(rawValue: self.layer) else {
             return try computeLearned(x, state: state)
+        }
+        var options = self.options
+        // LayerNorm and RMSNorm: without --normalized-dims, the weight's rank says how many
+        // trailing dimensions PyTorch's normalized_shape had.
+        if options.inferNormalizedDims, [.layernorm, .rmsnorm].contains(standard),
+            let weight = state?.tensors["weight"], !weight.shape.isEmpty
+        {
+            options.normalizedDims = weight.shape.count
         }
         let names = Set(state?.tensors.keys.map { $0 } ?? [])
         let layer = try standard.make(

@@ -43,6 +43,9 @@ public struct LayerOptions: Sendable {
     public var groups: Int?
     /// LayerNorm's and RMSNorm's K.
     public var normalizedDims: Int = 1
+    /// Whether a caller may infer ``normalizedDims`` from a parameter's rank (the CLI does when
+    /// `--normalized-dims` is not given).
+    public var inferNormalizedDims = false
     /// Channel axis.
     public var layout: Layout = .channelsFirst
     /// Affine parameters on/off; nil means the layer's PyTorch default (InstanceNorm: on when

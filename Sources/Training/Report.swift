@@ -205,8 +205,11 @@ public enum Report {
                 }
             )
         }
+        // Scale to the data: errors of a few percent would sit on the axis of a 0…1 chart.
+        let top = series.flatMap { $0.points.map(\.1) }.filter(\.isFinite).max() ?? 1
         return lineChart(
-            series: series, xLabel: "batch size", yLabel: "test error", logX: true, yMax: 1)
+            series: series, xLabel: "batch size", yLabel: "test error", logX: true,
+            yMax: min(1, max(top * 1.15, 0.01)))
     }
 
     static func lossChart(_ r: Experiments.Results) -> String {

@@ -196,3 +196,28 @@ struct ApplyCommandTests {
         #expect(try Tour.run(shape: [2, 2, 2, 2], seed: 3).contains("GroupNorm"))
     }
 }
+
+@Suite("normkit apply, inferred normalized dims")
+struct InferredDimsTests {
+    @Test func layerNormTakesItsNormalizedShapeFromTheWeight() throws {
+        let f = try Fixtures.load("layernorm/rank4_k3")
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "normkit-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        func path(_ n: String) -> String { dir.appendingPathComponent(n).path }
+        try Numpy.write(f.tensor("x", as: Double.self), to: path("x.npy"))
+        try Safetensors.write(
+            Safetensors.File(tensors: [
+                "weight": f.file.tensors["weight"]!, "bias": f.file.tensors["bias"]!,
+            ]),
+            to: path("p.safetensors"))
+        var command = try NormKitCommand.parseAsRoot([
+            "apply", "layernorm", "--input", path("x.npy"), "--output", path("y.npy"), "--params",
+            path("p.safetensors"),
+        ])
+        try command.run()
+        let y = try Numpy.read(contentsOf: path("y.npy")).tensor(as: Double.self)
+        #expect(Comparison(y.scalars, (f.tensor("y") as Tensor<Double>).scalars).relative < 1e-9)
+    }
+}
