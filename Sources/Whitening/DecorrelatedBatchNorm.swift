@@ -191,14 +191,14 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
             }
             let lambda = cache.eigenvalues[k]
             let d = cache.eigenvectors[k]
-            let xcRows = cache.centred[k].transposed  // m × d
-            let m = Double(xcRows.rows)
+            let xc = cache.centred[k]  // d × m; the formulas below use its transpose (rows = samples)
+            let m = Double(xc.cols)
             let n = d.rows
             let floor = epsilon * 1e-6
             var u = d
             for i in 0..<n { for j in 0..<n { u[i, j] /= max(lambda[j], floor).squareRoot() } }
-            let zh = xcRows * u
-            let dZ = dYw.transposed * d
+            let zh = Matrix.product(xc, u, transposeA: true)  // X_c U, m × d
+            let dZ = Matrix.product(dYw, d, transposeA: true)  // dŶ D, m × d
             let f = (1 / m) * Matrix.product(dZ, zh, transposeA: true)
             var colMeans = [Double](repeating: 0, count: n)
             for r in 0..<dZ.rows { for j in 0..<n { colMeans[j] += dZ[r, j] / m } }
@@ -216,8 +216,9 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
             for i in 0..<n { s[i, i] -= f[i, i] }
             var inner = zh * s + dZ
             for r in 0..<inner.rows { for j in 0..<n { inner[r, j] -= colMeans[j] } }
-            let dXrows = Matrix.product(inner, u, transposeB: true)
-            GroupWhitening.scatter(dXrows.transposed, group, shape: dy.shape, into: &dxd)
+            // dX (d × m) = U·innerᵀ, the transpose of the rows form inner·Uᵀ.
+            GroupWhitening.scatter(
+                Matrix.product(u, inner, transposeB: true), group, shape: dy.shape, into: &dxd)
         }
         return Gradients(
             input: try Tensor(shape: dy.shape, rounding: dxd), scale: dScale, offset: dOffset)
