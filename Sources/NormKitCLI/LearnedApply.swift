@@ -148,6 +148,14 @@ extension ApplyRequest {
             }
             tensors[key] = array.tensor(as: T.self)
         }
+        // Outputs keep the shapes the parameter file used (the official SwitchNorm2d stores γ as
+        // [1, C, 1, 1] and its running buffers as [1, C, 1]).
+        let shapes = tensors.mapValues(\.shape)
+        func inputShape(_ key: String, _ t: Tensor<T>) -> Tensor<T> {
+            guard let shape = shapes[key], shape != t.shape, let reshaped = try? t.reshaped(shape)
+            else { return t }
+            return reshaped
+        }
         let adapter = try makeAdapter(name, x: x, parameters: tensors, as: T.self)
         try adapter.load(tensors, counter)
         let y = try adapter.forward(x, mode)
@@ -162,14 +170,14 @@ extension ApplyRequest {
             if let gradInput { try Numpy.write(gradients.0, to: gradInput) }
             if let gradParams {
                 var file = Safetensors.File()
-                for (k, v) in gradients.1 { file.tensors[k] = .init(v) }
+                for (k, v) in gradients.1 { file.tensors[k] = .init(inputShape(k, v)) }
                 try Safetensors.write(file, to: gradParams)
             }
         }
         if let updatedParams {
             let (tensors, counter) = adapter.state()
             var file = Safetensors.File()
-            for (k, v) in tensors { file.tensors[k] = .init(v) }
+            for (k, v) in tensors { file.tensors[k] = .init(inputShape(k, v)) }
             if let counter {
                 let key = name == .ibn ? "BN.num_batches_tracked" : "num_batches_tracked"
                 file.tensors[key] = .int64(shape: [], values: [Int64(counter)])

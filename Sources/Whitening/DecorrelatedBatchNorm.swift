@@ -191,7 +191,8 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
             }
             let lambda = cache.eigenvalues[k]
             let d = cache.eigenvectors[k]
-            let xc = cache.centred[k]  // d × m; the formulas below use its transpose (rows = samples)
+            // d × m; the formulas below use its transpose (rows = samples).
+            let xc = cache.centred[k]
             let m = Double(xc.cols)
             let n = d.rows
             let floor = epsilon * 1e-6

@@ -212,3 +212,39 @@ struct WhiteningApplyTests {
         }
     }
 }
+
+@Suite("normkit apply keeps parameter shapes")
+struct ParameterShapeTests {
+    @Test func officialSwitchNormShapesRoundTrip() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "normkit-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        func path(_ n: String) -> String { dir.appendingPathComponent(n).path }
+        var g = SeededGenerator(seed: 1)
+        try Numpy.write(
+            try Tensor<Double>.randomNormal(shape: [2, 3, 4, 4], using: &g), to: path("x.npy"))
+        try Numpy.write(
+            try Tensor<Double>.randomNormal(shape: [2, 3, 4, 4], using: &g), to: path("dy.npy"))
+        var params = Safetensors.File()
+        params.tensors["weight"] = .float64(try Tensor(repeating: 1, shape: [1, 3, 1, 1]))
+        params.tensors["bias"] = .float64(try Tensor(zeros: [1, 3, 1, 1]))
+        params.tensors["running_mean"] = .float64(try Tensor(zeros: [1, 3, 1]))
+        params.tensors["running_var"] = .float64(try Tensor(zeros: [1, 3, 1]))
+        try Safetensors.write(params, to: path("p.safetensors"))
+        var command = try NormKitCommand.parseAsRoot([
+            "apply", "switchnorm", "--input", path("x.npy"), "--output", path("y.npy"), "--params",
+            path("p.safetensors"),
+            "--grad-output", path("dy.npy"), "--grad-params", path("g.safetensors"),
+            "--updated-params",
+            path("u.safetensors"),
+        ])
+        try command.run()
+        let updated = try Safetensors.read(contentsOf: path("u.safetensors"))
+        #expect(updated.tensors["weight"]?.shape == [1, 3, 1, 1])
+        #expect(updated.tensors["running_mean"]?.shape == [1, 3, 1])
+        #expect(updated.tensors["mean_weight"]?.shape == [3])
+        let grads = try Safetensors.read(contentsOf: path("g.safetensors"))
+        #expect(grads.tensors["weight"]?.shape == [1, 3, 1, 1])
+    }
+}
