@@ -143,7 +143,8 @@ extension ApplyRequest {
                 counter = Int(values[0])
                 continue
             }
-            if case .int64 = array {
+            // Integer buffers other than the counter: Sparse SN's mean_fixed / var_fixed flags.
+            if case .int64 = array, !["mean_fixed", "var_fixed"].contains(key) {
                 throw FileFormatError.wrongDType(name: key, expected: T.dtypeName, actual: "int64")
             }
             tensors[key] = array.tensor(as: T.self)
@@ -177,7 +178,14 @@ extension ApplyRequest {
         if let updatedParams {
             let (tensors, counter) = adapter.state()
             var file = Safetensors.File()
-            for (k, v) in tensors { file.tensors[k] = .init(inputShape(k, v)) }
+            for (k, v) in tensors {
+                if k == "mean_fixed" || k == "var_fixed" {
+                    file.tensors[k] = .int64(
+                        shape: [1], values: [v.scalars.first.map { $0 != 0 ? 1 : 0 } ?? 0])
+                } else {
+                    file.tensors[k] = .init(inputShape(k, v))
+                }
+            }
             if let counter {
                 let key = name == .ibn ? "BN.num_batches_tracked" : "num_batches_tracked"
                 file.tensors[key] = .int64(shape: [], values: [Int64(counter)])

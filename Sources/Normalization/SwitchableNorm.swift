@@ -540,7 +540,11 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
             "var_weight": varianceLogits,
             "running_mean": runningMean, "running_var": runningVariance,
         ]
-        if weighting == .sparsestMax { tensors["radius"] = Tensor([Scalar(radius)]) }
+        if weighting == .sparsestMax {
+            tensors["radius"] = Tensor([Scalar(radius)])
+            tensors["mean_fixed"] = Tensor([isMeanFixed ? 1 : 0])
+            tensors["var_fixed"] = Tensor([isVarianceFixed ? 1 : 0])
+        }
         return tensors
     }
 
@@ -551,7 +555,8 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
         let k = usesBatchNorm ? 3 : 2
         let expected: [String: Int] = [
             "weight": channelCount, "bias": channelCount, "mean_weight": k, "var_weight": k,
-            "running_mean": channelCount, "running_var": channelCount, "radius": 1,
+            "running_mean": channelCount, "running_var": channelCount, "radius": 1, "mean_fixed": 1,
+            "var_fixed": 1,
         ]
         for (key, value) in tensors {
             guard let count = expected[key], value.count == count else {
@@ -567,6 +572,10 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
         if let t = tensors["running_mean"] { runningMean = flat(t) }
         if let t = tensors["running_var"] { runningVariance = flat(t) }
         if let t = tensors["radius"] { radius = Double(t.scalars[0]) }
+        // Sparse SN's frozen flags (the official LongTensor buffers): the logits are then the
+        // one-hot weights themselves.
+        if let t = tensors["mean_fixed"] { isMeanFixed = t.scalars[0] != 0 }
+        if let t = tensors["var_fixed"] { isVarianceFixed = t.scalars[0] != 0 }
     }
 
     // MARK: - Helpers

@@ -248,3 +248,39 @@ struct ParameterShapeTests {
         #expect(grads.tensors["weight"]?.shape == [1, 3, 1, 1])
     }
 }
+
+@Suite("normkit apply, Sparse SN buffers")
+struct SparseBufferTests {
+    @Test func frozenFlagsAreReadAndWrittenAsIntegers() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "normkit-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        func path(_ n: String) -> String { dir.appendingPathComponent(n).path }
+        var g = SeededGenerator(seed: 2)
+        let x = try Tensor<Double>.randomNormal(shape: [2, 3, 4, 4], using: &g)
+        try Numpy.write(x, to: path("x.npy"))
+        var params = Safetensors.File()
+        params.tensors["mean_weight"] = .float64(Tensor([1, 0, 0]))  // frozen: IN mean
+        params.tensors["var_weight"] = .float64(Tensor([1, 0, 0]))  // frozen: IN variance
+        params.tensors["mean_fixed"] = .int64(shape: [1], values: [1])
+        params.tensors["var_fixed"] = .int64(shape: [1], values: [1])
+        params.tensors["radius"] = .float64(Tensor([1]))
+        try Safetensors.write(params, to: path("p.safetensors"))
+        var command = try NormKitCommand.parseAsRoot([
+            "apply", "sparseswitchnorm", "--input", path("x.npy"), "--output", path("y.npy"),
+            "--params",
+            path("p.safetensors"), "--updated-params", path("u.safetensors"),
+        ])
+        try command.run()
+        let updated = try Safetensors.read(contentsOf: path("u.safetensors"))
+        #expect(updated.tensors["mean_fixed"] == .int64(shape: [1], values: [1]))
+        // One-hot IN weights: instance normalization with the unbiased variance.
+        let reference = try NormLayer<Double>(
+            normalizer: Normalizer(partition: .instance, variance: .unbiased))
+        let y = try Numpy.read(contentsOf: path("y.npy")).tensor(as: Double.self)
+        #expect(
+            Comparison(y.scalars, try reference.forward(x, mode: .training).output.scalars).relative
+                < 1e-12)
+    }
+}
