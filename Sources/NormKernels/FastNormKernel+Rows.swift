@@ -58,10 +58,11 @@ extension FastNormKernel {
         }
     }
 
-    /// Training forward on a row geometry: statistics per set, then y.
+    /// Training forward on a row geometry: statistics per set, then y (fused per set, while the
+    /// set is in cache); with y nil, the statistics alone.
     static func rowsForward(
         _ x: UnsafePointer<Float>, _ plan: RowPlan, operation op: ReferenceNormKernel.Operation,
-        gamma: UnsafePointer<Float>?, beta: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>,
+        gamma: UnsafePointer<Float>?, beta: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>?,
         statistics: inout Statistics
     ) {
         let sets = plan.setCount
@@ -95,9 +96,11 @@ extension FastNormKernel {
                                 varOut[s] = r.variance
                                 biasedOut[s] = r.biased
                                 rstdOut[s] = r.rstd
-                                rowsApply(
-                                    x, plan, set: s, mean: r.mean, rstd: r.rstd, gamma: gamma,
-                                    beta: beta, y: y)
+                                if let y {
+                                    rowsApply(
+                                        x, plan, set: s, mean: r.mean, rstd: r.rstd, gamma: gamma,
+                                        beta: beta, y: y)
+                                }
                             }
                         }
                     }
@@ -422,43 +425,9 @@ extension FastNormKernel {
     static func rowsMoments(
         _ x: UnsafePointer<Float>, _ plan: RowPlan, operation op: ReferenceNormKernel.Operation
     ) -> Statistics {
-        let sets = plan.setCount
-        var statistics = Statistics(
-            mean: [Double](repeating: 0, count: sets),
-            variance: [Double](repeating: 0, count: sets),
-            biasedVariance: [Double](repeating: 0, count: sets),
-            rstd: [Double](repeating: 1, count: sets))
-        let inverse = 1 / Double(plan.setSize)
-        statistics.mean.withUnsafeMutableBufferPointer { meanOut in
-            statistics.variance.withUnsafeMutableBufferPointer { varOut in
-                statistics.biasedVariance.withUnsafeMutableBufferPointer { biasedOut in
-                    statistics.rstd.withUnsafeMutableBufferPointer { rstdOut in
-                        Parallelism.forEachChunk(plan.chunkCount, work: plan.rows * plan.length) {
-                            k in
-                            for s in plan.chunk(k) {
-                                var shift: Float = op.centers ? x[plan.row(s, 0) * plan.length] : 0
-                                var (s1, s2) = rowSetSums(x, plan, s, shift: shift)
-                                if op.centers
-                                    && shiftIsFar(
-                                        n: plan.setSize, inverseCount: inverse, s1: s1, s2: s2)
-                                {
-                                    shift = Float(Double(shift) + s1 * inverse)
-                                    (s1, s2) = rowSetSums(x, plan, s, shift: shift)
-                                }
-                                let r = finish(
-                                    n: plan.setSize, inverseCount: inverse, shift: shift, s1: s1,
-                                    s2: s2,
-                                    operation: op)
-                                meanOut[s] = r.mean
-                                varOut[s] = r.variance
-                                biasedOut[s] = r.biased
-                                rstdOut[s] = r.rstd
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        var statistics = Statistics(mean: [], variance: [], biasedVariance: [], rstd: [])
+        rowsForward(
+            x, plan, operation: op, gamma: nil, beta: nil, y: nil, statistics: &statistics)
         return statistics
     }
 

@@ -36,6 +36,15 @@ enum GroupMatrices {
         }
         return t.scalars.map(Double.init)
     }
+
+    /// The entry `name` of a loaded state as a `[count]` tensor, nil when absent.
+    static func entry<S: NormScalar>(_ t: [String: Tensor<S>], _ name: String, count: Int) throws
+        -> Tensor<S>?
+    {
+        try t[name].map {
+            try Tensor(shape: [count], rounding: vector($0, count: count, name: name))
+        }
+    }
 }
 
 extension DecorrelatedBatchNorm {
@@ -57,19 +66,13 @@ extension DecorrelatedBatchNorm {
         let projections = try t["running_projection"].map {
             try GroupMatrices.unpack($0, like: runningProjections, name: "running_projection")
         }
-        let mean = try t["running_mean"].map {
-            try GroupMatrices.vector($0, count: channelCount, name: "running_mean")
-        }
-        let w = try t["weight"].map {
-            try GroupMatrices.vector($0, count: channelCount, name: "weight")
-        }
-        let b = try t["bias"].map {
-            try GroupMatrices.vector($0, count: channelCount, name: "bias")
-        }
+        let mean = try GroupMatrices.entry(t, "running_mean", count: channelCount)
+        let w = try GroupMatrices.entry(t, "weight", count: channelCount)
+        let b = try GroupMatrices.entry(t, "bias", count: channelCount)
         if let projections { runningProjections = projections }
-        if let mean { runningMean = try Tensor(shape: [channelCount], rounding: mean) }
-        if let w { scale = try Tensor(shape: [channelCount], rounding: w) }
-        if let b { offset = try Tensor(shape: [channelCount], rounding: b) }
+        if let mean { runningMean = mean }
+        if let w { scale = w }
+        if let b { offset = b }
     }
 }
 
@@ -91,19 +94,13 @@ extension IterNorm {
         let wm = try t["running_wm"].map {
             try GroupMatrices.unpack($0, like: runningWhitening, name: "running_wm")
         }
-        let mean = try t["running_mean"].map {
-            try GroupMatrices.vector($0, count: channelCount, name: "running_mean")
-        }
-        let w = try t["weight"].map {
-            try GroupMatrices.vector($0, count: channelCount, name: "weight")
-        }
-        let b = try t["bias"].map {
-            try GroupMatrices.vector($0, count: channelCount, name: "bias")
-        }
+        let mean = try GroupMatrices.entry(t, "running_mean", count: channelCount)
+        let w = try GroupMatrices.entry(t, "weight", count: channelCount)
+        let b = try GroupMatrices.entry(t, "bias", count: channelCount)
         if let wm { runningWhitening = wm }
-        if let mean { runningMean = try Tensor(shape: [channelCount], rounding: mean) }
-        if let w { scale = try Tensor(shape: [channelCount], rounding: w) }
-        if let b { offset = try Tensor(shape: [channelCount], rounding: b) }
+        if let mean { runningMean = mean }
+        if let w { scale = w }
+        if let b { offset = b }
     }
 }
 
@@ -126,23 +123,15 @@ extension SwitchableWhitening {
         let mean = try t["running_mean"].map {
             try GroupMatrices.vector($0, count: channelCount, name: "running_mean")
         }
-        let w = try t["weight"].map {
-            try GroupMatrices.vector($0, count: channelCount, name: "weight")
-        }
-        let b = try t["bias"].map {
-            try GroupMatrices.vector($0, count: channelCount, name: "bias")
-        }
-        let ml = try t["sw_mean_weight"].map {
-            try GroupMatrices.vector($0, count: type, name: "sw_mean_weight")
-        }
-        let vl = try t["sw_var_weight"].map {
-            try GroupMatrices.vector($0, count: type, name: "sw_var_weight")
-        }
+        let w = try GroupMatrices.entry(t, "weight", count: channelCount)
+        let b = try GroupMatrices.entry(t, "bias", count: channelCount)
+        let ml = try GroupMatrices.entry(t, "sw_mean_weight", count: type)
+        let vl = try GroupMatrices.entry(t, "sw_var_weight", count: type)
         if let cov { runningCovariance = cov }
         if let mean { runningMean = mean }
-        if let w { scale = try Tensor(shape: [channelCount], rounding: w) }
-        if let b { offset = try Tensor(shape: [channelCount], rounding: b) }
-        if let ml { meanLogits = try Tensor(shape: [type], rounding: ml) }
-        if let vl { varianceLogits = try Tensor(shape: [type], rounding: vl) }
+        if let w { scale = w }
+        if let b { offset = b }
+        if let ml { meanLogits = ml }
+        if let vl { varianceLogits = vl }
     }
 }
