@@ -136,11 +136,8 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
                 }
                 newProjections[k] = (1 - f) * runningProjections[k] + f * w
             } else {
-                var xc = xg
-                for i in 0..<xc.rows {
-                    let mu = Double(runningMean.scalars[group.lowerBound + i])
-                    for j in 0..<xc.cols { xc.values[i * xc.cols + j] -= mu }
-                }
+                let xc = GroupWhitening.subtracting(
+                    rowMeans: group.map { Double(runningMean.scalars[$0]) }, from: xg)
                 GroupWhitening.scatter(runningProjections[k] * xc, group, shape: x.shape, into: &yd)
                 centred.append(xc)
                 projections.append(runningProjections[k])
@@ -353,11 +350,8 @@ public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
                 }
                 newWhitening[k] = (1 - f) * runningWhitening[k] + f * w
             } else {
-                var xc = xg
-                for i in 0..<xc.rows {
-                    let mu = Double(runningMean.scalars[group.lowerBound + i])
-                    for j in 0..<xc.cols { xc.values[i * xc.cols + j] -= mu }
-                }
+                let xc = GroupWhitening.subtracting(
+                    rowMeans: group.map { Double(runningMean.scalars[$0]) }, from: xg)
                 GroupWhitening.scatter(runningWhitening[k] * xc, group, shape: x.shape, into: &yd)
                 centred.append(xc)
                 whitenings.append(runningWhitening[k])
@@ -403,13 +397,7 @@ public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
             let dW = Matrix.product(g, xc, transposeB: true)
             let dSym = NewtonWhitening.backward(
                 dW, sigma: cache.sigma[k], iterates: cache.iterates[k])
-            var centredG = g
-            for i in 0..<g.rows {
-                var mean = 0.0
-                for j in 0..<g.cols { mean += g[i, j] }
-                mean /= m
-                for j in 0..<g.cols { centredG[i, j] -= mean }
-            }
+            let centredG = GroupWhitening.centre(g).centred
             let dX = Matrix.product(w, centredG, transposeA: true) + (2 / m) * (dSym * xc)
             GroupWhitening.scatter(dX, group, shape: dy.shape, into: &dxd)
         }

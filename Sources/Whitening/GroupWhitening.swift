@@ -81,14 +81,21 @@ enum GroupWhitening {
     /// Row means of a d × m matrix, and the matrix centred by them.
     static func centre(_ x: Matrix) -> (mean: [Double], centred: Matrix) {
         var mean = [Double](repeating: 0, count: x.rows)
-        var c = x
         for i in 0..<x.rows {
             var total = 0.0
             for j in 0..<x.cols { total += x.values[i * x.cols + j] }
             mean[i] = total / Double(x.cols)
+        }
+        return (mean, subtracting(rowMeans: mean, from: x))
+    }
+
+    /// x with `mean[i]` subtracted from every entry of row i (batch or running means).
+    static func subtracting(rowMeans mean: [Double], from x: Matrix) -> Matrix {
+        var c = x
+        for i in 0..<x.rows {
             for j in 0..<x.cols { c.values[i * x.cols + j] -= mean[i] }
         }
-        return (mean, c)
+        return c
     }
 
     /// Xc·Xcᵀ/m + ε·I (through BLAS).

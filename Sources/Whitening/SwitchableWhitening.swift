@@ -240,9 +240,7 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
                         ev[2] * cBW[i, i] + ev[3] * covIn[i, i] + ev[4] * varLN[b] + epsilon
                 }
                 let (wm, iterates) = NewtonWhitening.forward(sigma, iterations: iterations)
-                var xmu = xn
-                for i in 0..<d { for s in 0..<l { xmu[i, s] -= mu[i] } }
-                let yn = wm * xmu
+                let yn = wm * GroupWhitening.subtracting(rowMeans: mu, from: xn)
                 for i in 0..<d { for s in 0..<l { out[i, b * l + s] = yn[i, s] } }
                 units[b].append(
                     Unit(
@@ -298,8 +296,7 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
                 let unit = cache.units[b][k]
                 var gn = Matrix(rows: d, cols: l)
                 for i in 0..<d { for s in 0..<l { gn[i, s] = gk[i, b * l + s] } }
-                var xmu = unit.x
-                for i in 0..<d { for s in 0..<l { xmu[i, s] -= unit.mu[i] } }
+                let xmu = GroupWhitening.subtracting(rowMeans: unit.mu, from: unit.x)
                 let dW = Matrix.product(gn, xmu, transposeB: true)
                 let dSigma = NewtonWhitening.backward(
                     dW, sigma: unit.sigma, iterates: unit.iterates)
