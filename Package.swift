@@ -30,7 +30,7 @@ let package = Package(
         /// Dense tensors of Float and Double with value semantics.
         .target(name: "TensorCore"),
         /// Stateless kernels over raw buffers; each fast kernel sits beside its reference.
-        .target(name: "NormKernels"),
+        .target(name: "NormKernels", exclude: ["README.md"]),
         /// The Π → Φ → Ψ core and the public normalization layers.
         .target(name: "Normalization", dependencies: ["TensorCore", "NormKernels"]),
         /// NumPy `.npy` and safetensors readers and writers.
@@ -45,6 +45,7 @@ let package = Package(
                 "NormKit",
                 .target(name: "COpenBLAS", condition: .when(platforms: [.linux])),
             ],
+            exclude: ["Resources/README.md"],
             resources: [.copy("Resources/digits.safetensors")]),
         /// LAPACKE on Linux (Accelerate provides LAPACK on Apple platforms).
         .systemLibrary(
