@@ -8,7 +8,7 @@ let package = Package(
         // MARK: - Public API
         .library(name: "NormKit", targets: ["NormKit"]),
         /// The training harness: small networks with any normalizer in any slot (needs BLAS).
-        .library(name: "NormKitTraining", targets: ["Training", "Whitening"]),
+        .library(name: "NormKitTraining", targets: ["Training", "Studies"]),
         .executable(name: "normkit", targets: ["normkit"]),
     ],
     dependencies: [
@@ -16,10 +16,14 @@ let package = Package(
     ],
     targets: [
         // MARK: - Public API
-        /// Umbrella module: `import NormKit` brings in every layer below.
+        /// Umbrella module: `import NormKit` brings in every normalizer (standard, learned,
+        /// whitening, conditional) and the registry that names them.
         .target(
             name: "NormKit",
-            dependencies: ["TensorCore", "NormKernels", "Normalization", "NormIO"]
+            dependencies: [
+                "TensorCore", "NormKernels", "Normalization", "NormIO", "LinearAlgebra",
+                "Whitening",
+            ]
         ),
         .executableTarget(
             name: "normkit",
@@ -31,40 +35,45 @@ let package = Package(
         .target(name: "TensorCore"),
         /// Stateless kernels over raw buffers; each fast kernel sits beside its reference.
         .target(name: "NormKernels", exclude: ["README.md"]),
-        /// The Π → Φ → Ψ core and the public normalization layers.
+        /// The Π → Φ → Ψ core, the `Normalizing` protocol and the activation normalizers that
+        /// need no BLAS.
         .target(name: "Normalization", dependencies: ["TensorCore", "NormKernels"]),
         /// NumPy `.npy` and safetensors readers and writers.
         .target(name: "NormIO", dependencies: ["TensorCore"]),
         /// CBLAS from OpenBLAS on Linux (Accelerate provides it on Apple platforms).
         .systemLibrary(
             name: "COpenBLAS", pkgConfig: "openblas", providers: [.apt(["libopenblas-dev"])]),
-        /// Layers for small networks, optimisers, data, checkpoints, experiments.
-        .target(
-            name: "Training",
-            dependencies: [
-                "NormKit",
-                .target(name: "COpenBLAS", condition: .when(platforms: [.linux])),
-            ],
-            exclude: ["Resources/README.md"],
-            resources: [.copy("Resources/digits.safetensors")]),
         /// LAPACKE on Linux (Accelerate provides LAPACK on Apple platforms).
         .systemLibrary(
             name: "CLAPACKE", pkgConfig: "lapacke", providers: [.apt(["liblapacke-dev"])]),
-        /// Whitening normalizers (decorrelated BN, IterNorm, Switchable Whitening) and Kalman
-        /// Normalization.
+        /// GEMM and the small dense matrices of the whitening algebra, over BLAS and LAPACK.
         .target(
-            name: "Whitening",
+            name: "LinearAlgebra",
             dependencies: [
-                "NormKit", "Training",
+                "TensorCore",
+                .target(name: "COpenBLAS", condition: .when(platforms: [.linux])),
                 .target(name: "CLAPACKE", condition: .when(platforms: [.linux])),
             ]),
-        /// The `normkit` commands, as a library so that tests can run them in-process.
+        /// Whitening normalizers (decorrelated BN, IterNorm, Switchable Whitening).
+        .target(
+            name: "Whitening",
+            dependencies: ["TensorCore", "NormKernels", "Normalization", "LinearAlgebra"]),
+        /// Layers for small networks, optimisers, data, checkpoints.
+        .target(
+            name: "Training",
+            dependencies: ["NormKit", "LinearAlgebra"],
+            exclude: ["Resources/README.md"],
+            resources: [.copy("Resources/digits.safetensors")]),
+        /// Experiments and their HTML/SVG reports, above the training harness.
+        .target(name: "Studies", dependencies: ["NormKit", "Training"]),
+        /// The `normkit` commands, as a library so that tests can run them in-process; only
+        /// argument parsing and file handling, the work is in the libraries.
         .target(
             name: "NormKitCLI",
             dependencies: [
                 "NormKit",
                 "Training",
-                "Whitening",
+                "Studies",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -73,12 +82,13 @@ let package = Package(
         /// Fixture loading and comparison helpers shared by the test targets.
         .target(name: "NormTestSupport", dependencies: ["NormKit"], path: "Tests/_TestSupport"),
         .testTarget(name: "TensorCoreTests", dependencies: ["TensorCore"]),
-        .testTarget(name: "WhiteningTests", dependencies: ["Whitening", "NormTestSupport"]),
+        .testTarget(name: "WhiteningTests", dependencies: ["NormKit", "NormTestSupport"]),
         .testTarget(name: "NormKernelsTests", dependencies: ["NormKernels", "NormTestSupport"]),
         .testTarget(name: "NormalizationTests", dependencies: ["NormKit", "NormTestSupport"]),
         .testTarget(name: "NormIOTests", dependencies: ["NormIO", "NormTestSupport"]),
         .testTarget(name: "NormKitCLITests", dependencies: ["NormKitCLI", "NormTestSupport"]),
         .testTarget(
-            name: "TrainingTests", dependencies: ["Training", "NormKitCLI", "NormTestSupport"]),
+            name: "TrainingTests",
+            dependencies: ["Training", "Studies", "NormKitCLI", "NormTestSupport"]),
     ]
 )

@@ -3,3 +3,5 @@
 @_exported import NormKernels
 @_exported import Normalization
 @_exported import TensorCore
+@_exported import LinearAlgebra
+@_exported import Whitening

@@ -1,7 +1,6 @@
 import ArgumentParser
 import Foundation
 import NormKit
-import Whitening
 
 /// `normkit bench`: times one layer pass in-process and relates it to the machine's memory
 /// bandwidth, measured in the same process.

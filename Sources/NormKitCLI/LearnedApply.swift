@@ -1,5 +1,4 @@
 import NormKit
-import Whitening
 
 /// The learned and composite normalizers `normkit apply` runs, with their official checkpoint
 /// names.

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import NormKit
+import Studies
 import Training
 
 #if canImport(Glibc)

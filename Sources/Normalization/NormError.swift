@@ -31,6 +31,12 @@ public enum NormError: Error, Equatable, CustomStringConvertible {
     case nonFiniteStatistics(layer: String)
     /// Running statistics were requested from a layer that does not track them.
     case runningStatisticsUnavailable(layer: String)
+    /// A parameter, buffer or state key the layer does not have.
+    case unknownParameter(layer: String, key: String, known: [String])
+    /// A conditioning input (AdaIN's style, SPADE's segmentation map…) is missing or unusable.
+    case invalidCondition(name: String, problem: String)
+    /// backward was called before any forward call.
+    case noForwardCall(layer: String)
     /// A tensor could not be built.
     case tensor(TensorError)
 
@@ -71,6 +77,13 @@ public enum NormError: Error, Equatable, CustomStringConvertible {
                 + "the input?); running statistics were left unchanged"
         case .runningStatisticsUnavailable(let layer):
             return "\(layer) does not track running statistics, so they cannot be used here"
+        case .unknownParameter(let layer, let key, let known):
+            return "\(layer) has no parameter or buffer named '\(key)' (it has: "
+                + known.joined(separator: ", ") + ")"
+        case .invalidCondition(let name, let problem):
+            return "conditioning input '\(name)': \(problem)"
+        case .noForwardCall(let layer):
+            return "\(layer): backward needs a forward call first"
         case .tensor(let error):
             return error.description
         }

@@ -1,6 +1,8 @@
 import Foundation
-import NormKit
-import Training
+import LinearAlgebra
+import NormKernels
+import Normalization
+import TensorCore
 
 /// Decorrelated Batch Normalization: ZCA whitening of groups of channels over the batch.
 ///

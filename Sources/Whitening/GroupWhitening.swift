@@ -1,5 +1,7 @@
-import NormKit
-import Training
+import LinearAlgebra
+import NormKernels
+import Normalization
+import TensorCore
 
 /// Shared plumbing of the group whitening layers: channel groups, moving a group between an
 /// `[N, C, spatial…]` tensor and a `d × m` matrix (m = N·spatial), and the affine recovery.

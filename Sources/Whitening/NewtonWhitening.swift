@@ -1,4 +1,5 @@
 import Foundation
+import LinearAlgebra
 
 /// Σ^{-1/2} by Newton's iterations on the trace-normalized covariance, and its exact backward:
 /// shared by ``IterNorm`` and ``SwitchableWhitening``.

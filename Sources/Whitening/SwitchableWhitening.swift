@@ -1,6 +1,8 @@
 import Foundation
-import NormKit
-import Training
+import LinearAlgebra
+import NormKernels
+import Normalization
+import TensorCore
 
 /// Switchable Whitening: batch and instance whitening, mixed with BN, IN and LN statistics by
 /// learned softmax weights, then whitened by Newton's iterations (as IterNorm).

@@ -1,4 +1,7 @@
-import NormKit
+import LinearAlgebra
+import NormKernels
+import Normalization
+import TensorCore
 
 /// Packs per-group d × d matrices into one `[G, d, d]` tensor (equal group sizes) and back.
 enum GroupMatrices {

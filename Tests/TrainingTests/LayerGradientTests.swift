@@ -1,4 +1,5 @@
 import NormKit
+import Studies
 import NormTestSupport
 import Testing
 

@@ -1,5 +1,6 @@
 import Foundation
 import NormKit
+import Studies
 import Testing
 
 @testable import NormKitCLI

@@ -1,4 +1,4 @@
-import NormKit
+import TensorCore
 
 #if canImport(Accelerate)
     import Accelerate

@@ -1,4 +1,6 @@
 import Foundation
+import NormKit
+import Training
 
 /// Renders the demo's results as Markdown (for the terminal) and as an HTML page with SVG
 /// charts (no JavaScript).

@@ -1,5 +1,6 @@
 import Foundation
 import NormKit
+import Training
 
 /// The studies `normkit demo` runs, as data (the report renders them).
 public enum Experiments {

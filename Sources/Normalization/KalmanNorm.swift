@@ -1,5 +1,6 @@
 import Foundation
-import NormKit
+import NormKernels
+import TensorCore
 
 /// The statistics Kalman Normalization layers pass down a network, and the gradients that come
 /// back up: one slot per layer, in forward order.

@@ -1,5 +1,4 @@
-import NormKit
-import Training
+import TensorCore
 
 #if canImport(Accelerate)
     import Accelerate
@@ -99,7 +98,7 @@ public struct Matrix: Sendable, Equatable {
 
     /// Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix, by LAPACK's
     /// `dsyev`.
-    /// - Throws: ``TrainingError/invalidSetting(name:value:requirement:)`` when LAPACK reports a failure.
+    /// - Throws: ``LinearAlgebraError/lapackFailure(routine:info:)`` when LAPACK reports a failure.
     public func symmetricEigen() throws -> (values: [Double], vectors: Matrix) {
         precondition(rows == cols, "The eigendecomposition needs a square matrix.")
         var a = values
@@ -126,12 +125,25 @@ public struct Matrix: Sendable, Equatable {
             let columnMajor = false
         #endif
         guard status == 0 else {
-            throw TrainingError.invalidSetting(
-                name: "eigendecomposition", value: "info \(status)",
-                requirement: "LAPACK dsyev failed")
+            throw LinearAlgebraError.lapackFailure(routine: "dsyev", info: status)
         }
         var vectors = Matrix(rows: n, cols: n, values: a)
         if columnMajor { vectors = vectors.transposed }
         return (w, vectors)
+    }
+}
+
+/// A failure reported by BLAS or LAPACK.
+public enum LinearAlgebraError: Error, Equatable, CustomStringConvertible {
+    /// A LAPACK routine returned a non-zero `info`.
+    case lapackFailure(routine: String, info: Int)
+
+    /// A readable one-line description.
+    public var description: String {
+        switch self {
+        case .lapackFailure(let routine, let info):
+            return "LAPACK \(routine) failed (info \(info)): the matrix has NaN or infinite entries "
+                + "or the iteration did not converge"
+        }
     }
 }
