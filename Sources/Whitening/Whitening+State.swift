@@ -3,7 +3,9 @@ import NormKernels
 import Normalization
 import TensorCore
 
-/// Packs per-group d × d matrices into one `[G, d, d]` tensor and back. Groups of unequal
+/// Packs per-group d × d matrices into one `[G, d, d]` tensor and back.
+///
+/// Groups of unequal
 /// sizes (a last, smaller group; the official code has none) pack as one flat vector of the
 /// concatenated row-major blocks.
 enum GroupMatrices {

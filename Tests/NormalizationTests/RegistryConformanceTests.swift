@@ -2,7 +2,9 @@ import NormKit
 import NormTestSupport
 import Testing
 
-/// Every registry normalizer, through the `Normalizing` protocol only: finite differences in
+/// Every registry normalizer, through the `Normalizing` protocol only.
+///
+/// Finite differences in
 /// training and inference, fast against reference kernels, and errors that leave the state
 /// unchanged. A new registry entry is checked here without writing a test.
 @Suite("Registry conformance")

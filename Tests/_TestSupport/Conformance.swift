@@ -6,7 +6,9 @@ public struct ConformanceFailure: Error, CustomStringConvertible {
     public let description: String
 }
 
-/// The four checks every normalizer passes, for any ``Normalizing`` layer:
+/// The four checks every normalizer passes, for any ``Normalizing`` layer.
+///
+/// The checks:
 /// golden fixture, float64 central finite differences, fast kernels against the reference
 /// kernel, and "an error leaves the layer unchanged". Each throws ``ConformanceFailure`` naming
 /// the tensor and the error found.
