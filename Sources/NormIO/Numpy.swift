@@ -1,6 +1,12 @@
 import Foundation
 import TensorCore
 
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
 /// Reader and writer of NumPy's `.npy` format, versions 1.0 to 3.0.
 ///
 /// Accepted: little-endian float32 (`<f4`) and float64 (`<f8`) in C order (Fortran order is
@@ -27,7 +33,8 @@ public enum Numpy {
         try read(contentsOf: path).tensor(as: T.self)
     }
 
-    /// Writes a tensor to a file (replacing it atomically).
+    /// Writes a tensor to a file through ``OutputFile/write(_:to:)`` (a regular file is
+    /// replaced atomically; `/dev/null`, FIFOs and symbolic links are written through).
     public static func write<T: NormScalar>(_ tensor: Tensor<T>, to path: String)
         throws(FileFormatError)
     {
@@ -267,23 +274,31 @@ struct LiteralScanner {
     }
 }
 
-/// Whole-file reads and atomic writes.
+/// Whole-file reads, and writes through ``OutputFile``.
 enum FileBytes {
     static func read(_ path: String) throws(FileFormatError) -> [UInt8] {
+        var info = stat()
+        if stat(path, &info) == 0, info.st_mode & S_IFMT == S_IFDIR {
+            throw .io(path: path, reason: "it is a directory, not a file")
+        }
         do {
             return [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
         } catch {
-            let reason =
-                FileManager.default.fileExists(atPath: path) ? "it cannot be read" : "no such file"
-            throw .io(path: path, reason: reason)
+            guard FileManager.default.fileExists(atPath: path) else {
+                // Arguments that were not valid UTF-8 reach Swift with U+FFFD in place of the
+                // bad bytes, so the name no longer matches the file on disk.
+                throw .io(
+                    path: path,
+                    reason: path.unicodeScalars.contains("\u{FFFD}")
+                        ? "no such file (its name contains U+FFFD; a file name that is not valid "
+                            + "UTF-8 cannot be passed to NormKit, rename the file)"
+                        : "no such file")
+            }
+            throw .io(path: path, reason: "it cannot be read")
         }
     }
 
     static func write(_ bytes: [UInt8], to path: String) throws(FileFormatError) {
-        do {
-            try Data(bytes).write(to: URL(fileURLWithPath: path), options: .atomic)
-        } catch {
-            throw .io(path: path, reason: "it cannot be written (\(error.localizedDescription))")
-        }
+        try OutputFile.write(bytes, to: path)
     }
 }

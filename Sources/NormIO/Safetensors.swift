@@ -41,7 +41,8 @@ public enum Safetensors {
         try decode(try FileBytes.read(path))
     }
 
-    /// Writes a file (replacing it atomically).
+    /// Writes a file through ``OutputFile/write(_:to:)`` (a regular file is replaced
+    /// atomically; `/dev/null`, FIFOs and symbolic links are written through).
     public static func write(_ file: File, to path: String) throws(FileFormatError) {
         try FileBytes.write(encode(file), to: path)
     }
