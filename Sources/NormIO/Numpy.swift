@@ -92,11 +92,14 @@ public enum Numpy {
                 format: format, reason: "Fortran-order arrays are not supported; save in C order")
         }
         let (needed, overflow) = count.multipliedReportingOverflow(by: itemSize)
+        guard !overflow else {
+            throw .malformedHeader(
+                format: format, reason: "shape \(header.shape) has more bytes than memory can hold")
+        }
         let available = bytes.count - dataStart
-        guard !overflow, needed == available else {
+        guard needed == available else {
             throw .sizeMismatch(
-                format: format, name: "array \(header.shape)",
-                expectedBytes: overflow ? Int.max : needed,
+                format: format, name: "array \(header.shape)", expectedBytes: needed,
                 actualBytes: available)
         }
         return bytes.withUnsafeBytes { raw in
@@ -172,11 +175,14 @@ struct NumpyHeader: Equatable {
         var descr: String?
         var fortran: Bool?
         var shape: [Int]?
+        var seen = Set<String>()
         guard scanner.consume("{") else { throw fail("the header is not a dict literal") }
         while true {
             if scanner.consume("}") { break }
             guard let key = scanner.string() else { throw fail("expected a quoted key") }
             guard scanner.consume(":") else { throw fail("expected ':' after '\(key)'") }
+            guard !seen.contains(key) else { throw fail("the key '\(key)' appears twice") }
+            seen.insert(key)
             switch key {
             case "descr":
                 guard let value = scanner.string() else { throw fail("'descr' must be a string") }
@@ -201,6 +207,8 @@ struct NumpyHeader: Equatable {
             guard scanner.consume("}") else { throw fail("expected ',' or '}'") }
             break
         }
+        // NumPy pads the dict with spaces and ends it with a newline; anything else is junk.
+        guard scanner.isAtEnd else { throw fail("unexpected text after the header dict") }
         guard let descr, let fortran, let shape else {
             throw fail("the header must have 'descr', 'fortran_order' and 'shape'")
         }
@@ -217,6 +225,14 @@ struct LiteralScanner {
 
     private mutating func skipSpace() {
         while position < scalars.count, scalars[position].properties.isWhitespace { position += 1 }
+    }
+
+    /// True when only whitespace is left.
+    var isAtEnd: Bool {
+        mutating get {
+            skipSpace()
+            return position == scalars.count
+        }
     }
 
     mutating func consume(_ token: String) -> Bool {
