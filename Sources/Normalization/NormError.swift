@@ -29,6 +29,9 @@ public enum NormError: Error, Equatable, CustomStringConvertible {
     case gradientShapeMismatch(expected: [Int], actual: [Int])
     /// Batch statistics are NaN or infinite; running statistics were left unchanged.
     case nonFiniteStatistics(layer: String)
+    /// The input is finite, but its batch statistics (or the running estimates they would
+    /// update) do not fit the scalar type; running statistics were left unchanged.
+    case statisticsOutOfRange(layer: String)
     /// Running statistics were requested from a layer that does not track them.
     case runningStatisticsUnavailable(layer: String)
     /// A parameter, buffer or state key the layer does not have.
@@ -75,6 +78,10 @@ public enum NormError: Error, Equatable, CustomStringConvertible {
         case .nonFiniteStatistics(let layer):
             return "\(layer) computed NaN or infinite batch statistics (is there a NaN or inf in "
                 + "the input?); running statistics were left unchanged"
+        case .statisticsOutOfRange(let layer):
+            return "\(layer): the input is finite, but its batch variance does not fit the "
+                + "running statistics' type (values near the largest finite number); running "
+                + "statistics were left unchanged"
         case .runningStatisticsUnavailable(let layer):
             return "\(layer) does not track running statistics, so they cannot be used here"
         case .unknownParameter(let layer, let key, let known):

@@ -88,11 +88,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         requiresMultipleValues: Bool = false, singleValuePolicy: SingleValuePolicy = .throwError,
         countsEveryBatch: Bool = true, name: String = "NormLayer"
     ) throws(NormError) {
-        guard normalizer.epsilon >= 0, normalizer.epsilon.isFinite else {
-            throw .invalidHyperparameter(
-                name: "epsilon", value: "\(normalizer.epsilon)",
-                requirement: "must be finite and ≥ 0")
-        }
+        try HyperparameterCheck.epsilon(normalizer.epsilon)
         if let channelCount, channelCount < 1 {
             throw .invalidHyperparameter(
                 name: "channel count", value: "\(channelCount)", requirement: "must be ≥ 1")
@@ -138,6 +134,9 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         public let rstd: [Double]
         /// True when the statistics came from running estimates: no gradient flows through them.
         public let statisticsAreConstant: Bool
+        /// True when some set was recomputed on rescaled data (values near the type's limits);
+        /// backward then runs the reference kernel, in Double throughout.
+        var rescaled = false
     }
 
     /// Normalizes `x`; in training mode updates running statistics.
@@ -212,16 +211,17 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
                     indexing: indexing, into: yb)
             }
         } else {
-            let statistics = output.withUnsafeMutableBufferPointer { yb in
+            let (statistics, rescaled) = output.withUnsafeMutableBufferPointer { yb in
                 kernels.forwardTraining(
                     x, plan: plan, operation: op, scale: scale, offset: offset, indexing: indexing,
                     into: yb)
             }
             if updateRunning {
-                try updateRunningStatistics(statistics, plan: plan, runningPlan: runningPlan)
+                try updateRunningStatistics(statistics, plan: plan, runningPlan: runningPlan, x: x)
             }
-            mean = statistics.mean
-            rstd = statistics.rstd
+            return Cache(
+                input: x, plan: plan, mean: statistics.mean, rstd: statistics.rstd,
+                statisticsAreConstant: false, rescaled: rescaled)
         }
         return Cache(
             input: x, plan: plan, mean: mean, rstd: rstd, statisticsAreConstant: useRunning)
@@ -284,7 +284,13 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
                         }
                     }
                 }
-                if let statistics {
+                // Sums that overflowed or underflowed: the unfused path rescales those sets.
+                if let statistics,
+                    ReferenceNormKernel.setsNeedingRescale(
+                        mean: statistics.mean, variance: statistics.variance,
+                        rstd: statistics.rstd, operation: normalizer.kernelOperation,
+                        tinyVariance: 1e-30) == nil
+                {
                     return Cache(
                         input: h, plan: plan, mean: statistics.mean, rstd: statistics.rstd,
                         statisticsAreConstant: false)
@@ -341,6 +347,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         }
         var dScale: [Double] = []
         var dOffset: [Double] = []
+        let kernels = cache.rescaled ? KernelChoice.reference : kernels
         gradients.input.withUnsafeMutableBufferPointer { dxb in
             kernels.backward(
                 x, outputGradient: dy, plan: cache.plan, mean: cache.mean, rstd: cache.rstd,
@@ -397,6 +404,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
                 newRunning?.mean = value
             case .runningVariance? where runningStatistics != nil:
                 try checkShape(key, value.shape, runningStatistics!.variance.shape)
+                try HyperparameterCheck.runningVariance(value, name: key)
                 newRunning?.variance = value
             default:
                 throw .parameterShapeMismatch(name: key, expected: [], actual: value.shape)
@@ -487,10 +495,13 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
 
     /// Applies one training batch to the running statistics (all-or-nothing).
     private func updateRunningStatistics(
-        _ moments: FastNormKernel.Statistics, plan: ReductionPlan, runningPlan: ReductionPlan
+        _ moments: FastNormKernel.Statistics, plan: ReductionPlan, runningPlan: ReductionPlan,
+        x: Tensor<Scalar>
     ) throws(NormError) {
         guard moments.mean.allSatisfy(\.isFinite), moments.biasedVariance.allSatisfy(\.isFinite)
         else {
+            // Finite input whose variance exceeds Double's range is not the input's fault.
+            if x.scalars.allSatisfy(\.isFinite) { throw .statisticsOutOfRange(layer: name) }
             throw .nonFiniteStatistics(layer: name)
         }
         var running: RunningStatistics<Scalar>
@@ -513,13 +524,19 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             batchMean[s % slots] += moments.mean[s] / perSlot
             batchVariance[s % slots] += variance / perSlot
         }
-        if countsEveryBatch || running.momentum == .cumulative { running.batchesTracked += 1 }
+        // Saturates at Int64.max (PyTorch's int64 counter wraps to Int64.min instead).
+        if countsEveryBatch || running.momentum == .cumulative {
+            running.batchesTracked = running.batchesTracked.addingSaturated(1)
+        }
         let f = running.momentum.weightOfNew(batchesTracked: running.batchesTracked)
         let oldMean = running.mean.scalars
         let oldVariance = running.variance.scalars
         let newMean = (0..<slots).map { Scalar((1 - f) * Double(oldMean[$0]) + f * batchMean[$0]) }
         let newVariance = (0..<slots).map {
             Scalar((1 - f) * Double(oldVariance[$0]) + f * batchVariance[$0])
+        }
+        guard newMean.allSatisfy(\.isFinite), newVariance.allSatisfy(\.isFinite) else {
+            throw .statisticsOutOfRange(layer: name)
         }
         running.mean = try tensor(shape: running.mean.shape, scalars: newMean)
         running.variance = try tensor(shape: running.variance.shape, scalars: newVariance)
