@@ -21,7 +21,9 @@ public enum KernelChoice: String, Sendable, Hashable {
         return FastNormKernel.geometry(for: plan, parameters: indexing)
     }
 
-    /// Training forward: statistics and output. The fast or reference kernel runs as always;
+    /// Training forward: statistics and output.
+    ///
+    /// The fast or reference kernel runs as always;
     /// sets whose sums overflowed or underflowed (|x| near the type's limits, or ε = 0 with a
     /// constant set) are then recomputed on rescaled data
     /// (``ReferenceNormKernel/rescaleSets(_:setIndex:setCount:flags:operation:scale:offset:parameterIndexing:mean:variance:biasedVariance:rstd:into:)``).
