@@ -15,7 +15,8 @@ public enum NormError: Error, Equatable, CustomStringConvertible {
     case groupsDoNotDivideChannels(groups: Int, channels: Int)
     /// A training-mode statistic would be computed over a single value.
     case singleValuePerStatistic(layer: String, shape: [Int])
-    /// The input has no elements.
+    /// The input has no elements: a zero-size dimension that would be reduced over with no
+    /// elements, or an empty batch given to a layer that does not accept one.
     case emptyTensor(layer: String, shape: [Int])
     /// A parameter or buffer has the wrong shape.
     case parameterShapeMismatch(name: String, expected: [Int], actual: [Int])
@@ -64,7 +65,12 @@ public enum NormError: Error, Equatable, CustomStringConvertible {
                 + "(input shape \(shape)); use a larger batch, inference mode, or another "
                 + "single-value policy"
         case .emptyTensor(let layer, let shape):
-            return "\(layer) got an empty input of shape \(shape)"
+            if shape.first == 0 {
+                return
+                    "\(layer) got an empty batch (N = 0, shape \(shape)), which it does not accept"
+            }
+            return "\(layer) got an input of shape \(shape): a dimension it would reduce over has "
+                + "size 0 (only an empty batch, N = 0, gives an empty output)"
         case .parameterShapeMismatch(let name, let expected, let actual):
             return "parameter '\(name)' must have shape \(expected), got \(actual)"
         case .invalidHyperparameter(let name, let value, let requirement):

@@ -159,6 +159,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
     public func forward(_ x: Tensor<Scalar>, mode: Mode, into output: inout Tensor<Scalar>)
         throws(NormError) -> Cache
     {
+        if x.count == 0 { return try forwardEmptyBatch(x, mode: mode, into: &output) }
         var plan = try validatedPlan(for: x)
         let op = normalizer.kernelOperation
         let runningPlan = plan.reducing([0])
@@ -225,6 +226,35 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         }
         return Cache(
             input: x, plan: plan, mean: mean, rstd: rstd, statisticsAreConstant: useRunning)
+    }
+
+    /// An empty batch (N = 0), or an input whose kept axes leave no statistic set, as
+    /// PyTorch: an empty output of the same shape, running statistics untouched, and in
+    /// training the batch counted where a non-empty batch would be (PyTorch's BatchNorm module
+    /// increments `num_batches_tracked` for it too). A zero-size axis that would be reduced
+    /// over while its sets exist (LayerNorm's normalized axes, an empty spatial extent) is
+    /// refused with ``NormError/emptyTensor(layer:shape:)``.
+    private func forwardEmptyBatch(
+        _ x: Tensor<Scalar>, mode: Mode, into output: inout Tensor<Scalar>
+    ) throws(NormError) -> Cache {
+        try validateShape(of: x)
+        let plan = try normalizer.partition.plan(for: x.shape, layout: layout)
+        // Empty batch, or no statistic sets at all (a kept axis of size 0): nothing to compute.
+        guard x.rank >= 1, x.shape[0] == 0 || plan.setCount == 0 else {
+            throw .emptyTensor(layer: name, shape: x.shape)
+        }
+        if mode == .training, var running = runningStatistics,
+            countsEveryBatch || running.momentum == .cumulative
+        {
+            running.batchesTracked = running.batchesTracked.addingSaturated(1)
+            runningStatistics = running
+        }
+        output = try zeros(x.shape)
+        return Cache(
+            input: x,
+            plan: ReductionPlan(
+                viewShape: x.shape, reduced: [Bool](repeating: false, count: x.rank)),
+            mean: [], rstd: [], statisticsAreConstant: true)
     }
 
     // MARK: - Fused residual add
@@ -341,6 +371,16 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             throw .gradientShapeMismatch(expected: x.shape, actual: dy.shape)
         }
         try validateParameters()
+        if x.count == 0 {
+            // An empty batch: an empty dx and zero parameter gradients, as PyTorch.
+            gradients.input = try zeros(x.shape)
+            gradients.scale = try normalizer.recovery.parameterShape.map { (s) throws(NormError) in
+                try zeros(s)
+            }
+            gradients.offset =
+                normalizer.recovery.hasOffset ? try zeros(normalizer.recovery.parameterShape!) : nil
+            return
+        }
         let indexing = parameterIndexing(for: x.shape)
         if gradients.input.shape != x.shape {
             gradients.input = try zeros(x.shape)
@@ -427,6 +467,13 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
 
     private func validatedPlan(for x: Tensor<Scalar>) throws(NormError) -> ReductionPlan {
         guard x.count > 0 else { throw .emptyTensor(layer: name, shape: x.shape) }
+        try validateShape(of: x)
+        let plan = try normalizer.partition.plan(for: x.shape, layout: layout)
+        return plan
+    }
+
+    /// The channel count, trailing shape and parameter shapes an input must match.
+    private func validateShape(of x: Tensor<Scalar>) throws(NormError) {
         if let channelCount {
             guard x.rank >= 2 else {
                 throw .invalidRank(layer: name, expected: "rank ≥ 2 (N, C, …)", shape: x.shape)
@@ -444,9 +491,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
                 throw .normalizedShapeMismatch(layer: name, expected: trailingShape, shape: x.shape)
             }
         }
-        let plan = try normalizer.partition.plan(for: x.shape, layout: layout)
         try validateParameters(inputShape: x.shape)
-        return plan
     }
 
     private func validateParameters(inputShape: [Int]? = nil) throws(NormError) {
