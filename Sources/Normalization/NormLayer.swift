@@ -228,8 +228,9 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             input: x, plan: plan, mean: mean, rstd: rstd, statisticsAreConstant: useRunning)
     }
 
-    /// An empty batch (N = 0), or an input whose kept axes leave no statistic set, as
-    /// PyTorch: an empty output of the same shape, running statistics untouched, and in
+    /// An empty batch (N = 0), or an input whose kept axes leave no statistic set.
+    ///
+    /// As PyTorch: an empty output of the same shape, running statistics untouched, and in
     /// training the batch counted where a non-empty batch would be (PyTorch's BatchNorm module
     /// increments `num_batches_tracked` for it too). A zero-size axis that would be reduced
     /// over while its sets exist (LayerNorm's normalized axes, an empty spatial extent) is
