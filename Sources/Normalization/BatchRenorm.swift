@@ -171,7 +171,7 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
                 input: x, plan: plan, batchMean: m.mean, batchStandardDeviation: sigmaB, r: r, d: d,
                 isTraining: true)
             // Moving statistics with the pre-update values already used above.
-            let f = momentum.weightOfNew(batchesTracked: step + 1)
+            let f = momentum.weightOfNew(batchesTracked: step.addingSaturated(1))
             var newMean = runningMean.scalars.map(Double.init)
             var newSigma = runningStandardDeviation.scalars.map(Double.init)
             for j in 0..<c {
@@ -182,7 +182,7 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
                 runningMean = try Tensor(shape: [c], rounding: newMean)
                 runningStandardDeviation = try Tensor(shape: [c], rounding: newSigma)
             } catch { throw .tensor(error) }
-            step += 1
+            step = step.addingSaturated(1)
         } else {
             for j in 0..<c {
                 mean[j] = Double(runningMean.scalars[j])
@@ -275,6 +275,13 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
     /// Loads parameters and buffers by name.
     /// - Throws: ``NormError/parameterShapeMismatch(name:expected:actual:)``; nothing is loaded then.
     public func load(_ tensors: [String: Tensor<Scalar>], step: Int? = nil) throws(NormError) {
+        if let step, step < 0 {
+            throw .invalidHyperparameter(
+                name: "num_batches_tracked", value: "\(step)", requirement: "must be ≥ 0")
+        }
+        if let std = tensors["running_std"] {
+            try HyperparameterCheck.runningVariance(std, name: "running_std")
+        }
         for (key, value) in tensors {
             guard ["weight", "bias", "running_mean", "running_std"].contains(key),
                 value.shape == [channelCount]

@@ -133,10 +133,7 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
             throw .invalidHyperparameter(
                 name: "channel count", value: "\(channelCount)", requirement: "must be ≥ 1")
         }
-        guard epsilon >= 0, epsilon.isFinite else {
-            throw .invalidHyperparameter(
-                name: "epsilon", value: "\(epsilon)", requirement: "must be finite and ≥ 0")
-        }
+        try HyperparameterCheck.epsilon(epsilon)
         guard radiusSteps >= 1 else {
             throw .invalidHyperparameter(
                 name: "radius steps", value: "\(radiusSteps)", requirement: "must be ≥ 1")
