@@ -60,6 +60,10 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
     /// Which kernels compute the layer (`.automatic`: the fast Float kernels where the
     /// partition's memory shape allows, the reference kernel otherwise).
     public var kernels = KernelChoice.automatic
+    /// Synchronizes training statistics over these processes when the partition reduces the
+    /// batch axis (BatchNorm becomes SyncBatchNorm; see `NormLayer+Synchronized.swift`); nil or
+    /// a partition that keeps the batch axis computes them locally.
+    public var communicator: (any Communicator)?
     /// The momentum of lazily created running statistics (layers whose statistic shape is only
     /// known from the first input).
     let lazyRunningMomentum: Momentum?
@@ -138,6 +142,9 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         public let rstd: [Double]
         /// True when the statistics came from running estimates: no gradient flows through them.
         public let statisticsAreConstant: Bool
+        /// Elements per statistic over every rank, when the statistics were synchronized
+        /// (backward then all-reduces its sums and divides by this count).
+        public var synchronizedCount: Int? = nil
     }
 
     /// Normalizes `x`; in training mode updates running statistics.
@@ -160,6 +167,9 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
     public func forward(_ x: Tensor<Scalar>, mode: Mode, into output: inout Tensor<Scalar>)
         throws(NormError) -> Cache
     {
+        if mode == .training, let communicator, synchronizesStatistics {
+            return try synchronizedForward(x, over: communicator, into: &output)
+        }
         var plan = try validatedPlan(for: x)
         let op = normalizer.kernelOperation
         let runningPlan = plan.reducing([0])
@@ -331,6 +341,14 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         throws(NormError)
     {
         let x = cache.input
+        if let count = cache.synchronizedCount, !cache.statisticsAreConstant {
+            guard let communicator else {
+                throw .communication(
+                    .failedOnSomeRank(operation: "backward without the communicator of forward"))
+            }
+            return try synchronizedBackward(
+                dy, cache: cache, globalCount: count, over: communicator, into: &gradients)
+        }
         guard dy.shape == x.shape else {
             throw .gradientShapeMismatch(expected: x.shape, actual: dy.shape)
         }
@@ -417,7 +435,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
 
     // MARK: - Validation and helpers
 
-    private func validatedPlan(for x: Tensor<Scalar>) throws(NormError) -> ReductionPlan {
+    func validatedPlan(for x: Tensor<Scalar>) throws(NormError) -> ReductionPlan {
         guard x.count > 0 else { throw .emptyTensor(layer: name, shape: x.shape) }
         if let channelCount {
             guard x.rank >= 2 else {
@@ -441,7 +459,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         return plan
     }
 
-    private func validateParameters(inputShape: [Int]? = nil) throws(NormError) {
+    func validateParameters(inputShape: [Int]? = nil) throws(NormError) {
         guard let shape = normalizer.recovery.parameterShape else { return }
         if let scale { try checkShape(ParameterKey.scale.rawValue, scale.shape, shape) }
         if let offset { try checkShape(ParameterKey.offset.rawValue, offset.shape, shape) }
@@ -463,7 +481,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         }
     }
 
-    private func validateRunningShape(_ runningPlan: ReductionPlan) throws(NormError) {
+    func validateRunningShape(_ runningPlan: ReductionPlan) throws(NormError) {
         guard let running = runningStatistics else { return }
         let expected = runningPlan.statisticShape
         let count = runningPlan.setCount
@@ -485,9 +503,11 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         }
     }
 
-    /// Applies one training batch to the running statistics (all-or-nothing).
-    private func updateRunningStatistics(
-        _ moments: FastNormKernel.Statistics, plan: ReductionPlan, runningPlan: ReductionPlan
+    /// Applies one training batch to the running statistics (all-or-nothing); `setSize` is the
+    /// number of elements per statistic (the global count for synchronized statistics).
+    func updateRunningStatistics(
+        _ moments: FastNormKernel.Statistics, plan: ReductionPlan, runningPlan: ReductionPlan,
+        setSize: Int? = nil
     ) throws(NormError) {
         guard moments.mean.allSatisfy(\.isFinite), moments.biasedVariance.allSatisfy(\.isFinite)
         else {
@@ -500,7 +520,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             running = try RunningStatistics(
                 shape: runningPlan.statisticShape, momentum: lazyRunningMomentum!)
         }
-        let m = Double(plan.setSize)
+        let m = Double(setSize ?? plan.setSize)
         let slots = runningPlan.setCount
         // Sets are numbered row-major over the kept view axes; when the batch axis is kept it is
         // the outermost, so set s belongs to running slot s % slots (averaged over the batch).
@@ -526,7 +546,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         runningStatistics = running
     }
 
-    private func parameterIndexing(for shape: [Int]) -> ParameterIndexing? {
+    func parameterIndexing(for shape: [Int]) -> ParameterIndexing? {
         switch normalizer.recovery {
         case .none:
             return nil
@@ -538,11 +558,11 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         }
     }
 
-    private func rounded(_ shape: [Int], _ values: [Double]) throws(NormError) -> Tensor<Scalar> {
+    func rounded(_ shape: [Int], _ values: [Double]) throws(NormError) -> Tensor<Scalar> {
         do { return try Tensor(shape: shape, rounding: values) } catch { throw .tensor(error) }
     }
 
-    private func zeros(_ shape: [Int]) throws(NormError) -> Tensor<Scalar> {
+    func zeros(_ shape: [Int]) throws(NormError) -> Tensor<Scalar> {
         do { return try Tensor(zeros: shape) } catch { throw .tensor(error) }
     }
 
