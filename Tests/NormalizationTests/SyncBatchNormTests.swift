@@ -168,3 +168,69 @@ struct SyncBatchNormTests {
         #expect(worst < 1e-7, "worst |dx − FD| = \(worst)")
     }
 }
+
+/// Switchable Normalization and Batch Renormalization with a one-process communicator run the
+/// synchronized code path and must equal the plain layers.
+@Suite("Synchronized SN and Batch Renorm on one process")
+struct SynchronizedLearnedLayersTests {
+    @Test(arguments: [SwitchableNorm<Double>.Weighting.softmax, .sparsestMax])
+    func switchableNormWithLocalCommunicatorEqualsPlain(
+        _ weighting: SwitchableNorm<Double>.Weighting
+    ) throws {
+        var g = SeededGenerator(seed: 21)
+        let layers = try (0..<2).map { _ in
+            let sn = try SwitchableNorm<Double>(channelCount: 3, weighting: weighting)
+            sn.meanLogits = Tensor([0.3, -0.2, 0.5])
+            sn.varianceLogits = Tensor([-0.1, 0.4, 0.2])
+            sn.radius = 0.3
+            return sn
+        }
+        layers[1].communicator = LocalCommunicator()
+        for step in 0..<2 {
+            let x = try Tensor<Double>.randomNormal(
+                shape: [4, 3, 5], mean: step == 0 ? 1 : 1000, standardDeviation: 0.5, using: &g)
+            let dy = try Tensor<Double>.randomNormal(shape: [4, 3, 5], using: &g)
+            let (y0, c0) = try layers[0].forward(x, mode: .training)
+            let (y1, c1) = try layers[1].forward(x, mode: .training)
+            let g0 = try layers[0].backward(dy, cache: c0)
+            let g1 = try layers[1].backward(dy, cache: c1)
+            for (label, a, e) in [
+                ("y", y1, y0), ("dx", g1.input, g0.input), ("dmean", g1.meanLogits, g0.meanLogits),
+                ("dvar", g1.varianceLogits, g0.varianceLogits),
+                ("running_mean", layers[1].runningMean, layers[0].runningMean),
+                ("running_var", layers[1].runningVariance, layers[0].runningVariance),
+            ] {
+                let c = Comparison(a.scalars, e.scalars)
+                #expect(c.relative <= 1e-12, "\(weighting) step \(step) \(label): \(c)")
+            }
+        }
+    }
+
+    @Test func batchRenormWithLocalCommunicatorEqualsPlain() throws {
+        var g = SeededGenerator(seed: 22)
+        let layers = try (0..<2).map { _ in
+            try BatchRenorm<Double>(channelCount: 2, limits: .fixed(rMax: 1.5, dMax: 0.5))
+        }
+        layers[1].communicator = LocalCommunicator()
+        for step in 0..<3 {
+            let x = try Tensor<Double>.randomNormal(
+                shape: [3, 2, 4], mean: 0.5, standardDeviation: 2, using: &g)
+            let dy = try Tensor<Double>.randomNormal(shape: [3, 2, 4], using: &g)
+            let (y0, c0) = try layers[0].forward(x, mode: .training)
+            let (y1, c1) = try layers[1].forward(x, mode: .training)
+            let g0 = try layers[0].backward(dy, cache: c0)
+            let g1 = try layers[1].backward(dy, cache: c1)
+            for (label, a, e) in [
+                ("y", y1, y0), ("dx", g1.input, g0.input), ("dweight", g1.scale, g0.scale),
+                ("running_mean", layers[1].runningMean, layers[0].runningMean),
+                (
+                    "running_std", layers[1].runningStandardDeviation,
+                    layers[0].runningStandardDeviation
+                ),
+            ] {
+                let c = Comparison(a.scalars, e.scalars)
+                #expect(c.relative <= 1e-12, "step \(step) \(label): \(c)")
+            }
+        }
+    }
+}
