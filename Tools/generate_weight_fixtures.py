@@ -25,6 +25,7 @@ torch version and the case's spec (JSON). Tensors:
     x, dy            the final call's input and output gradient
     y, dx            PyTorch's output and dL/dx for L = sum(y * dy)
     weight.eff       the normalized weight the final call used
+    dweight.eff      dL/d(weight.eff), what the layer hands to the parametrization's backward
     in/<key>         the module's state_dict before the first call
     out/<key>        the state_dict after the final call (SN's u, v advanced in training only)
     grad/<key>       dL/d(parameter) under the parameter's state_dict key (buffers have none)
@@ -144,12 +145,6 @@ def make_module(spec, g):
     return m
 
 
-def effective_weight(m, method):
-    if method in ("wn-legacy", "sn-legacy"):
-        return m.weight  # set by the forward pre-hook of the last call
-    return m.weight
-
-
 def generate(spec, out_dir):
     g = torch.Generator().manual_seed(spec["seed"])
     m = make_module(spec, g)
@@ -182,9 +177,13 @@ def generate(spec, out_dir):
             else:
                 y = F.conv2d(x, w_eff, m.bias, m.stride, m.padding)
     dy = f32(torch.randn(y.shape, generator=g))
+    if w_eff.requires_grad:
+        w_eff.retain_grad()
     (y * dy).sum().backward()
     tensors.update({"x": x.detach(), "dy": dy, "y": y.detach(), "dx": x.grad,
                     "weight.eff": w_eff.detach().clone()})
+    if w_eff.grad is not None:
+        tensors["dweight.eff"] = w_eff.grad.clone()
     named = dict(m.named_parameters())
     for k in state_in:
         if k in named and named[k].grad is not None:
