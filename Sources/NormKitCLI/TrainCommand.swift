@@ -21,6 +21,8 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "digits (shipped UCI digits) or shapes (procedural).") var dataset = "digits"
     @Option(help: "convnet or resnet.") var model = "convnet"
     @Option(help: "bn, gn, ln, in, none, sn, ssn, brn, ibn or meta.") var normalizer = "bn"
+    @Option(help: "Weight normalization of the convolutions: none, wn, cwn, ws, ws-bit or sn.")
+    var weightNorm = "none"
     @Option(help: "Examples per step.") var batchSize = 32
     @Option(help: "Epochs.") var epochs = 5
     @Option(name: .customLong("lr"), help: "Base learning rate.") var learningRate = 0.05
@@ -48,6 +50,7 @@ struct TrainCommand: ParsableCommand {
             c.dataset = dataset
             c.model = model
             c.normalizer = normalizer
+            c.weightNorm = weightNorm == "none" ? nil : weightNorm
             c.batchSize = batchSize
             c.epochs = epochs
             c.learningRate = learningRate
