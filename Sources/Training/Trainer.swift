@@ -10,8 +10,10 @@ public struct TrainingConfig: Sendable, Hashable, Codable {
     public var model = "convnet"
     /// The normalizer in every slot (`bn`, `gn`, `ln`, `in`, `none`, `sn`, `ssn`, `brn`, `ibn`, `meta`).
     public var normalizer = "bn"
-    /// The weight method of every convolution (`none`, `wn`, `cwn`, `ws`, `ws-bit`, `sn`; nil
-    /// is `none`, and keeps older checkpoints readable). See ``Models/make(_:normalizer:inputShape:classes:width:groups:seed:radiusSteps:weightNorm:as:)``.
+    /// The weight method of every convolution, by its command-line name.
+    ///
+    /// `none`, `wn`, `cwn`, `ws`, `ws-bit` or `sn`; nil means `none` and keeps older
+    /// checkpoints readable. The classifier takes only `wn` and `sn` (see ``Models``).
     public var weightNorm: String?
     /// Examples per step.
     public var batchSize = 32

@@ -15,7 +15,7 @@ public final class WeightSource<Scalar: NormScalar> {
     public let parametrization: (any WeightParametrization<Scalar>)?
     /// The parametrization's raw parameters as trainable parameters, by key.
     let raw: [(key: String, parameter: Parameter<Scalar>)]
-    /// `<layer name>.`
+    /// The layer's name followed by a period.
     let prefix: String
     /// W as the last forward call computed it (the initial weight before any call).
     public private(set) var current: Tensor<Scalar>
