@@ -48,7 +48,7 @@ public final class WeightSource<Scalar: NormScalar> {
     }
 
     /// The trainable parameters.
-    var parameters: [Parameter<Scalar>] { plain.map { [$0] } ?? raw.map(\.parameter) }
+    public var parameters: [Parameter<Scalar>] { plain.map { [$0] } ?? raw.map(\.parameter) }
 
     /// W for this call (Spectral Norm advances u and v in training mode).
     func weight(mode: Mode) throws -> Tensor<Scalar> {
