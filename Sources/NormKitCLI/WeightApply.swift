@@ -16,7 +16,7 @@ public enum WeightLayerKind: String, CaseIterable, Sendable {
 struct WeightLayerOptions: ParsableArguments {
     @Option(
         help:
-            "linear, conv2d: the weight method, none, wn, cwn, ws, ws-bit or sn (--params then holds PyTorch's state_dict of the module with that parametrization registered)."
+            "linear, conv2d: the weight method, none, wn, cwn, ws, ws-bit or sn (--params then holds PyTorch's state_dict of the module with that parametrization registered; --eps defaults to the method's own ε: ws 1e-5, ws-bit 1e-10, cwn 1e-5, sn 1e-12)."
     )
     var weightNorm = "none"
 
