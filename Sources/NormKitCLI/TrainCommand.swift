@@ -26,6 +26,8 @@ struct TrainCommand: ParsableCommand {
     ) var normalizer = "bn"
     @Flag(help: "Print the registry's activation-normalizer names, one per line, and exit.")
     var listNormalizers = false
+    @Option(help: "Weight normalization of the convolutions: none, wn, cwn, ws, ws-bit or sn.")
+    var weightNorm = "none"
     @Option(help: "Examples per step.") var batchSize = 32
     @Option(help: "Epochs.") var epochs = 5
     @Option(name: .customLong("lr"), help: "Base learning rate.") var learningRate = 0.05
@@ -61,6 +63,7 @@ struct TrainCommand: ParsableCommand {
             c.dataset = dataset
             c.model = model
             c.normalizer = normalizer
+            c.weightNorm = weightNorm == "none" ? nil : weightNorm
             c.batchSize = batchSize
             c.epochs = epochs
             c.learningRate = learningRate
