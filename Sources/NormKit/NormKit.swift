@@ -5,3 +5,4 @@
 @_exported import TensorCore
 @_exported import LinearAlgebra
 @_exported import Whitening
+@_exported import Conditional
