@@ -75,7 +75,8 @@ struct SameConvolution<Scalar: NormScalar> {
     }
 
     /// The convolution of `x` `[N, C_in, H, W]`.
-    func forward(_ x: [Scalar], batch: Int, height h: Int, width w: Int, weight: [Scalar],
+    func forward(
+        _ x: [Scalar], batch: Int, height h: Int, width w: Int, weight: [Scalar],
         bias: [Scalar]
     ) -> [Scalar] {
         let plane = h * w

@@ -23,7 +23,9 @@
 public enum DynamicTanhKernel {
     // MARK: - Reference
 
-    /// Plain Double forward. `y` is overwritten; `bias` nil means 0.
+    /// Plain Double forward.
+    ///
+    /// `y` is overwritten; `bias` nil means 0.
     public static func reference<T: BinaryFloatingPoint>(
         _ x: UnsafeBufferPointer<T>, alpha: Double, weight: UnsafeBufferPointer<T>,
         bias: UnsafeBufferPointer<T>?, channels: Int, inner: Int,
@@ -36,7 +38,9 @@ public enum DynamicTanhKernel {
         }
     }
 
-    /// Plain Double backward. `dx` is overwritten; the parameter gradients are overwritten
+    /// Plain Double backward.
+    ///
+    /// `dx` is overwritten; the parameter gradients are overwritten
     /// (`weightGradient` and `biasGradient` resized to `channels`).
     public static func referenceBackward<T: BinaryFloatingPoint>(
         _ x: UnsafeBufferPointer<T>, outputGradient dy: UnsafeBufferPointer<T>, alpha: Double,
@@ -287,9 +291,9 @@ public enum DynamicTanhKernel {
 
     // MARK: - tanh
 
-    /// tanh of one Float through the same approximation (for row tails).
+    /// tanh of one Float through the kernels' approximation (row tails, and accuracy checks).
     @inline(__always)
-    static func tanhScalar(_ z: Float) -> Float {
+    public static func tanhScalar(_ z: Float) -> Float {
         tanh16(V(repeating: z))[0]
     }
 
@@ -325,8 +329,9 @@ public enum DynamicTanhKernel {
         e = e * r + V(repeating: 0.5)
         e = e * r + V(repeating: 1)
         e = e * r + V(repeating: 1)
-        let exponent = (unsafeBitCast(kf, to: U.self) &- U(repeating: 0x4B40_0000)
-            &+ U(repeating: 127)) &<< U(repeating: 23)
+        let exponent =
+            (unsafeBitCast(kf, to: U.self) &- U(repeating: 0x4B40_0000)
+                &+ U(repeating: 127)) &<< U(repeating: 23)
         e = e * unsafeBitCast(exponent, to: V.self)
         let large = (V(repeating: 1) - e) / (V(repeating: 1) + e)
         let t = large.replacing(with: small, where: a .< 0.55)

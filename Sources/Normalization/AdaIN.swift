@@ -102,7 +102,9 @@ public final class AdaIN<Scalar: NormScalar>: ConditionalNormalizing, CustomStri
 
     // MARK: - Forward
 
-    /// y = α·(σ_s·x̂ + μ_s) + (1 − α)·x. The mode does not matter (no running statistics).
+    /// y = α·(σ_s·x̂ + μ_s) + (1 − α)·x.
+    ///
+    /// The mode does not matter (no running statistics).
     /// - Throws: ``NormError`` when the style is missing or does not match the content.
     public func normalize(_ x: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
         guard let style else {

@@ -88,7 +88,8 @@ public final class AdaLN<Scalar: NormScalar>: ConditionalNormalizing, CustomStri
         appliesSiLU = silu
         layerNorm =
             normalizes
-            ? try LayerNorm(normalizedShape: [featureCount], epsilon: epsilon, elementwiseAffine: false)
+            ? try LayerNorm(
+                normalizedShape: [featureCount], epsilon: epsilon, elementwiseAffine: false)
             : nil
         let k = gated ? 3 : 2
         let (rows, overflow) = k.multipliedReportingOverflow(by: featureCount)
@@ -111,7 +112,8 @@ public final class AdaLN<Scalar: NormScalar>: ConditionalNormalizing, CustomStri
         }
         guard c.rank == 2, c.shape[1] == conditionDimension else {
             throw NormError.invalidCondition(
-                name: "condition", problem: "must have shape [N, \(conditionDimension)], got \(c.shape)")
+                name: "condition",
+                problem: "must have shape [N, \(conditionDimension)], got \(c.shape)")
         }
         try requireFinite(c, name: "condition")
         condition = c
@@ -134,7 +136,8 @@ public final class AdaLN<Scalar: NormScalar>: ConditionalNormalizing, CustomStri
         guard condition.shape[0] == x.shape[0] else {
             throw NormError.invalidCondition(
                 name: "condition",
-                problem: "must have one row per sample: condition \(condition.shape), input \(x.shape)")
+                problem:
+                    "must have one row per sample: condition \(condition.shape), input \(x.shape)")
         }
         let batch = x.shape[0]
         let e = doubles(condition)

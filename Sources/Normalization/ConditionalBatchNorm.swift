@@ -122,8 +122,8 @@ public final class ConditionalBatchNorm<Scalar: NormScalar>: ConditionalNormaliz
                 throw NormError.invalidCondition(
                     name: name, problem: "must be a vector [N] of class indices, got \(c.shape)")
             }
-            for (n, v) in c.scalars.enumerated() where v != v.rounded() || v < 0 || v >= Scalar(classes)
-            {
+            for (n, v) in c.scalars.enumerated()
+            where v != v.rounded() || v < 0 || v >= Scalar(classes) {
                 throw NormError.invalidCondition(
                     name: name,
                     problem: "entry \(n) is \(v), not a class index in 0..<\(classes) "
@@ -312,7 +312,8 @@ public final class ConditionalBatchNorm<Scalar: NormScalar>: ConditionalNormaliz
         case .embedding(let k):
             return "ConditionalBatchNorm(\(channelCount), classes=\(k), \(batchNorm.normalizer))"
         case .linear(let d, let unitOffset):
-            return "ConditionalBatchNorm(\(channelCount), linear(\(d))\(unitOffset ? ", 1 + γ" : ""))"
+            return
+                "ConditionalBatchNorm(\(channelCount), linear(\(d))\(unitOffset ? ", 1 + γ" : ""))"
         }
     }
 }
