@@ -20,7 +20,12 @@ struct TrainCommand: ParsableCommand {
 
     @Option(help: "digits (shipped UCI digits) or shapes (procedural).") var dataset = "digits"
     @Option(help: "convnet or resnet.") var model = "convnet"
-    @Option(help: "bn, gn, ln, in, none, sn, ssn, brn, ibn or meta.") var normalizer = "bn"
+    @Option(
+        help:
+            "Any name --list-normalizers prints, a short preset (bn, gn, ln, in, sn, ssn, brn, ibn, meta, kn), or none."
+    ) var normalizer = "bn"
+    @Flag(help: "Print the registry's activation-normalizer names, one per line, and exit.")
+    var listNormalizers = false
     @Option(help: "Examples per step.") var batchSize = 32
     @Option(help: "Epochs.") var epochs = 5
     @Option(name: .customLong("lr"), help: "Base learning rate.") var learningRate = 0.05
@@ -35,6 +40,12 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "Continue from this checkpoint (its configuration wins).") var resume: String?
 
     func run() throws {
+        if listNormalizers {
+            for entry in NormalizerRegistry.all.entries where entry.trainable {
+                print(entry.name)
+            }
+            return
+        }
         if let threads {
             guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
             Parallelism.maximumThreads = threads

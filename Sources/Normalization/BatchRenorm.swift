@@ -26,6 +26,10 @@ import TensorCore
 /// 1. Ioffe 2017, "Batch Renormalization: Towards Reducing Minibatch Dependence in
 ///    Batch-Normalized Models", arXiv:1702.03275.
 public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
+    /// What the last ``normalize(_:mode:)`` call keeps for ``backward(_:)`` (the
+    /// ``Normalizing`` entry points; `forward(_:mode:)` returns its cache instead).
+    public var lastCache: Cache?
+
     /// r_max and d_max as functions of the training step.
     public enum Limits: Sendable, Hashable {
         /// Constant limits.
@@ -261,7 +265,7 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
     }
 
     /// Parameters and buffers by name (`weight`, `bias`, `running_mean`, `running_std`).
-    public func state() -> [String: Tensor<Scalar>] {
+    func stateDictionary() -> [String: Tensor<Scalar>] {
         [
             "weight": scale, "bias": offset, "running_mean": runningMean,
             "running_std": runningStandardDeviation,
@@ -296,7 +300,7 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
             throw .channelMismatch(
                 layer: "BatchRenorm", expected: channelCount, actual: x.shape[axis], shape: x.shape)
         }
-        for (label, t) in state() where t.shape != [channelCount] {
+        for (label, t) in stateDictionary() where t.shape != [channelCount] {
             throw .parameterShapeMismatch(name: label, expected: [channelCount], actual: t.shape)
         }
         return try Normalizer.Partition.batch.plan(for: x.shape, layout: layout)

@@ -29,6 +29,10 @@ import TensorCore
 /// Input and output: any shape the partition accepts (see ``Normalizer/Partition``). Statistics:
 /// the kept axes of the partition's view, e.g. `[C]` for BatchNorm, `[N, G]` for GroupNorm.
 public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
+    /// What the last ``normalize(_:mode:)`` call keeps for ``backward(_:)`` (the
+    /// ``Normalizing`` entry points; `forward(_:mode:)` returns its cache instead).
+    public var lastCache: Cache?
+
     /// Π, Φ, Ψ, the variance estimator and ε.
     public let normalizer: Normalizer
     /// Where the channel axis is.
@@ -363,7 +367,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
 
     /// Parameters and buffers under PyTorch's `state_dict` names (see ``ParameterKey``);
     /// `num_batches_tracked` is returned separately as an integer.
-    public func state() -> (tensors: [String: Tensor<Scalar>], batchesTracked: Int?) {
+    func stateTensors() -> (tensors: [String: Tensor<Scalar>], batchesTracked: Int?) {
         var tensors: [String: Tensor<Scalar>] = [:]
         if let scale { tensors[ParameterKey.scale.rawValue] = scale }
         if let offset { tensors[ParameterKey.offset.rawValue] = offset }

@@ -52,7 +52,7 @@ enum GroupMatrices {
 
 extension DecorrelatedBatchNorm {
     /// `weight`, `bias`, `running_mean` [C], `running_projection` [G, d, d].
-    public func state() throws -> [String: Tensor<Scalar>] {
+    func stateDictionary() throws -> [String: Tensor<Scalar>] {
         var out: [String: Tensor<Scalar>] = [
             "running_mean": runningMean,
             "running_projection": try GroupMatrices.pack(runningProjections),
@@ -81,7 +81,7 @@ extension DecorrelatedBatchNorm {
 
 extension IterNorm {
     /// `weight`, `bias`, `running_mean` [C], `running_wm` [G, d, d].
-    public func state() throws -> [String: Tensor<Scalar>] {
+    func stateDictionary() throws -> [String: Tensor<Scalar>] {
         var out: [String: Tensor<Scalar>] = [
             "running_mean": runningMean, "running_wm": try GroupMatrices.pack(runningWhitening),
         ]
@@ -109,7 +109,7 @@ extension IterNorm {
 
 extension SwitchableWhitening {
     /// `weight`, `bias`, `sw_mean_weight`, `sw_var_weight`, `running_mean` [C], `running_cov` [G, d, d].
-    public func state() throws -> [String: Tensor<Scalar>] {
+    func stateDictionary() throws -> [String: Tensor<Scalar>] {
         [
             "weight": scale, "bias": offset, "sw_mean_weight": meanLogits,
             "sw_var_weight": varianceLogits,
