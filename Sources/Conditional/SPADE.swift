@@ -339,9 +339,7 @@ public final class SPADE<Scalar: NormScalar>: ConditionalNormalizing, CustomStri
         var tensors = values
         for (key, value) in inner.tensors { tensors[Self.bufferPrefix + key] = value }
         var counters: [String: Int] = [:]
-        if let count = inner.batchesTracked {
-            counters[Self.bufferPrefix + "num_batches_tracked"] = count
-        }
+        for (key, count) in inner.counters { counters[Self.bufferPrefix + key] = count }
         return NormState(tensors: tensors, counters: counters)
     }
 

@@ -287,7 +287,7 @@ public final class ConditionalBatchNorm<Scalar: NormScalar>: ConditionalNormaliz
         let bn = batchNorm.state()
         return NormState(
             tensors: values.merging(bn.tensors) { $1 },
-            counters: bn.batchesTracked.map { ["num_batches_tracked": $0] } ?? [:])
+            counters: bn.counters)
     }
 
     /// Restores parameters and BatchNorm buffers (shape-checked, all or nothing).

@@ -172,6 +172,10 @@ public final class AddRMSNorm<Scalar: NormScalar>: WeightedRMSNorm<Scalar>,
     private var residual: Tensor<Scalar>?
     /// h = x + r from the last call.
     public private(set) var residualOutput: Tensor<Scalar>?
+    /// `["residual": h]` after a call (what `normkit apply --residual-output` writes).
+    public var auxiliaryOutputs: [String: Tensor<Scalar>] {
+        residualOutput.map { ["residual": $0] } ?? [:]
+    }
 
     /// The layer's name in messages.
     public override var displayName: String { "AddRMSNorm" }
