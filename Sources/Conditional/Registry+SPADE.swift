@@ -34,7 +34,8 @@ struct SPADEBuilder: NormalizerBuilder {
             }
             norm = n
         }
-        kernel = try o.int("kernel-size") ?? shared.flatMap { $0.count == 4 ? $0[2] : nil } ?? kernel
+        kernel =
+            try o.int("kernel-size") ?? shared.flatMap { $0.count == 4 ? $0[2] : nil } ?? kernel
         let fallbackLabels = try o.int("label-nc") ?? 16
         let labels =
             request.conditionShapes["segmap"].flatMap { $0.count == 4 ? $0[1] : nil }

@@ -96,7 +96,8 @@ public enum Numpy {
         return bytes.withUnsafeBytes { raw in
             if header.descr == "<i8" {
                 return .int64(
-                    shape: header.shape, values: ByteReader.int64s(raw, at: dataStart, count: count))
+                    shape: header.shape, values: ByteReader.int64s(raw, at: dataStart, count: count)
+                )
             }
             if itemSize == 4 {
                 return .float32(

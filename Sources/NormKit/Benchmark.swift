@@ -151,7 +151,9 @@ public enum Benchmark {
             segmap[1] = spade.labelCount
             return ["segmap": try .randomNormal(shape: segmap, using: &g)]
         case let adaln as AdaLN<Float>:
-            return ["condition": try .randomNormal(shape: [n, adaln.conditionDimension], using: &g)]
+            return [
+                "condition": try .randomNormal(shape: [n, adaln.conditionDimension], using: &g)
+            ]
         default:
             // Fused add + RMSNorm and any other layer whose conditions have the input's shape.
             var out: [String: Tensor<Float>] = [:]

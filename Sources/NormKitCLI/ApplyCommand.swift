@@ -142,7 +142,8 @@ struct ApplyCommand: ParsableCommand {
 
     @Option(
         help:
-            "conditionalbn: γ = 1 + Linear(e) (BigGAN); addrmsnorm, qknorm: γ = 1 + w. true or false (default).")
+            "conditionalbn: γ = 1 + Linear(e) (BigGAN); addrmsnorm, qknorm: γ = 1 + w. true or false (default)."
+    )
     var unitOffset: Bool?
 
     @Option(help: "adaln: predict a gate as well as shift and scale (default true).")

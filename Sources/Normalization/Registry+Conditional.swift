@@ -11,12 +11,14 @@ extension NormalizerRegistry {
             conditions: ["style"], trainable: false, builder: AdaINBuilder()),
         NormalizerEntry(
             "conditionalbn", aliases: ["cbn"],
-            summary: "Conditional BatchNorm: γ, β per class (--labels) or from a vector (--condition)",
+            summary:
+                "Conditional BatchNorm: γ, β per class (--labels) or from a vector (--condition)",
             conditions: ["labels", "condition"], trainable: false,
             builder: ConditionalBatchNormBuilder()),
         NormalizerEntry(
             "adaln", aliases: ["film", "adalnzero"],
-            summary: "adaLN-Zero / FiLM: x·(1 + scale) + shift predicted from a conditioning vector",
+            summary:
+                "adaLN-Zero / FiLM: x·(1 + scale) + shift predicted from a conditioning vector",
             conditions: ["condition"], trainable: false, builder: AdaLNBuilder()),
         NormalizerEntry(
             "dyt", summary: "Dynamic Tanh: w·tanh(α x) + b, no statistics",
@@ -60,9 +62,11 @@ struct AdaINBuilder: NormalizerBuilder {
     }
 }
 
-/// `conditionalbn`: labels (`classes` K, or the rows of `weights.weight`) or a conditioning
-/// vector (its width; `unit-offset` for BigGAN's γ = 1 + Linear). Without either (a benchmark),
-/// an embedding of `classes` (default 10).
+/// Builds `conditionalbn`.
+///
+/// Labels (`classes` K, or the rows of `weights.weight`) or a conditioning vector (its width;
+/// `unit-offset` for BigGAN's γ = 1 + Linear). Without either (a benchmark), an embedding of
+/// `classes` (default 10).
 struct ConditionalBatchNormBuilder: NormalizerBuilder {
     func make<T: NormScalar>(_ request: NormalizerRequest, as _: T.Type) throws -> any Normalizing<
         T
@@ -117,7 +121,9 @@ struct AdaLNBuilder: NormalizerBuilder {
     }
 }
 
-/// `dyt`: `alpha` (α's initial value, 0.5), `bias` (false: the no-bias variant). The layout is
+/// Builds `dyt`.
+///
+/// `alpha` (α's initial value, 0.5), `bias` (false: the no-bias variant). The layout is
 /// `--layout` when given, else channels-last below rank 4 (token tensors `[B, T, C]`) and
 /// channels-first from rank 4 (images `[N, C, H, W]`, the training harness's slots).
 struct DynamicTanhBuilder: NormalizerBuilder {
@@ -138,8 +144,9 @@ struct DynamicTanhBuilder: NormalizerBuilder {
         let channels = layout == .channelsLast ? shape[shape.count - 1] : shape[1]
         return try DynamicTanh<T>(
             channelCount: channels, alpha: try o.double("alpha") ?? 0.5,
-            bias: try o.bool("bias") ?? (request.parameterShapes.isEmpty
-                || request.parameterShapes["bias"] != nil),
+            bias: try o.bool("bias")
+                ?? (request.parameterShapes.isEmpty
+                    || request.parameterShapes["bias"] != nil),
             layout: layout)
     }
 }

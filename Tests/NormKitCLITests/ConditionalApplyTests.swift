@@ -20,12 +20,14 @@ struct ConditionalApplyTests {
         bytes += [UInt8(header.utf8.count & 0xff), UInt8(header.utf8.count >> 8)]
         bytes += Array(header.utf8)
         for v in values {
-            for i in 0..<8 { bytes.append(UInt8(truncatingIfNeeded: UInt64(bitPattern: v) >> (8 * UInt64(i)))) }
+            for i in 0..<8 {
+                bytes.append(UInt8(truncatingIfNeeded: UInt64(bitPattern: v) >> (8 * UInt64(i))))
+            }
         }
         try Data(bytes).write(to: URL(fileURLWithPath: path))
     }
 
-    /// (fixture, extra flags, condition flags → fixture tensor, gradient flags → fixture key)
+    /// Fixture, extra flags, condition flags → fixture tensor, gradient flags → fixture key.
     static let cases: [(String, [String], [String: String], [String: String])] = [
         ("adain_unbiased_rank4", [], ["--style": "style"], ["--grad-style": "dstyle"]),
         (
@@ -53,7 +55,10 @@ struct ConditionalApplyTests {
         ("rmsnorm1p_rank3", [], [:], [:]),
         ("qknorm_heads", [], [:], [:]),
         ("unitnorm_rank3", [], [:], [:]),
-        ("addrmsnorm_rank3_unit_offset", ["--unit-offset", "true"], ["--residual": "residual"], [:]),
+        (
+            "addrmsnorm_rank3_unit_offset", ["--unit-offset", "true"], ["--residual": "residual"],
+            [:]
+        ),
     ]
 
     @Test(arguments: cases.indices)
