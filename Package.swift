@@ -22,7 +22,7 @@ let package = Package(
             name: "NormKit",
             dependencies: [
                 "TensorCore", "NormKernels", "Normalization", "NormIO", "LinearAlgebra",
-                "Whitening",
+                "Whitening", "Conditional",
             ]
         ),
         .executableTarget(
@@ -65,6 +65,10 @@ let package = Package(
         /// Whitening normalizers (decorrelated BN, IterNorm, Switchable Whitening).
         .target(
             name: "Whitening",
+            dependencies: ["TensorCore", "NormKernels", "Normalization", "LinearAlgebra"]),
+        /// Conditional normalizers that need GEMM (SPADE's convolutions).
+        .target(
+            name: "Conditional",
             dependencies: ["TensorCore", "NormKernels", "Normalization", "LinearAlgebra"]),
         /// Layers for small networks, optimisers, data, checkpoints.
         .target(

@@ -9,7 +9,8 @@ import TensorCore
 
 /// Reader and writer of NumPy's `.npy` format, versions 1.0 to 3.0.
 ///
-/// Accepted: little-endian float32 (`<f4`) and float64 (`<f8`) in C order (Fortran order is
+/// Accepted: little-endian float32 (`<f4`), float64 (`<f8`) and int64 (`<i8`: class labels) in
+/// C order (Fortran order is
 /// accepted for rank ≤ 1, where it is the same). Written: version 1.0 (2.0 when the header
 /// does not fit 65,535 bytes), header padded so the data starts on a 64-byte boundary.
 ///
@@ -84,7 +85,7 @@ public enum Numpy {
         let itemSize: Int
         switch header.descr {
         case "<f4": itemSize = 4
-        case "<f8": itemSize = 8
+        case "<f8", "<i8": itemSize = 8
         default: throw .unsupportedDType(format: format, dtype: header.descr)
         }
         if header.fortranOrder && header.shape.filter({ $0 > 1 }).count > 1 {
@@ -103,6 +104,11 @@ public enum Numpy {
                 actualBytes: available)
         }
         return bytes.withUnsafeBytes { raw in
+            if header.descr == "<i8" {
+                return .int64(
+                    shape: header.shape, values: ByteReader.int64s(raw, at: dataStart, count: count)
+                )
+            }
             if itemSize == 4 {
                 return .float32(
                     Tensor(
