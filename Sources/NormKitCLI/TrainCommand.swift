@@ -18,7 +18,12 @@ struct TrainCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "train", abstract: "Train a small network with any normalizer in every slot.")
 
-    @Option(help: "digits (shipped UCI digits) or shapes (procedural).") var dataset = "digits"
+    @Option(
+        help:
+            "digits (shipped UCI digits), shapes (procedural) or fashion-mnist (Debian's dataset-fashion-mnist)."
+    ) var dataset = "digits"
+    @Option(help: "Use only the first N training examples.") var trainCount: Int?
+    @Option(help: "Use only the first N test examples.") var testCount: Int?
     @Option(help: "convnet or resnet.") var model = "convnet"
     @Option(
         help:
@@ -66,6 +71,8 @@ struct TrainCommand: ParsableCommand {
             c.weightDecay = weightDecay
             c.schedule = schedule
             c.seed = seed
+            c.trainCount = trainCount
+            c.testCount = testCount
             trainer = try Trainer(c)
         }
         let c = trainer.config

@@ -4,7 +4,7 @@ import NormKit
 /// Everything that defines a training run; the same configuration and thread count give the
 /// same losses.
 public struct TrainingConfig: Sendable, Hashable, Codable {
-    /// `digits` or `shapes`.
+    /// `digits`, `shapes` or `fashion-mnist`.
     public var dataset = "digits"
     /// `convnet` or `resnet`.
     public var model = "convnet"
@@ -32,8 +32,12 @@ public struct TrainingConfig: Sendable, Hashable, Codable {
     public var shapesCount = 3000
     /// Side of the shapes images.
     public var shapesSize = 16
-    /// Share of the data held out for testing.
+    /// Share of the data held out for testing (digits, shapes; Fashion-MNIST has its own split).
     public var testFraction = 0.2
+    /// Use only the first this many training examples (all when nil).
+    public var trainCount: Int?
+    /// Use only the first this many test examples (all when nil).
+    public var testCount: Int?
 
     /// Defaults.
     public init() {}
@@ -102,17 +106,27 @@ public final class Trainer {
                     "epochs \(config.epochs), lr \(config.learningRate), batch \(config.batchSize)",
                 requirement: "epochs ≥ 1, a positive finite learning rate, batch size ≥ 1")
         }
-        let data: Dataset<Float>
+        let split: (train: Dataset<Float>, test: Dataset<Float>)
         switch config.dataset {
-        case "digits": data = try Datasets.digits()
+        case "digits":
+            split = try Datasets.digits().split(
+                testFraction: config.testFraction, seed: config.seed)
         case "shapes":
-            data = try Datasets.shapes(
-                count: config.shapesCount, size: config.shapesSize, seed: config.seed &+ 7)
+            split = try Datasets.shapes(
+                count: config.shapesCount, size: config.shapesSize, seed: config.seed &+ 7
+            ).split(testFraction: config.testFraction, seed: config.seed)
+        case "fashion-mnist": split = try Datasets.cachedFashionMNIST()
         default:
             throw TrainingError.unknownName(
-                kind: "data set", name: config.dataset, known: ["digits", "shapes"])
+                kind: "data set", name: config.dataset,
+                known: ["digits", "shapes", "fashion-mnist"])
         }
-        (train, test) = try data.split(testFraction: config.testFraction, seed: config.seed)
+        for count in [config.trainCount, config.testCount].compactMap({ $0 }) where count < 1 {
+            throw TrainingError.invalidSetting(
+                name: "example count", value: "\(count)", requirement: "at least 1")
+        }
+        train = try Datasets.prefix(split.train, config.trainCount)
+        test = try Datasets.prefix(split.test, config.testCount)
         guard config.batchSize <= train.count else {
             throw TrainingError.invalidSetting(
                 name: "batch size", value: "\(config.batchSize)",
