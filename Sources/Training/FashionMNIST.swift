@@ -150,9 +150,10 @@ extension Datasets {
         + "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
         + "t10k-labels-idx1-ubyte.gz"
 
-    /// Zalando's Fashion-MNIST (Xiao, Rasul & Vollgraf 2017, arXiv:1708.07747): 60,000 training
-    /// and 10,000 test images of clothing, 1×28×28, ten classes, pixel values scaled to [0, 1].
-    /// Read from the gzip IDX files of `directory` (see `Sources/Training/FashionMNIST.md`).
+    /// Zalando's Fashion-MNIST, read from the installed gzip IDX files.
+    ///
+    /// Xiao, Rasul & Vollgraf 2017, arXiv:1708.07747: 60,000 training and 10,000 test images of
+    /// clothing, 1×28×28, ten classes; pixel values scaled to [0, 1]. Read from the gzip IDX files of `directory` (see `Sources/Training/FashionMNIST.md`).
     /// - Throws: ``DatasetError/missing(path:hint:)`` with installation instructions when the
     ///   files are absent, ``DatasetError`` for a damaged file.
     public static func fashionMNIST<Scalar: NormScalar>(
