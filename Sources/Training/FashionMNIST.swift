@@ -179,6 +179,37 @@ extension Datasets {
         return (train, test)
     }
 
+    /// The training and test sets a configuration names: digits and shapes split by
+    /// `testFraction` with the seed, Fashion-MNIST's official split; then the first
+    /// `trainCount` / `testCount` examples.
+    /// - Throws: ``TrainingError/unknownName(kind:name:known:)`` for an unknown data set,
+    ///   ``DatasetError`` when Fashion-MNIST is missing or damaged.
+    public static func split(for config: TrainingConfig) throws -> (
+        train: Dataset<Float>, test: Dataset<Float>
+    ) {
+        let split: (train: Dataset<Float>, test: Dataset<Float>)
+        switch config.dataset {
+        case "digits":
+            split = try digits().split(testFraction: config.testFraction, seed: config.seed)
+        case "shapes":
+            split = try shapes(
+                count: config.shapesCount, size: config.shapesSize, seed: config.seed &+ 7
+            ).split(testFraction: config.testFraction, seed: config.seed)
+        case "fashion-mnist": split = try cachedFashionMNIST()
+        default:
+            throw TrainingError.unknownName(
+                kind: "data set", name: config.dataset,
+                known: ["digits", "shapes", "fashion-mnist"])
+        }
+        for count in [config.trainCount, config.testCount].compactMap({ $0 }) where count < 1 {
+            throw TrainingError.invalidSetting(
+                name: "example count", value: "\(count)", requirement: "at least 1")
+        }
+        return (
+            try prefix(split.train, config.trainCount), try prefix(split.test, config.testCount)
+        )
+    }
+
     /// Fashion-MNIST as Float, read once per process (the studies train many networks on it).
     static func cachedFashionMNIST() throws -> (train: Dataset<Float>, test: Dataset<Float>) {
         try FashionMNISTCache.shared.get()

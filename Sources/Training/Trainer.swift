@@ -106,27 +106,7 @@ public final class Trainer {
                     "epochs \(config.epochs), lr \(config.learningRate), batch \(config.batchSize)",
                 requirement: "epochs ≥ 1, a positive finite learning rate, batch size ≥ 1")
         }
-        let split: (train: Dataset<Float>, test: Dataset<Float>)
-        switch config.dataset {
-        case "digits":
-            split = try Datasets.digits().split(
-                testFraction: config.testFraction, seed: config.seed)
-        case "shapes":
-            split = try Datasets.shapes(
-                count: config.shapesCount, size: config.shapesSize, seed: config.seed &+ 7
-            ).split(testFraction: config.testFraction, seed: config.seed)
-        case "fashion-mnist": split = try Datasets.cachedFashionMNIST()
-        default:
-            throw TrainingError.unknownName(
-                kind: "data set", name: config.dataset,
-                known: ["digits", "shapes", "fashion-mnist"])
-        }
-        for count in [config.trainCount, config.testCount].compactMap({ $0 }) where count < 1 {
-            throw TrainingError.invalidSetting(
-                name: "example count", value: "\(count)", requirement: "at least 1")
-        }
-        train = try Datasets.prefix(split.train, config.trainCount)
-        test = try Datasets.prefix(split.test, config.testCount)
+        (train, test) = try Datasets.split(for: config)
         guard config.batchSize <= train.count else {
             throw TrainingError.invalidSetting(
                 name: "batch size", value: "\(config.batchSize)",
@@ -176,13 +156,40 @@ public final class Trainer {
 
     /// One training step on the batch `indices`; returns the loss.
     func step(_ indices: ArraySlice<Int>) throws -> Double {
-        for slot in slots { slot.advanceRadius() }
         let (x, labels) = try train.batch(indices)
+        return try step(x, labels: labels)
+    }
+
+    /// One training step on a batch (`x` `[N, C, H, W]`, N labels); returns the loss.
+    public func step(_ x: Tensor<Float>, labels: [Int]) throws -> Double {
+        for slot in slots { slot.advanceRadius() }
         let logits = try model.forward(x, mode: .training)
         let (loss, gradient, _) = try SoftmaxCrossEntropy.evaluate(logits, labels: labels)
         _ = try model.backward(gradient)
         try optimizer.update(model.parameters)
         return loss
+    }
+
+    /// Training throughput: after `warmup` steps, times `steps` SGD steps on one fixed batch
+    /// (the first `batchSize` training examples), as `bench/train_torch.py` does for PyTorch.
+    /// The model and optimiser state move on; use a fresh trainer for training.
+    /// - Returns: examples per second and seconds per step.
+    public func benchmark(steps: Int, warmup: Int = 5) throws -> (
+        examplesPerSecond: Double, secondsPerStep: Double
+    ) {
+        guard steps >= 1, warmup >= 0 else {
+            throw TrainingError.invalidSetting(
+                name: "benchmark steps", value: "\(steps)", requirement: "at least 1")
+        }
+        let (x, labels) = try train.batch(Array(0..<config.batchSize)[...])
+        for _ in 0..<warmup { _ = try step(x, labels: labels) }
+        let clock = ContinuousClock()
+        let elapsed = try clock.measure {
+            for _ in 0..<steps { _ = try step(x, labels: labels) }
+        }
+        let seconds =
+            Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
+        return (Double(steps * config.batchSize) / seconds, seconds / Double(steps))
     }
 
     /// Loss and error rate on a data set, in inference mode.
