@@ -31,6 +31,8 @@ struct TrainCommand: ParsableCommand {
     ) var normalizer = "bn"
     @Flag(help: "Print the registry's activation-normalizer names, one per line, and exit.")
     var listNormalizers = false
+    @Option(help: "Weight normalization of the convolutions: none, wn, cwn, ws, ws-bit or sn.")
+    var weightNorm = "none"
     @Option(help: "Examples per step.") var batchSize = 32
     @Option(help: "Epochs.") var epochs = 5
     @Option(name: .customLong("lr"), help: "Base learning rate.") var learningRate = 0.05
@@ -60,6 +62,8 @@ struct TrainCommand: ParsableCommand {
             Parallelism.maximumThreads = threads
             BLAS.setThreads(threads)
         }
+        // The outputs are checked before training: a run must not end in an unwritable path.
+        _ = try OutputSet([checkpoint] + (metrics.map { [$0] } ?? []))
         let trainer: Trainer
         if let resume {
             trainer = try Trainer.resume(from: resume)
@@ -68,6 +72,7 @@ struct TrainCommand: ParsableCommand {
             c.dataset = dataset
             c.model = model
             c.normalizer = normalizer
+            c.weightNorm = weightNorm == "none" ? nil : weightNorm
             c.batchSize = batchSize
             c.epochs = epochs
             c.learningRate = learningRate
@@ -168,9 +173,7 @@ enum MetricsFile {
                 }
                 .joined(separator: "\n") + "\n"
         }
-        do { try text.write(toFile: path, atomically: true, encoding: .utf8) } catch {
-            throw FileFormatError.io(path: path, reason: "it cannot be written")
-        }
+        try OutputFile.write(text, to: path)
     }
 }
 
@@ -193,16 +196,43 @@ struct DemoCommand: ParsableCommand {
             Parallelism.maximumThreads = threads
         }
         BLAS.setThreads(1)  // small GEMMs: OpenBLAS's threads cost more than they give here
+        // The report folder is checked before the run, which takes minutes.
+        try Self.checkReportFolder(output)
         let plan: Experiments.Plan = quick ? .quick : .full
         let results = try Experiments.run(plan, seed: seed) { print($0) }
-        try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
-        let markdown = Report.markdown(results)
         do {
-            try Report.html(results).write(
-                toFile: output + "/index.html", atomically: true, encoding: .utf8)
-            try markdown.write(toFile: output + "/summary.md", atomically: true, encoding: .utf8)
-        } catch { throw FileFormatError.io(path: output, reason: "the report cannot be written") }
+            try FileManager.default.createDirectory(
+                atPath: output, withIntermediateDirectories: true)
+        } catch { throw FileFormatError.io(path: output, reason: "the folder cannot be created") }
+        let markdown = Report.markdown(results)
+        var files = try OutputSet([output + "/index.html", output + "/summary.md"])
+        files.stage(Report.html(results), to: output + "/index.html")
+        files.stage(markdown, to: output + "/summary.md")
+        try files.commit()
         print("\n" + markdown)
         print("report written to \(output)/index.html")
+    }
+
+    /// Refuses a report folder that is an existing file or cannot be created.
+    static func checkReportFolder(_ output: String) throws {
+        var isDirectory: ObjCBool = false
+        if FileManager.default.fileExists(atPath: output, isDirectory: &isDirectory) {
+            guard isDirectory.boolValue else {
+                throw FileFormatError.io(
+                    path: output, reason: "it is a file; --output names the report's folder")
+            }
+            try OutputFile.checkWritable(output + "/index.html")
+        } else {
+            // The folder is created with its parents; the nearest existing one must be writable.
+            var parent = output
+            repeat {
+                parent = parent.contains("/") ? String(parent[..<parent.lastIndex(of: "/")!]) : "."
+                if parent.isEmpty { parent = "/" }
+            } while !FileManager.default.fileExists(atPath: parent, isDirectory: &isDirectory)
+            guard isDirectory.boolValue, FileManager.default.isWritableFile(atPath: parent) else {
+                throw FileFormatError.io(
+                    path: output, reason: "its folder cannot be created under '\(parent)'")
+            }
+        }
     }
 }
