@@ -18,7 +18,12 @@ struct TrainCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "train", abstract: "Train a small network with any normalizer in every slot.")
 
-    @Option(help: "digits (shipped UCI digits) or shapes (procedural).") var dataset = "digits"
+    @Option(
+        help:
+            "digits (shipped UCI digits), shapes (procedural) or fashion-mnist (Debian's dataset-fashion-mnist)."
+    ) var dataset = "digits"
+    @Option(help: "Use only the first N training examples.") var trainCount: Int?
+    @Option(help: "Use only the first N test examples.") var testCount: Int?
     @Option(help: "convnet or resnet.") var model = "convnet"
     @Option(
         help:
@@ -40,6 +45,10 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "Checkpoint file written at the end and on Ctrl-C.") var checkpoint =
         "normkit-checkpoint.safetensors"
     @Option(help: "Continue from this checkpoint (its configuration wins).") var resume: String?
+    @Option(
+        help:
+            "Time N SGD steps on one fixed batch after 5 warm-up steps, print one JSON line (examples_per_s) and exit."
+    ) var benchmarkSteps: Int?
 
     func run() throws {
         if listNormalizers {
@@ -71,9 +80,15 @@ struct TrainCommand: ParsableCommand {
             c.weightDecay = weightDecay
             c.schedule = schedule
             c.seed = seed
+            c.trainCount = trainCount
+            c.testCount = testCount
             trainer = try Trainer(c)
         }
         let c = trainer.config
+        if let benchmarkSteps {
+            try printBenchmark(trainer, steps: benchmarkSteps, threads: threads)
+            return
+        }
         print(
             "training \(c.model) with \(c.normalizer) on \(c.dataset): \(trainer.train.count) train / \(trainer.test.count) test, batch \(c.batchSize), \(c.epochs) epochs, lr \(c.learningRate)"
         )
@@ -121,6 +136,24 @@ struct TrainCommand: ParsableCommand {
             throw ExitCode(130)
         }
         print("checkpoint written to \(checkpoint)")
+    }
+}
+
+extension TrainCommand {
+    /// `--benchmark-steps`: one JSON line, keys as `bench/train_torch.py` prints them.
+    func printBenchmark(_ trainer: Trainer, steps: Int, threads: Int?) throws {
+        guard steps >= 1 else { throw ValidationError("--benchmark-steps must be at least 1") }
+        let (rate, perStep) = try trainer.benchmark(steps: steps)
+        let c = trainer.config
+        let fields: [(String, String)] = [
+            ("framework", "\"normkit\""), ("model", "\"\(c.model)\""),
+            ("dataset", "\"\(c.dataset)\""), ("normalizer", "\"\(c.normalizer)\""),
+            ("input_shape", "\(trainer.train.imageShape)"), ("batch_size", "\(c.batchSize)"),
+            ("threads", "\(threads ?? Parallelism.maximumThreads)"), ("steps", "\(steps)"),
+            ("ms_per_step", String(format: "%.3f", perStep * 1000)),
+            ("examples_per_s", String(format: "%.1f", rate)),
+        ]
+        print("{" + fields.map { "\"\($0.0)\": \($0.1)" }.joined(separator: ", ") + "}")
     }
 }
 
