@@ -328,17 +328,35 @@ public struct ApplyRequest: Sendable {
     }
 
     /// Runs the request: reads, computes in the input's precision, writes.
+    ///
+    /// Every output path is checked before anything is computed, and the outputs are written
+    /// together at the end (all or none: an input that is also an output is never lost to a
+    /// later failing write).
     public func run() throws {
+        var outputs = try OutputSet(outputPaths)
         let x = try Numpy.read(contentsOf: input)
         let state = try params.map { try Safetensors.read(contentsOf: $0) }
         switch x {
-        case .float32(let tensor): try compute(tensor, state: state)
-        case .float64(let tensor): try compute(tensor, state: state)
+        case .float32(let tensor): try compute(tensor, state: state, outputs: &outputs)
+        case .float64(let tensor): try compute(tensor, state: state, outputs: &outputs)
         case .int64: throw FileFormatError.unsupportedDType(format: "npy", dtype: "<i8")
         }
+        try outputs.commit()
     }
 
-    private func compute<T: NormScalar>(_ x: Tensor<T>, state file: Safetensors.File?) throws {
+    /// Every file the request writes, in a fixed order.
+    var outputPaths: [String] {
+        [output] + auxiliaryOutputs.keys.sorted().map { auxiliaryOutputs[$0]! }
+            + (gradOutput == nil ? [] : [gradInput].compactMap { $0 })
+            + (gradOutput == nil
+                ? [] : conditionGradients.keys.sorted().map { conditionGradients[$0]! })
+            + (gradOutput == nil ? [] : [gradParams].compactMap { $0 })
+            + [updatedParams].compactMap { $0 }
+    }
+
+    private func compute<T: NormScalar>(
+        _ x: Tensor<T>, state file: Safetensors.File?, outputs: inout OutputSet
+    ) throws {
         // Integer entries (num_batches_tracked, Sparse SN's mean_fixed) are counters.
         var loaded = NormState<T>()
         for (key, array) in file?.tensors ?? [:] {
@@ -393,22 +411,20 @@ public struct ApplyRequest: Sendable {
         for name in conditionGradients.keys.sorted() where gradients?.conditions[name] == nil {
             throw NormError.invalidCondition(name: name, problem: "no gradient flows into it")
         }
-        // Every computation succeeded: now write the outputs.
-        try Numpy.write(y, to: output)
-        for (name, path) in auxiliaryOutputs { try Numpy.write(auxiliary[name]!, to: path) }
+        // Every computation succeeded: stage the outputs (the caller commits them together).
+        outputs.stage(Numpy.encode(y), to: output)
+        for (name, path) in auxiliaryOutputs {
+            outputs.stage(Numpy.encode(auxiliary[name]!), to: path)
+        }
         if let gradients {
-            if let gradInput { try Numpy.write(gradients.input, to: gradInput) }
+            if let gradInput { outputs.stage(Numpy.encode(gradients.input), to: gradInput) }
             for (name, path) in conditionGradients {
-                guard let g = gradients.conditions[name] else {
-                    throw NormError.invalidCondition(
-                        name: name, problem: "no gradient flows into it")
-                }
-                try Numpy.write(g, to: path)
+                outputs.stage(Numpy.encode(gradients.conditions[name]!), to: path)
             }
             if let gradParams {
                 var out = Safetensors.File()
                 for (k, v) in gradients.parameters { out.tensors[k] = fileShaped(k, v) }
-                try Safetensors.write(out, to: gradParams)
+                outputs.stage(Safetensors.encode(out), to: gradParams)
             }
         }
         if let updatedParams, let updated {
@@ -419,7 +435,7 @@ public struct ApplyRequest: Sendable {
                 out.tensors[k] = .int64(
                     shape: shapes[k] ?? (k.hasSuffix("_fixed") ? [1] : []), values: [Int64(v)])
             }
-            try Safetensors.write(out, to: updatedParams)
+            outputs.stage(Safetensors.encode(out), to: updatedParams)
         }
     }
 }

@@ -139,18 +139,26 @@ public struct WeightApplyRequest: Sendable {
     }
 
     /// Runs the request: reads, computes in the input's precision, writes.
+    ///
+    /// Every output path is checked first and the outputs are written together at the end.
     public func run() throws {
+        var outputs = try OutputSet(
+            [output] + (gradOutput == nil ? [] : [gradInput, gradParams].compactMap { $0 })
+                + [updatedParams].compactMap { $0 })
         let x = try Numpy.read(contentsOf: input)
         guard let params else { throw WeightApplyError.missingParameters(layer: layer.rawValue) }
         let file = try Safetensors.read(contentsOf: params)
         switch x {
-        case .float32(let tensor): try compute(tensor, file: file)
-        case .float64(let tensor): try compute(tensor, file: file)
+        case .float32(let tensor): try compute(tensor, file: file, outputs: &outputs)
+        case .float64(let tensor): try compute(tensor, file: file, outputs: &outputs)
         case .int64: throw FileFormatError.unsupportedDType(format: "npy", dtype: "<i8")
         }
+        try outputs.commit()
     }
 
-    private func compute<T: NormScalar>(_ x: Tensor<T>, file: Safetensors.File) throws {
+    private func compute<T: NormScalar>(
+        _ x: Tensor<T>, file: Safetensors.File, outputs: inout OutputSet
+    ) throws {
         var state: [String: Tensor<T>] = [:]
         for (key, array) in file.tensors {
             if case .int64 = array {
@@ -237,13 +245,15 @@ public struct WeightApplyRequest: Sendable {
             for (k, v) in tensors { out.tensors[fileName[k] ?? k] = StoredArray(v) }
             return out
         }
-        // Every computation succeeded: now write the outputs.
-        try Numpy.write(y, to: output)
-        if let dx, let gradInput { try Numpy.write(dx, to: gradInput) }
+        // Every computation succeeded: stage the outputs (the caller commits them together).
+        outputs.stage(Numpy.encode(y), to: output)
+        if let dx, let gradInput { outputs.stage(Numpy.encode(dx), to: gradInput) }
         if gradOutput != nil, let gradParams {
-            try Safetensors.write(named(gradients), to: gradParams)
+            outputs.stage(Safetensors.encode(named(gradients)), to: gradParams)
         }
-        if let updatedParams { try Safetensors.write(named(updated), to: updatedParams) }
+        if let updatedParams {
+            outputs.stage(Safetensors.encode(named(updated)), to: updatedParams)
+        }
     }
 }
 

@@ -39,8 +39,12 @@ public final class UnitNorm<Scalar: NormScalar>: Normalizing, CustomStringConver
             throw NormError.emptyTensor(layer: displayName, shape: x.shape)
         }
         let (scaled, c) = try inner.forward(x, mode: mode)
-        guard c.rstd.allSatisfy(\.isFinite) else {
-            throw NormError.nonFiniteStatistics(layer: displayName)
+        // A zero vector has no direction (no ε, as nGPT): with ε = 0 the RMS kernel reports it
+        // as rstd 0 (x̂ = 0), which would be a silent zero here.
+        guard c.rstd.allSatisfy({ $0.isFinite && $0 > 0 }) else {
+            throw NormError.invalidHyperparameter(
+                name: "input", value: "a vector with ‖x‖ = 0 or a non-finite norm",
+                requirement: "x/‖x‖ needs a finite, non-zero norm in every vector")
         }
         let factor = 1 / Double(d).squareRoot()
         cache = (c, factor)

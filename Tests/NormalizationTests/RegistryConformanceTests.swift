@@ -64,7 +64,10 @@ struct RegistryConformanceTests {
         _ = try layer.normalize(try Self.input(Double.self), mode: .training)
         var g = SeededGenerator(seed: 1)
         let wrong = try Tensor<Double>.randomNormal(shape: [3, 5, 2, 4], using: &g)
-        try Conformance.checkErrorLeavesStateUnchanged(layer, badInput: wrong, mode: .training)
+        // Layers without parameters or buffers (unit norm) take any shape: nothing to check.
+        if try !layer.state().keys.isEmpty {
+            try Conformance.checkErrorLeavesStateUnchanged(layer, badInput: wrong, mode: .training)
+        }
         let nan = try Self.input(Double.self).map { _ in .nan }
         let before = try layer.state()
         _ = try? layer.normalize(nan, mode: .training)
