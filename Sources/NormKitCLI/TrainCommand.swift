@@ -18,9 +18,11 @@ struct TrainCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "train", abstract: "Train a small network with any normalizer in every slot.")
 
-    @Option(help: "digits (shipped UCI digits) or shapes (procedural).") var dataset = "digits"
-    @Option(help: "convnet or resnet.") var model = "convnet"
-    @Option(help: "bn, gn, ln, in, none, sn, ssn, brn, ibn or meta.") var normalizer = "bn"
+    @Option(help: "digits (shipped UCI digits) or shapes (procedural); default digits.")
+    var dataset: String?
+    @Option(help: "convnet or resnet; default convnet.") var model: String?
+    @Option(help: "bn, gn, ln, in, none, sn, ssn, brn, ibn or meta; default bn.")
+    var normalizer: String?
     @Option(help: "Examples per step.") var batchSize = 32
     @Option(help: "Epochs.") var epochs = 5
     @Option(name: .customLong("lr"), help: "Base learning rate.") var learningRate = 0.05
@@ -45,11 +47,23 @@ struct TrainCommand: ParsableCommand {
         let trainer: Trainer
         if let resume {
             trainer = try Trainer.resume(from: resume)
+            // The checkpoint's configuration wins, but a contradiction is an error, not a
+            // silent switch to another network.
+            let stored = trainer.config
+            for (flag, requested, actual) in [
+                ("--normalizer", normalizer, stored.normalizer), ("--model", model, stored.model),
+                ("--dataset", dataset, stored.dataset),
+            ] {
+                if let requested, requested != actual {
+                    throw TrainingError.checkpoint(
+                        "\(resume) trains \(actual), but \(flag) \(requested) was requested")
+                }
+            }
         } else {
             var c = TrainingConfig()
-            c.dataset = dataset
-            c.model = model
-            c.normalizer = normalizer
+            c.dataset = dataset ?? c.dataset
+            c.model = model ?? c.model
+            c.normalizer = normalizer ?? c.normalizer
             c.batchSize = batchSize
             c.epochs = epochs
             c.learningRate = learningRate
