@@ -46,6 +46,14 @@ let package = Package(
         /// LAPACKE on Linux (Accelerate provides LAPACK on Apple platforms).
         .systemLibrary(
             name: "CLAPACKE", pkgConfig: "lapacke", providers: [.apt(["liblapacke-dev"])]),
+        /// Open MPI's C API (Debian's libopenmpi-dev; only the distribution target uses it).
+        .systemLibrary(
+            name: "CMPI", pkgConfig: "ompi-c",
+            providers: [.apt(["libopenmpi-dev", "openmpi-bin"]), .brew(["open-mpi"])]),
+        /// `MPICommunicator`: synchronized statistics and data-parallel training over Open MPI;
+        /// only the command-line tool and the MPI tests depend on it, so the library builds
+        /// without MPI.
+        .target(name: "NormMPI", dependencies: ["Normalization", "CMPI"]),
         /// GEMM and the small dense matrices of the whitening algebra, over BLAS and LAPACK.
         .target(
             name: "LinearAlgebra",
@@ -74,6 +82,7 @@ let package = Package(
                 "NormKit",
                 "Training",
                 "Studies",
+                "NormMPI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -87,6 +96,8 @@ let package = Package(
         .testTarget(name: "NormalizationTests", dependencies: ["NormKit", "NormTestSupport"]),
         .testTarget(name: "NormIOTests", dependencies: ["NormIO", "NormTestSupport"]),
         .testTarget(name: "NormKitCLITests", dependencies: ["NormKitCLI", "NormTestSupport"]),
+        /// Launches `mpirun -np 2` and `-np 3` on `normkit sync-check` and `normkit train`.
+        .testTarget(name: "NormMPITests", dependencies: ["NormMPI", "NormTestSupport"]),
         .testTarget(
             name: "TrainingTests",
             dependencies: ["Training", "Studies", "NormKitCLI", "NormTestSupport"]),

@@ -21,8 +21,14 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "digits (shipped UCI digits) or shapes (procedural); default digits.")
     var dataset: String?
     @Option(help: "convnet or resnet; default convnet.") var model: String?
-    @Option(help: "bn, gn, ln, in, none, sn, ssn, brn, ibn or meta; default bn.")
-    var normalizer: String?
+    @Option(
+        help:
+            "Any name --list-normalizers prints, a short preset (bn, gn, ln, in, sn, ssn, brn, ibn, meta, kn), or none; default bn."
+    ) var normalizer: String?
+    @Flag(help: "Print the registry's activation-normalizer names, one per line, and exit.")
+    var listNormalizers = false
+    @Option(help: "Weight normalization of the convolutions: none, wn, cwn, ws, ws-bit or sn.")
+    var weightNorm = "none"
     @Option(help: "Examples per step.") var batchSize = 32
     @Option(help: "Epochs.") var epochs = 5
     @Option(name: .customLong("lr"), help: "Base learning rate.") var learningRate = 0.05
@@ -37,6 +43,12 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "Continue from this checkpoint (its configuration wins).") var resume: String?
 
     func run() throws {
+        if listNormalizers {
+            for entry in NormalizerRegistry.all.entries where entry.trainable {
+                print(entry.name)
+            }
+            return
+        }
         if let threads {
             guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
             Parallelism.maximumThreads = threads
@@ -64,6 +76,7 @@ struct TrainCommand: ParsableCommand {
             c.dataset = dataset ?? c.dataset
             c.model = model ?? c.model
             c.normalizer = normalizer ?? c.normalizer
+            c.weightNorm = weightNorm == "none" ? nil : weightNorm
             c.batchSize = batchSize
             c.epochs = epochs
             c.learningRate = learningRate

@@ -26,6 +26,10 @@ import TensorCore
 /// 1. Ioffe 2017, "Batch Renormalization: Towards Reducing Minibatch Dependence in
 ///    Batch-Normalized Models", arXiv:1702.03275.
 public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
+    /// What the last ``normalize(_:mode:)`` call keeps for ``backward(_:)`` (the
+    /// ``Normalizing`` entry points; `forward(_:mode:)` returns its cache instead).
+    public var lastCache: Cache?
+
     /// r_max and d_max as functions of the training step.
     public enum Limits: Sendable, Hashable {
         /// Constant limits.
@@ -77,6 +81,11 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
     public var step = 0
     /// Kernels.
     public var kernels = KernelChoice.automatic
+    /// Synchronizes the batch statistics over these processes in training: μ_B and σ_B of the
+    /// batch formed by every rank's batch (all-gathered (count, μ, M2), merged with Chan's
+    /// formula), and one all-reduce of the 2·C gradient sums in backward; r, d and the moving
+    /// statistics are then the same on every rank.
+    public var communicator: (any Communicator)?
 
     /// Creates a Batch Renormalization layer.
     /// - Parameters:
@@ -126,6 +135,8 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
         /// d per channel (0 in inference).
         public let d: [Double]
         let isTraining: Bool
+        /// Values per channel behind μ_B, σ_B (every rank's when synchronized).
+        var count = 0
     }
 
     /// Normalizes `x`; in training mode corrects by r, d and moves the running statistics.
@@ -134,18 +145,42 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
     public func forward(_ x: Tensor<Scalar>, mode: Mode) throws(NormError) -> (
         output: Tensor<Scalar>, cache: Cache
     ) {
-        let plan = try validatedPlan(x)
+        let synchronizing = mode == .training ? communicator : nil
+        let validated = Result { () throws(NormError) in
+            try validatedPlan(x, allowingEmptyBatch: synchronizing != nil)
+        }
+        if case .failure(let error) = validated, let synchronizing {
+            // The other ranks are about to exchange statistics: tell them, then fail.
+            _ = try? Moments.allGathered(.failure(error), over: synchronizing)
+        }
+        let plan = try validated.get()
         let indexing = parameterIndexing(x.shape)
         let c = channelCount
         var mean = [Double](repeating: 0, count: c)
         var rstd = [Double](repeating: 0, count: c)
         var cache: Cache
         if mode == .training {
-            guard plan.setSize > 1 else {
-                throw .singleValuePerStatistic(layer: "BatchRenorm", shape: x.shape)
-            }
             let op = ReferenceNormKernel.Operation(centers: true, scales: true, epsilon: epsilon)
-            let m = kernels.moments(x, plan: plan, operation: op, indexing: indexing)
+            let zero = [Double](repeating: 0, count: c)
+            var m =
+                x.count > 0
+                ? kernels.moments(x, plan: plan, operation: op, indexing: indexing)
+                : FastNormKernel.Statistics(
+                    mean: zero, variance: zero, biasedVariance: zero, rstd: zero)
+            var count = plan.setSize
+            if let synchronizing {
+                let local = Moments(
+                    mean: m.mean, biasedVariance: m.biasedVariance, count: plan.setSize)
+                let global = try Moments.allGathered(.success(local), over: synchronizing)
+                count = global.count.first ?? 0
+                m.mean = global.mean
+                m.biasedVariance = global.biasedVariance
+            }
+            guard count > 1 else {
+                throw count == 0
+                    ? .emptyTensor(layer: "BatchRenorm", shape: x.shape)
+                    : .singleValuePerStatistic(layer: "BatchRenorm", shape: x.shape)
+            }
             guard m.mean.allSatisfy(\.isFinite), m.biasedVariance.allSatisfy(\.isFinite) else {
                 throw .nonFiniteStatistics(layer: "BatchRenorm")
             }
@@ -165,7 +200,7 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
             }
             cache = Cache(
                 input: x, plan: plan, batchMean: m.mean, batchStandardDeviation: sigmaB, r: r, d: d,
-                isTraining: true)
+                isTraining: true, count: count)
             // Moving statistics with the pre-update values already used above.
             let f = momentum.weightOfNew(batchesTracked: step.addingSaturated(1))
             var newMean = runningMean.scalars.map(Double.init)
@@ -191,10 +226,12 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
         }
         var y: Tensor<Scalar>
         do { y = try Tensor(zeros: x.shape) } catch { throw .tensor(error) }
-        y.withUnsafeMutableBufferPointer { yb in
-            kernels.forward(
-                x, plan: plan, mean: mean, rstd: rstd, scale: scale, offset: offset,
-                indexing: indexing, into: yb)
+        if x.count > 0 {
+            y.withUnsafeMutableBufferPointer { yb in
+                kernels.forward(
+                    x, plan: plan, mean: mean, rstd: rstd, scale: scale, offset: offset,
+                    indexing: indexing, into: yb)
+            }
         }
         return (y, cache)
     }
@@ -223,11 +260,20 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
         let indexing = parameterIndexing(x.shape)
         let c = channelCount
         let sigma = cache.batchStandardDeviation
-        let sums = kernels.gradientSums(
+        var sums = kernels.gradientSums(
             x, outputGradient: dy, plan: cache.plan, mean: cache.batchMean,
             rstd: sigma.map { 1 / $0 }, scale: scale,
             indexing: indexing)
-        let m = Double(cache.plan.setSize)
+        var m = Double(cache.plan.setSize)
+        if cache.isTraining, let communicator {
+            // Σg and Σg·(x − μ_B) over every rank; dγ and dβ stay local.
+            let all = try Collective.allReduceSum(
+                .success(sums.sumG + sums.sumGD), length: 2 * c,
+                operation: "BatchRenorm backward", over: communicator)
+            sums.sumG = Array(all[0..<c])
+            sums.sumGD = Array(all[c...])
+            m = Double(cache.count)
+        }
         var a = [Double](repeating: 0, count: c)
         var b = a
         var cc = a
@@ -247,11 +293,12 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
         }
         var dx: Tensor<Scalar>
         do { dx = try Tensor(zeros: x.shape) } catch { throw .tensor(error) }
-        dx.withUnsafeMutableBufferPointer { dxb in
-            kernels.applyGradient(
-                x, outputGradient: dy, plan: cache.plan, mean: cache.batchMean, a: a, b: b, c: cc,
-                scale: scale,
-                indexing: indexing, into: dxb)
+        if x.count > 0 {
+            dx.withUnsafeMutableBufferPointer { dxb in
+                kernels.applyGradient(
+                    x, outputGradient: dy, plan: cache.plan, mean: cache.batchMean, a: a, b: b,
+                    c: cc, scale: scale, indexing: indexing, into: dxb)
+            }
         }
         do {
             return Gradients(
@@ -261,7 +308,7 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
     }
 
     /// Parameters and buffers by name (`weight`, `bias`, `running_mean`, `running_std`).
-    public func state() -> [String: Tensor<Scalar>] {
+    func stateDictionary() -> [String: Tensor<Scalar>] {
         [
             "weight": scale, "bias": offset, "running_mean": runningMean,
             "running_std": runningStandardDeviation,
@@ -293,8 +340,15 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
         if let step { self.step = step }
     }
 
-    func validatedPlan(_ x: Tensor<Scalar>) throws(NormError) -> ReductionPlan {
-        guard x.count > 0 else { throw .emptyTensor(layer: "BatchRenorm", shape: x.shape) }
+    func validatedPlan(_ x: Tensor<Scalar>, allowingEmptyBatch: Bool = false) throws(NormError)
+        -> ReductionPlan
+    {
+        // A synchronized rank may hold no samples; every other axis must be non-empty.
+        guard
+            x.count > 0
+                || (allowingEmptyBatch && x.rank >= 2 && x.shape[0] == 0
+                    && x.shape.dropFirst().allSatisfy({ $0 > 0 }))
+        else { throw .emptyTensor(layer: "BatchRenorm", shape: x.shape) }
         guard x.rank >= 2 else {
             throw .invalidRank(layer: "BatchRenorm", expected: "rank ≥ 2 (N, C, …)", shape: x.shape)
         }
@@ -303,7 +357,7 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
             throw .channelMismatch(
                 layer: "BatchRenorm", expected: channelCount, actual: x.shape[axis], shape: x.shape)
         }
-        for (label, t) in state() where t.shape != [channelCount] {
+        for (label, t) in stateDictionary() where t.shape != [channelCount] {
             throw .parameterShapeMismatch(name: label, expected: [channelCount], actual: t.shape)
         }
         return try Normalizer.Partition.batch.plan(for: x.shape, layout: layout)

@@ -43,6 +43,8 @@ public enum NormError: Error, Equatable, CustomStringConvertible {
     case noForwardCall(layer: String)
     /// A tensor could not be built.
     case tensor(TensorError)
+    /// Synchronized statistics could not be exchanged between processes (see ``Communicator``).
+    case communication(CommunicatorError)
 
     /// A readable one-line description.
     public var description: String {
@@ -98,6 +100,8 @@ public enum NormError: Error, Equatable, CustomStringConvertible {
         case .noForwardCall(let layer):
             return "\(layer): backward needs a forward call first"
         case .tensor(let error):
+            return error.description
+        case .communication(let error):
             return error.description
         }
     }

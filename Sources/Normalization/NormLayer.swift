@@ -29,6 +29,10 @@ import TensorCore
 /// Input and output: any shape the partition accepts (see ``Normalizer/Partition``). Statistics:
 /// the kept axes of the partition's view, e.g. `[C]` for BatchNorm, `[N, G]` for GroupNorm.
 public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
+    /// What the last ``normalize(_:mode:)`` call keeps for ``backward(_:)`` (the
+    /// ``Normalizing`` entry points; `forward(_:mode:)` returns its cache instead).
+    public var lastCache: Cache?
+
     /// Π, Φ, Ψ, the variance estimator and ε.
     public let normalizer: Normalizer
     /// Where the channel axis is.
@@ -60,6 +64,10 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
     /// Which kernels compute the layer (`.automatic`: the fast Float kernels where the
     /// partition's memory shape allows, the reference kernel otherwise).
     public var kernels = KernelChoice.automatic
+    /// Synchronizes training statistics over these processes when the partition reduces the
+    /// batch axis (BatchNorm becomes SyncBatchNorm; see `NormLayer+Synchronized.swift`); nil or
+    /// a partition that keeps the batch axis computes them locally.
+    public var communicator: (any Communicator)?
     /// The momentum of lazily created running statistics (layers whose statistic shape is only
     /// known from the first input).
     let lazyRunningMomentum: Momentum?
@@ -137,6 +145,9 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         /// True when some set was recomputed on rescaled data (values near the type's limits);
         /// backward then runs the reference kernel, in Double throughout.
         var rescaled = false
+        /// Elements per statistic over every rank, when the statistics were synchronized
+        /// (backward then all-reduces its sums and divides by this count).
+        public var synchronizedCount: Int? = nil
     }
 
     /// Normalizes `x`; in training mode updates running statistics.
@@ -159,6 +170,11 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
     public func forward(_ x: Tensor<Scalar>, mode: Mode, into output: inout Tensor<Scalar>)
         throws(NormError) -> Cache
     {
+        // Synchronized statistics first: a rank with an empty batch still takes part in the
+        // collective calls.
+        if mode == .training, let communicator, synchronizesStatistics {
+            return try synchronizedForward(x, over: communicator, into: &output)
+        }
         if x.count == 0 { return try forwardEmptyBatch(x, mode: mode, into: &output) }
         var plan = try validatedPlan(for: x)
         let op = normalizer.kernelOperation
@@ -368,6 +384,14 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         throws(NormError)
     {
         let x = cache.input
+        if let count = cache.synchronizedCount, !cache.statisticsAreConstant {
+            guard let communicator else {
+                throw .communication(
+                    .failedOnSomeRank(operation: "backward without the communicator of forward"))
+            }
+            return try synchronizedBackward(
+                dy, cache: cache, globalCount: count, over: communicator, into: &gradients)
+        }
         guard dy.shape == x.shape else {
             throw .gradientShapeMismatch(expected: x.shape, actual: dy.shape)
         }
@@ -411,7 +435,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
 
     /// Parameters and buffers under PyTorch's `state_dict` names (see ``ParameterKey``);
     /// `num_batches_tracked` is returned separately as an integer.
-    public func state() -> (tensors: [String: Tensor<Scalar>], batchesTracked: Int?) {
+    func stateTensors() -> (tensors: [String: Tensor<Scalar>], batchesTracked: Int?) {
         var tensors: [String: Tensor<Scalar>] = [:]
         if let scale { tensors[ParameterKey.scale.rawValue] = scale }
         if let offset { tensors[ParameterKey.offset.rawValue] = offset }
@@ -468,7 +492,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
 
     // MARK: - Validation and helpers
 
-    private func validatedPlan(for x: Tensor<Scalar>) throws(NormError) -> ReductionPlan {
+    func validatedPlan(for x: Tensor<Scalar>) throws(NormError) -> ReductionPlan {
         guard x.count > 0 else { throw .emptyTensor(layer: name, shape: x.shape) }
         try validateShape(of: x)
         let plan = try normalizer.partition.plan(for: x.shape, layout: layout)
@@ -497,7 +521,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         try validateParameters(inputShape: x.shape)
     }
 
-    private func validateParameters(inputShape: [Int]? = nil) throws(NormError) {
+    func validateParameters(inputShape: [Int]? = nil) throws(NormError) {
         guard let shape = normalizer.recovery.parameterShape else { return }
         if let scale { try checkShape(ParameterKey.scale.rawValue, scale.shape, shape) }
         if let offset { try checkShape(ParameterKey.offset.rawValue, offset.shape, shape) }
@@ -519,7 +543,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         }
     }
 
-    private func validateRunningShape(_ runningPlan: ReductionPlan) throws(NormError) {
+    func validateRunningShape(_ runningPlan: ReductionPlan) throws(NormError) {
         guard let running = runningStatistics else { return }
         let expected = runningPlan.statisticShape
         let count = runningPlan.setCount
@@ -541,10 +565,11 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         }
     }
 
-    /// Applies one training batch to the running statistics (all-or-nothing).
-    private func updateRunningStatistics(
+    /// Applies one training batch to the running statistics (all-or-nothing); `setSize` is the
+    /// number of elements per statistic (the global count for synchronized statistics).
+    func updateRunningStatistics(
         _ moments: FastNormKernel.Statistics, plan: ReductionPlan, runningPlan: ReductionPlan,
-        x: Tensor<Scalar>
+        x: Tensor<Scalar>, setSize: Int? = nil
     ) throws(NormError) {
         guard moments.mean.allSatisfy(\.isFinite), moments.biasedVariance.allSatisfy(\.isFinite)
         else {
@@ -559,7 +584,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             running = try RunningStatistics(
                 shape: runningPlan.statisticShape, momentum: lazyRunningMomentum!)
         }
-        let m = Double(plan.setSize)
+        let m = Double(setSize ?? plan.setSize)
         let slots = runningPlan.setCount
         // Sets are numbered row-major over the kept view axes; when the batch axis is kept it is
         // the outermost, so set s belongs to running slot s % slots (averaged over the batch).
@@ -591,7 +616,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         runningStatistics = running
     }
 
-    private func parameterIndexing(for shape: [Int]) -> ParameterIndexing? {
+    func parameterIndexing(for shape: [Int]) -> ParameterIndexing? {
         switch normalizer.recovery {
         case .none:
             return nil
@@ -603,11 +628,11 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         }
     }
 
-    private func rounded(_ shape: [Int], _ values: [Double]) throws(NormError) -> Tensor<Scalar> {
+    func rounded(_ shape: [Int], _ values: [Double]) throws(NormError) -> Tensor<Scalar> {
         do { return try Tensor(shape: shape, rounding: values) } catch { throw .tensor(error) }
     }
 
-    private func zeros(_ shape: [Int]) throws(NormError) -> Tensor<Scalar> {
+    func zeros(_ shape: [Int]) throws(NormError) -> Tensor<Scalar> {
         do { return try Tensor(zeros: shape) } catch { throw .tensor(error) }
     }
 

@@ -10,6 +10,11 @@ public struct TrainingConfig: Sendable, Hashable, Codable {
     public var model = "convnet"
     /// The normalizer in every slot (`bn`, `gn`, `ln`, `in`, `none`, `sn`, `ssn`, `brn`, `ibn`, `meta`).
     public var normalizer = "bn"
+    /// The weight method of every convolution, by its command-line name.
+    ///
+    /// `none`, `wn`, `cwn`, `ws`, `ws-bit` or `sn`; nil means `none` and keeps older
+    /// checkpoints readable. The classifier takes only `wn` and `sn` (see ``Models``).
+    public var weightNorm: String?
     /// Examples per step.
     public var batchSize = 32
     /// Passes over the training set.
@@ -150,6 +155,11 @@ public final class Trainer {
                 kind: "normalizer", name: config.normalizer,
                 known: NormalizerChoice.allCases.map(\.rawValue))
         }
+        guard let weightNorm = WeightNormMethod(rawValue: config.weightNorm ?? "none") else {
+            throw TrainingError.unknownName(
+                kind: "weight normalization", name: config.weightNorm ?? "",
+                known: WeightNormMethod.allCases.map(\.rawValue))
+        }
         try config.validate()
         let data: Dataset<Float>
         switch config.dataset {
@@ -178,7 +188,7 @@ public final class Trainer {
             kind, normalizer: normalizer, inputShape: train.imageShape, classes: train.classCount,
             width: config.width,
             groups: config.groups, seed: config.seed, radiusSteps: max(totalSteps, 1),
-            as: Float.self)
+            weightNorm: weightNorm, as: Float.self)
         let schedule: LearningRateSchedule
         switch config.schedule {
         case "constant": schedule = .constant

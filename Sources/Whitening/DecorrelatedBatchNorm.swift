@@ -28,6 +28,10 @@ import TensorCore
 /// ## References
 /// 1. Huang, Yang, Lang & Deng 2018, "Decorrelated Batch Normalization", arXiv:1804.08450.
 public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConvertible {
+    /// What the last ``normalize(_:mode:)`` call keeps for ``backward(_:)`` (the
+    /// ``Normalizing`` entry points; `forward(_:mode:)` returns its cache instead).
+    public var lastCache: Cache?
+
     /// C.
     public let channelCount: Int
     /// d (channels per group).
@@ -246,6 +250,9 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
 /// 1. Huang, Zhou, Zhu, Liu & Shao 2019, "Iterative Normalization: Beyond Standardization towards
 ///    Efficient Whitening", arXiv:1904.03441.
 public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
+    /// What the last ``normalize(_:mode:)`` call keeps for ``backward(_:)``.
+    public var lastCache: Cache?
+
     /// C.
     public let channelCount: Int
     /// d.

@@ -35,6 +35,10 @@ import TensorCore
 /// 1. Pan, Zhan, Shi, Tang & Luo 2019, "Switchable Whitening for Deep Representation
 ///    Learning", arXiv:1904.09739.
 public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConvertible {
+    /// What the last ``normalize(_:mode:)`` call keeps for ``backward(_:)`` (the
+    /// ``Normalizing`` entry points; `forward(_:mode:)` returns its cache instead).
+    public var lastCache: Cache?
+
     /// C.
     public let channelCount: Int
     /// d (channels per group, `num_pergroup`).
