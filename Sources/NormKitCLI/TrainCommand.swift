@@ -20,15 +20,15 @@ struct TrainCommand: ParsableCommand {
 
     @Option(
         help:
-            "digits (shipped UCI digits), shapes (procedural) or fashion-mnist (Debian's dataset-fashion-mnist)."
-    ) var dataset = "digits"
+            "digits (shipped UCI digits), shapes (procedural) or fashion-mnist (Debian's dataset-fashion-mnist); default digits."
+    ) var dataset: String?
     @Option(help: "Use only the first N training examples.") var trainCount: Int?
     @Option(help: "Use only the first N test examples.") var testCount: Int?
-    @Option(help: "convnet or resnet.") var model = "convnet"
+    @Option(help: "convnet or resnet; default convnet.") var model: String?
     @Option(
         help:
-            "Any name --list-normalizers prints, a short preset (bn, gn, ln, in, sn, ssn, brn, ibn, meta, kn), or none."
-    ) var normalizer = "bn"
+            "Any name --list-normalizers prints, a short preset (bn, gn, ln, in, sn, ssn, brn, ibn, meta, kn), or none; default bn."
+    ) var normalizer: String?
     @Flag(help: "Print the registry's activation-normalizer names, one per line, and exit.")
     var listNormalizers = false
     @Option(help: "Weight normalization of the convolutions: none, wn, cwn, ws, ws-bit or sn.")
@@ -67,11 +67,23 @@ struct TrainCommand: ParsableCommand {
         let trainer: Trainer
         if let resume {
             trainer = try Trainer.resume(from: resume)
+            // The checkpoint's configuration wins, but a contradiction is an error, not a
+            // silent switch to another network.
+            let stored = trainer.config
+            for (flag, requested, actual) in [
+                ("--normalizer", normalizer, stored.normalizer), ("--model", model, stored.model),
+                ("--dataset", dataset, stored.dataset),
+            ] {
+                if let requested, requested != actual {
+                    throw TrainingError.checkpoint(
+                        "\(resume) trains \(actual), but \(flag) \(requested) was requested")
+                }
+            }
         } else {
             var c = TrainingConfig()
-            c.dataset = dataset
-            c.model = model
-            c.normalizer = normalizer
+            c.dataset = dataset ?? c.dataset
+            c.model = model ?? c.model
+            c.normalizer = normalizer ?? c.normalizer
             c.weightNorm = weightNorm == "none" ? nil : weightNorm
             c.batchSize = batchSize
             c.epochs = epochs

@@ -143,7 +143,8 @@ public final class IBN<Scalar: NormScalar>: CustomStringConvertible {
             } else if key.hasPrefix("BN.") {
                 b[String(key.dropFirst(3))] = value
             } else {
-                throw .parameterShapeMismatch(name: key, expected: [], actual: value.shape)
+                throw .unknownParameter(
+                    layer: "IBN", key: key, known: state().tensors.keys.sorted())
             }
         }
         // Validate both before changing either.

@@ -448,8 +448,10 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
 
     /// Loads parameters and buffers by PyTorch name; missing entries keep their values.
     ///
-    /// - Throws: ``NormError/parameterShapeMismatch(name:expected:actual:)`` for a wrong shape or
-    ///   a name the layer does not have; nothing is loaded then.
+    /// - Throws: ``NormError/parameterShapeMismatch(name:expected:actual:)`` for a wrong shape,
+    ///   ``NormError/unknownParameter(layer:key:known:)`` for a name the layer does not have,
+    ///   ``NormError/invalidHyperparameter(name:value:requirement:)`` for a negative or NaN
+    ///   running variance; nothing is loaded then.
     public func load(_ tensors: [String: Tensor<Scalar>], batchesTracked: Int? = nil)
         throws(NormError)
     {
@@ -472,7 +474,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
                 try HyperparameterCheck.runningVariance(value, name: key)
                 newRunning?.variance = value
             default:
-                throw .parameterShapeMismatch(name: key, expected: [], actual: value.shape)
+                throw .unknownParameter(layer: name, key: key, known: state().tensors.keys.sorted())
             }
         }
         if let batchesTracked {

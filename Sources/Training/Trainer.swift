@@ -46,6 +46,63 @@ public struct TrainingConfig: Sendable, Hashable, Codable {
 
     /// Defaults.
     public init() {}
+
+    /// The largest values ``validate()`` accepts; larger ones are refused, not capped.
+    public enum Limits {
+        /// Epochs.
+        public static let epochs = 1_000_000
+        /// Examples per step.
+        public static let batchSize = 1 << 20
+        /// Channels of the first layer.
+        public static let width = 1024
+        /// Images of the shapes data set.
+        public static let shapesCount = 1_000_000
+        /// Side of the shapes images.
+        public static let shapesSize = 256
+    }
+
+    /// Checks every numeric field, so that a bad flag or a damaged checkpoint gives a typed
+    /// error rather than a trap, a hang or a silently diverging run.
+    ///
+    /// - Throws: ``TrainingError/invalidSetting(name:value:requirement:)`` naming the field.
+    public func validate() throws(TrainingError) {
+        func check(_ ok: Bool, _ name: String, _ value: Any, _ requirement: String)
+            throws(TrainingError)
+        {
+            guard ok else {
+                throw .invalidSetting(name: name, value: "\(value)", requirement: requirement)
+            }
+        }
+        try check(
+            (1...Limits.epochs).contains(epochs), "epochs", epochs,
+            "must lie in 1…\(Limits.epochs)")
+        try check(
+            (1...Limits.batchSize).contains(batchSize), "batch size", batchSize,
+            "must lie in 1…\(Limits.batchSize)")
+        try check(
+            learningRate.isFinite && learningRate > 0, "learning rate", learningRate,
+            "must be finite and > 0")
+        try check(
+            momentum.isFinite && momentum >= 0 && momentum < 1, "momentum", momentum,
+            "must be finite and in [0, 1)")
+        try check(
+            weightDecay.isFinite && weightDecay >= 0, "weight decay", weightDecay,
+            "must be finite and ≥ 0")
+        try check(
+            (1...Limits.width).contains(width), "width", width, "must lie in 1…\(Limits.width)")
+        try check(
+            groups >= 1 && groups <= width && width % groups == 0, "groups", groups,
+            "must be ≥ 1 and divide the width \(width)")
+        try check(
+            (10...Limits.shapesCount).contains(shapesCount), "shapes count", shapesCount,
+            "must lie in 10…\(Limits.shapesCount)")
+        try check(
+            (4...Limits.shapesSize).contains(shapesSize), "shapes size", shapesSize,
+            "must lie in 4…\(Limits.shapesSize)")
+        try check(
+            testFraction.isFinite && testFraction > 0 && testFraction < 1, "test fraction",
+            testFraction, "must be finite and strictly between 0 and 1")
+    }
 }
 
 /// What one epoch measured.
@@ -107,16 +164,13 @@ public final class Trainer {
                 kind: "weight normalization", name: config.weightNorm ?? "",
                 known: WeightNormMethod.allCases.map(\.rawValue))
         }
-        guard config.epochs >= 1, config.learningRate > 0, config.learningRate.isFinite,
-            config.batchSize >= 1
-        else {
-            throw TrainingError.invalidSetting(
-                name: "training",
-                value:
-                    "epochs \(config.epochs), lr \(config.learningRate), batch \(config.batchSize)",
-                requirement: "epochs ≥ 1, a positive finite learning rate, batch size ≥ 1")
-        }
+        try config.validate()
         (train, test) = try Datasets.split(for: config)
+        guard train.count >= 1, test.count >= 1 else {
+            throw TrainingError.invalidSetting(
+                name: "test fraction", value: "\(config.testFraction)",
+                requirement: "must leave examples in both the training and the test split")
+        }
         guard config.batchSize <= train.count else {
             throw TrainingError.invalidSetting(
                 name: "batch size", value: "\(config.batchSize)",
@@ -316,32 +370,85 @@ public final class Trainer {
             history = try decoder.decode([EpochMetrics].self, from: Data(historyText.utf8))
         } catch { throw TrainingError.checkpoint("unreadable configuration or history") }
         let trainer = try Trainer(config)
+        func damaged(_ reason: String) -> TrainingError { .checkpoint("\(path): \(reason)") }
+        let names = Set(trainer.model.parameters.map(\.name))
+        for key in file.tensors.keys where key.hasPrefix("model.") {
+            guard names.contains(String(key.dropFirst(6))) else {
+                throw damaged("'\(key)' is not a parameter of this \(config.model)")
+            }
+        }
         for p in trainer.model.parameters {
             guard let stored = file.tensors["model." + p.name], stored.shape == p.value.shape else {
                 throw TrainingError.checkpoint(
                     "parameter \(p.name) is missing or has the wrong shape")
             }
-            p.value = stored.tensor(as: Float.self)
+            let value = stored.tensor(as: Float.self)
+            guard value.scalars.allSatisfy({ $0.isFinite }) else {
+                throw damaged("parameter \(p.name) holds NaN or infinite values")
+            }
+            p.value = value
         }
         var buffers: [String: Tensor<Float>] = [:]
         for (k, v) in file.tensors where k.hasPrefix("buffer.") {
             buffers[String(k.dropFirst(7))] = v.tensor(as: Float.self)
         }
         try trainer.model.loadBuffers(buffers)
+        let shapes = Dictionary(
+            uniqueKeysWithValues: trainer.model.parameters.map { ($0.name, $0.value.shape) })
         for (k, v) in file.tensors where k.hasPrefix("optimizer.velocity.") {
-            trainer.optimizer.velocity[String(k.dropFirst("optimizer.velocity.".count))] = v.tensor(
-                as: Float.self)
+            let name = String(k.dropFirst("optimizer.velocity.".count))
+            guard let shape = shapes[name] else {
+                throw damaged("optimizer velocity '\(name)' belongs to no parameter")
+            }
+            guard v.shape == shape else {
+                throw damaged(
+                    "optimizer velocity '\(name)' has shape \(v.shape), its parameter \(shape)")
+            }
+            let velocity = v.tensor(as: Float.self)
+            guard velocity.scalars.allSatisfy({ $0.isFinite }) else {
+                throw damaged("optimizer velocity '\(name)' holds NaN or infinite values")
+            }
+            trainer.optimizer.velocity[name] = velocity
         }
-        guard case .int64(_, let position)? = file.tensors["state.position"], position.count == 4,
+        guard case .int64(let positionShape, let position)? = file.tensors["state.position"],
+            positionShape == [4], position.count == 4,
             let losses = file.tensors["state.step_losses"],
             let sums = file.tensors["state.epoch_sums"]
         else { throw TrainingError.checkpoint("missing training position") }
-        trainer.epoch = Int(position[0])
-        trainer.batchInEpoch = Int(position[1])
-        trainer.optimizer.step = Int(position[2])
-        trainer.epochExamples = Int(position[3])
-        trainer.stepLosses = losses.tensor(as: Double.self).scalars
+        // The position must be one this configuration can reach: epoch ≤ epochs, a batch inside
+        // the epoch, and a step count equal to the steps taken so far (each step is one update).
+        let perEpoch = Int64(trainer.stepsPerEpoch)
+        let (epoch, batch, step, examples) = (position[0], position[1], position[2], position[3])
+        guard epoch >= 0, epoch <= Int64(config.epochs), batch >= 0,
+            batch < perEpoch || (batch == 0 && epoch == Int64(config.epochs))
+        else {
+            throw damaged(
+                "position epoch \(epoch), batch \(batch) is outside \(config.epochs) epochs of "
+                    + "\(perEpoch) batches")
+        }
+        guard step == epoch * perEpoch + batch, examples == batch * Int64(config.batchSize) else {
+            throw damaged(
+                "step \(step) and \(examples) examples do not match epoch \(epoch), batch \(batch)")
+        }
+        let stepLosses = losses.tensor(as: Double.self).scalars
+        guard losses.shape == [Int(step)], stepLosses.allSatisfy({ $0.isFinite }) else {
+            throw damaged("state.step_losses must hold \(step) finite losses")
+        }
         let s = sums.tensor(as: Double.self).scalars
+        guard sums.shape == [2], s.allSatisfy({ $0.isFinite && $0 >= 0 }) else {
+            throw damaged("state.epoch_sums must hold two finite values ≥ 0")
+        }
+        guard history.count == Int(epoch),
+            history.allSatisfy({
+                $0.trainLoss.isFinite && $0.testLoss.isFinite && $0.testError.isFinite
+                    && $0.examplesPerSecond.isFinite
+            })
+        else { throw damaged("the history must hold \(epoch) epochs of finite metrics") }
+        trainer.epoch = Int(epoch)
+        trainer.batchInEpoch = Int(batch)
+        trainer.optimizer.step = Int(step)
+        trainer.epochExamples = Int(examples)
+        trainer.stepLosses = stepLosses
         trainer.epochLossSum = s[0]
         trainer.epochSeconds = s[1]
         trainer.history = history

@@ -149,7 +149,9 @@ struct ErrorTests {
             try bn.load(["running_var": Tensor([1, 1])])
         }
         Self.expectError(
-            .parameterShapeMismatch(name: "gamma", expected: [], actual: [3]), layer: bn
+            .unknownParameter(
+                layer: "BatchNorm", key: "gamma",
+                known: ["bias", "running_mean", "running_var", "weight"]), layer: bn
         ) {
             try bn.load(["gamma": Tensor([1, 1, 1])])
         }
