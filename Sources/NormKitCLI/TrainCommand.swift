@@ -33,6 +33,12 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "Checkpoint file written at the end and on Ctrl-C.") var checkpoint =
         "normkit-checkpoint.safetensors"
     @Option(help: "Continue from this checkpoint (its configuration wins).") var resume: String?
+    @Flag(
+        inversion: .prefixedNo,
+        help: """
+            Under mpirun: BatchNorm statistics (bn, sn, ssn, brn, ibn) over the global batch             of every rank (SyncBN), or over each rank's slice (the default).
+            """)
+    var syncBn = false
 
     func run() throws {
         if let threads {
@@ -40,9 +46,20 @@ struct TrainCommand: ParsableCommand {
             Parallelism.maximumThreads = threads
             BLAS.setThreads(threads)
         }
+        try Distributed.run { world in try train(world) }
+    }
+
+    /// Trains with the processes of this run: rank 0 prints and writes files; every rank takes
+    /// the same steps (data parallel, one fused gradient all-reduce per step).
+    func train(_ world: any Communicator) throws {
+        func print(_ items: Any..., terminator: String = "\n") {
+            guard world.isRoot else { return }
+            Swift.print(items.map { "\($0)" }.joined(separator: " "), terminator: terminator)
+        }
         let trainer: Trainer
         if let resume {
-            trainer = try Trainer.resume(from: resume)
+            trainer = try Trainer.resume(
+                from: resume, communicator: world, synchronizeBatchStatistics: syncBn)
         } else {
             var c = TrainingConfig()
             c.dataset = dataset
@@ -55,15 +72,23 @@ struct TrainCommand: ParsableCommand {
             c.weightDecay = weightDecay
             c.schedule = schedule
             c.seed = seed
-            trainer = try Trainer(c)
+            trainer = try Trainer(c, communicator: world, synchronizeBatchStatistics: syncBn)
         }
         let c = trainer.config
         print(
             "training \(c.model) with \(c.normalizer) on \(c.dataset): \(trainer.train.count) train / \(trainer.test.count) test, batch \(c.batchSize), \(c.epochs) epochs, lr \(c.learningRate)"
         )
+        if world.size > 1 {
+            let slices = try ShardedApply.shardSizes(
+                batch: c.batchSize, ranks: world.size, spec: nil)
+            let statistics = syncBn ? "synchronized" : "per-rank"
+            print(
+                "data parallel on \(world.size) ranks (batch slices \(slices)), \(statistics) "
+                    + "BatchNorm statistics")
+        }
         signal(SIGINT) { _ in interruptRequested = 1 }
         defer { signal(SIGINT, SIG_DFL) }
-        let terminal = isatty(STDOUT_FILENO) != 0
+        let terminal = isatty(STDOUT_FILENO) != 0 && world.isRoot
         let finished = try trainer.run(
             progress: { event in
                 switch event {
@@ -87,8 +112,10 @@ struct TrainCommand: ParsableCommand {
                     )
                 }
             }, shouldStop: { interruptRequested != 0 })
-        try trainer.saveCheckpoint(to: checkpoint)
-        if let metrics { try MetricsFile.write(trainer.history, to: metrics) }
+        if world.isRoot {
+            try trainer.saveCheckpoint(to: checkpoint)
+            if let metrics { try MetricsFile.write(trainer.history, to: metrics) }
+        }
         for slot in trainer.slots {
             if let w = slot.importanceWeights {
                 let fmt: ([Double]) -> String = { v in
