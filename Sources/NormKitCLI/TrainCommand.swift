@@ -49,6 +49,13 @@ struct TrainCommand: ParsableCommand {
         help:
             "Time N SGD steps on one fixed batch after 5 warm-up steps, print one JSON line (examples_per_s) and exit."
     ) var benchmarkSteps: Int?
+    @Flag(
+        inversion: .prefixedNo,
+        help: """
+            Under mpirun: BatchNorm statistics (bn, sn, ssn, brn, ibn) over the global batch \
+            of every rank (SyncBN), or over each rank's slice (the default).
+            """)
+    var syncBn = false
 
     func run() throws {
         if listNormalizers {
@@ -64,9 +71,20 @@ struct TrainCommand: ParsableCommand {
         }
         // The outputs are checked before training: a run must not end in an unwritable path.
         _ = try OutputSet([checkpoint] + (metrics.map { [$0] } ?? []))
+        try Distributed.run { world in try train(world) }
+    }
+
+    /// Trains with the processes of this run: rank 0 prints and writes files; every rank takes
+    /// the same steps (data parallel, one fused gradient all-reduce per step).
+    func train(_ world: any Communicator) throws {
+        func print(_ items: Any..., terminator: String = "\n") {
+            guard world.isRoot else { return }
+            Swift.print(items.map { "\($0)" }.joined(separator: " "), terminator: terminator)
+        }
         let trainer: Trainer
         if let resume {
-            trainer = try Trainer.resume(from: resume)
+            trainer = try Trainer.resume(
+                from: resume, communicator: world, synchronizeBatchStatistics: syncBn)
             // The checkpoint's configuration wins, but a contradiction is an error, not a
             // silent switch to another network.
             let stored = trainer.config
@@ -94,7 +112,7 @@ struct TrainCommand: ParsableCommand {
             c.seed = seed
             c.trainCount = trainCount
             c.testCount = testCount
-            trainer = try Trainer(c)
+            trainer = try Trainer(c, communicator: world, synchronizeBatchStatistics: syncBn)
         }
         let c = trainer.config
         if let benchmarkSteps {
@@ -104,9 +122,17 @@ struct TrainCommand: ParsableCommand {
         print(
             "training \(c.model) with \(c.normalizer) on \(c.dataset): \(trainer.train.count) train / \(trainer.test.count) test, batch \(c.batchSize), \(c.epochs) epochs, lr \(c.learningRate)"
         )
+        if world.size > 1 {
+            let slices = try ShardedApply.shardSizes(
+                batch: c.batchSize, ranks: world.size, spec: nil)
+            let statistics = syncBn ? "synchronized" : "per-rank"
+            print(
+                "data parallel on \(world.size) ranks (batch slices \(slices)), \(statistics) "
+                    + "BatchNorm statistics")
+        }
         signal(SIGINT) { _ in interruptRequested = 1 }
         defer { signal(SIGINT, SIG_DFL) }
-        let terminal = isatty(STDOUT_FILENO) != 0
+        let terminal = isatty(STDOUT_FILENO) != 0 && world.isRoot
         let finished = try trainer.run(
             progress: { event in
                 switch event {
@@ -130,8 +156,10 @@ struct TrainCommand: ParsableCommand {
                     )
                 }
             }, shouldStop: { interruptRequested != 0 })
-        try trainer.saveCheckpoint(to: checkpoint)
-        if let metrics { try MetricsFile.write(trainer.history, to: metrics) }
+        if world.isRoot {
+            try trainer.saveCheckpoint(to: checkpoint)
+            if let metrics { try MetricsFile.write(trainer.history, to: metrics) }
+        }
         for slot in trainer.slots {
             if let w = slot.importanceWeights {
                 let fmt: ([Double]) -> String = { v in

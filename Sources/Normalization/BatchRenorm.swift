@@ -81,7 +81,9 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
     public var step = 0
     /// Kernels.
     public var kernels = KernelChoice.automatic
-    /// Synchronizes the batch statistics over these processes in training: μ_B and σ_B of the
+    /// Synchronizes the batch statistics over these processes in training.
+    ///
+    /// μ_B and σ_B are those of the
     /// batch formed by every rank's batch (all-gathered (count, μ, M2), merged with Chan's
     /// formula), and one all-reduce of the 2·C gradient sums in backward; r, d and the moving
     /// statistics are then the same on every rank.

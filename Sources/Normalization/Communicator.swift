@@ -163,3 +163,17 @@ public final class LocalCommunicator: Communicator {
         exit(code)
     }
 }
+
+/// A layer whose training statistics can be synchronized over processes.
+///
+/// ``NormLayer`` (BatchNorm and any partition over the batch axis), ``SwitchableNorm`` (its BN
+/// branch) and ``BatchRenorm``. Set ``communicator`` on every rank before the first training
+/// call.
+public protocol SynchronizableStatistics: AnyObject {
+    /// The processes whose batches form one batch; nil computes statistics locally.
+    var communicator: (any Communicator)? { get set }
+}
+
+extension NormLayer: SynchronizableStatistics {}
+extension SwitchableNorm: SynchronizableStatistics {}
+extension BatchRenorm: SynchronizableStatistics {}

@@ -109,8 +109,9 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
     public private(set) var isVarianceFixed = false
     /// Which kernels run the passes over the data.
     public var kernels = KernelChoice.automatic
-    /// Synchronizes the BN branch over these processes in training (the official "Sync SN",
-    /// `syncsn_layer.py`): μ_BN and σ²_BN span every rank's samples, merged exactly with
+    /// Synchronizes the BN branch over these processes in training.
+    ///
+    /// This is the official "Sync SN" (`syncsn_layer.py`): μ_BN and σ²_BN span every rank's samples, merged exactly with
     /// Chan's formula (``Moments``) so that uneven batches and empty ranks work, and backward
     /// all-reduces Σ_n dμ and Σ_n dσ² (one 2·C buffer). IN and LN statistics are per sample and
     /// stay local; parameter gradients stay local (data-parallel training sums them).

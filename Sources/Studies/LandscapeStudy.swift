@@ -124,7 +124,7 @@ public enum LandscapeStudy {
                                 ])
                             k += 1
                         }
-                        let loss = try t.step(x, labels: labels)
+                        let loss = try t.step(x, labels: labels).loss
                         step += 1
                         if !loss.isFinite {
                             diverged = true

@@ -141,15 +141,34 @@ public final class Trainer {
     public private(set) var history: [EpochMetrics] = []
     /// The normalizer slots of the network.
     public let slots: [NormSlot<Float>]
+    /// The processes that train together (data parallel); a ``LocalCommunicator`` for one.
+    public let communicator: any Communicator
+    /// Whether BatchNorm-type statistics (BN, SN's BN branch, Batch Renorm, IBN's BN half) span
+    /// the global batch over every rank (`--sync-bn`) or each rank's slice (`--no-sync-bn`).
+    public let synchronizesBatchStatistics: Bool
     var epochLossSum = 0.0
     var epochExamples = 0
     var epochSeconds = 0.0
 
     /// Builds data, network and optimiser.
-    /// - Throws: ``TrainingError`` for an unknown name, a batch larger than the training set, or
-    ///   another invalid setting.
-    public init(_ config: TrainingConfig) throws {
+    ///
+    /// With a communicator of K processes (data-parallel training, `mpirun -np K normkit
+    /// train`), every global batch is split into K contiguous slices (as evenly as possible),
+    /// rank 0's initial weights are broadcast, and each step all-reduces every parameter
+    /// gradient and the loss in one fused buffer, so all ranks take the same SGD step: the one a
+    /// single process takes on the whole batch, up to floating-point reordering, when
+    /// `synchronizeBatchStatistics` is true.
+    /// - Throws: ``TrainingError`` for an unknown name, a batch larger than the training set or
+    ///   smaller than the number of ranks, or another invalid setting;
+    ///   ``CommunicatorError/mismatchedConfiguration(name:values:)`` when ranks were started
+    ///   with different configurations.
+    public init(
+        _ config: TrainingConfig, communicator: any Communicator = LocalCommunicator(),
+        synchronizeBatchStatistics: Bool = false
+    ) throws {
         self.config = config
+        self.communicator = communicator
+        self.synchronizesBatchStatistics = synchronizeBatchStatistics
         guard let kind = ModelKind(rawValue: config.model) else {
             throw TrainingError.unknownName(
                 kind: "model", name: config.model, known: ModelKind.allCases.map(\.rawValue))
@@ -205,6 +224,77 @@ public final class Trainer {
             groups: ["mixture": mixture, "norm": SGD.Group(weightDecay: config.weightDecay)],
             schedule: schedule)
         slots = Models.normSlots(model)
+        try setUpDataParallel()
+    }
+
+    // MARK: - Data parallel
+
+    /// Checks that every rank has the same configuration, gives BatchNorm-type slots the
+    /// communicator (with `--sync-bn`) and broadcasts rank 0's initial weights.
+    func setUpDataParallel() throws {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        let description = String(decoding: try encoder.encode(config), as: UTF8.self)
+        try communicator.requireSameValue(
+            description + " sync-bn=\(synchronizesBatchStatistics)",
+            of: "training configuration (data set, model, normalizer, channels, seed, batch)")
+        guard config.batchSize >= communicator.size else {
+            throw TrainingError.invalidSetting(
+                name: "batch size", value: "\(config.batchSize)",
+                requirement: "at least the number of ranks (\(communicator.size)), one sample each")
+        }
+        if synchronizesBatchStatistics {
+            for slot in slots {
+                switch slot.layer {
+                case let l as SynchronizableStatistics: l.communicator = communicator
+                case let l as IBN<Float>: l.batch.communicator = communicator
+                default: break
+                }
+            }
+        }
+        try broadcastParameters()
+    }
+
+    /// Replaces every rank's parameters by rank 0's.
+    func broadcastParameters() throws {
+        guard communicator.size > 1 else { return }
+        var values = model.parameters.flatMap { $0.value.scalars }
+        try communicator.broadcast(&values, from: 0)
+        var offset = 0
+        for p in model.parameters {
+            p.value = try Tensor(
+                shape: p.value.shape, scalars: Array(values[offset..<(offset + p.value.count)]))
+            offset += p.value.count
+        }
+    }
+
+    /// This rank's slice of a global batch: contiguous, the first `B mod K` ranks one larger.
+    func shard(_ indices: ArraySlice<Int>) -> ArraySlice<Int> {
+        let (k, r) = (communicator.size, communicator.rank)
+        let base = indices.count / k
+        let extra = indices.count % k
+        let start = indices.startIndex + r * base + min(r, extra)
+        return indices[start..<(start + base + (r < extra ? 1 : 0))]
+    }
+
+    /// Replaces every rank's buffers (running statistics) by rank 0's, as PyTorch's
+    /// DistributedDataParallel broadcasts them; with synchronized statistics they are already
+    /// equal.
+    func broadcastBuffers() throws {
+        guard communicator.size > 1 else { return }
+        let buffers = model.buffers
+        let keys = buffers.keys.sorted()
+        var values = keys.flatMap { buffers[$0]!.scalars }
+        try communicator.broadcast(&values, from: 0)
+        var offset = 0
+        var restored: [String: Tensor<Float>] = [:]
+        for key in keys {
+            let t = buffers[key]!
+            restored[key] = try Tensor(
+                shape: t.shape, scalars: Array(values[offset..<(offset + t.count)]))
+            offset += t.count
+        }
+        try model.loadBuffers(restored)
     }
 
     /// Steps per epoch (the last partial batch is dropped).
@@ -218,20 +308,55 @@ public final class Trainer {
         return indices
     }
 
-    /// One training step on the batch `indices`; returns the loss.
-    func step(_ indices: ArraySlice<Int>) throws -> Double {
-        let (x, labels) = try train.batch(indices)
-        return try step(x, labels: labels)
+    /// One training step on the global batch `indices`; returns the loss of the whole batch
+    /// and whether any rank asked to stop (so that every rank stops after the same step).
+    func step(_ indices: ArraySlice<Int>, requestStop: Bool = false) throws -> (
+        loss: Double, stop: Bool
+    ) {
+        let (x, labels) = try train.batch(shard(indices))
+        return try step(x, labels: labels, globalCount: indices.count, requestStop: requestStop)
     }
 
-    /// One training step on a batch (`x` `[N, C, H, W]`, N labels); returns the loss.
-    public func step(_ x: Tensor<Float>, labels: [Int]) throws -> Double {
+    /// One training step on this rank's part of a batch (`x` `[n, C, H, W]`, n labels).
+    ///
+    /// Under several processes each rank runs its slice; the loss gradient is scaled by n_r/B
+    /// (B = `globalCount`) so that the gradients summed over the ranks are those of the mean
+    /// loss over the whole batch, and ONE all-reduce carries every parameter gradient, the loss
+    /// and the stop flag.
+    /// - Returns: the loss of the whole batch and whether any rank asked to stop.
+    @discardableResult
+    public func step(
+        _ x: Tensor<Float>, labels: [Int], globalCount: Int? = nil, requestStop: Bool = false
+    ) throws -> (loss: Double, stop: Bool) {
         for slot in slots { slot.advanceRadius() }
+        let mine = labels
+        let indices = 0..<(globalCount ?? labels.count)
         let logits = try model.forward(x, mode: .training)
-        let (loss, gradient, _) = try SoftmaxCrossEntropy.evaluate(logits, labels: labels)
-        _ = try model.backward(gradient)
+        var (loss, gradient, _) = try SoftmaxCrossEntropy.evaluate(logits, labels: labels)
+        var stop = requestStop
+        if communicator.size > 1 {
+            let share = Double(mine.count) / Double(indices.count)
+            gradient = gradient.map { $0 * Float(share) }
+            _ = try model.backward(gradient)
+            let parameters = model.parameters
+            var fused = parameters.flatMap { $0.gradient.scalars.map(Double.init) }
+            fused.append(loss * share)
+            fused.append(requestStop ? 1 : 0)
+            try communicator.allReduceSum(&fused)
+            var offset = 0
+            for p in parameters {
+                p.gradient = try Tensor(
+                    shape: p.gradient.shape,
+                    rounding: Array(fused[offset..<(offset + p.gradient.count)]))
+                offset += p.gradient.count
+            }
+            loss = fused[offset]
+            stop = fused[offset + 1] > 0
+        } else {
+            _ = try model.backward(gradient)
+        }
         try optimizer.update(model.parameters)
-        return loss
+        return (loss, stop)
     }
 
     /// Training throughput: after `warmup` steps, times `steps` SGD steps on one fixed batch
@@ -283,21 +408,34 @@ public final class Trainer {
         case epoch(EpochMetrics)
     }
 
-    /// Trains until all epochs are done or `shouldStop` returns true (checked between steps).
+    /// Trains until all epochs are done, `shouldStop` returns true (checked between steps; with
+    /// several ranks, every rank stops after the step in which one asked), or `maximumSteps`
+    /// steps of this call are done.
     /// - Returns: true when training finished, false when it was stopped.
     @discardableResult
-    public func run(progress: (Event) -> Void = { _ in }, shouldStop: () -> Bool = { false }) throws
+    public func run(
+        progress: (Event) -> Void = { _ in }, shouldStop: () -> Bool = { false },
+        maximumSteps: Int? = nil
+    ) throws
         -> Bool
     {
         let clock = ContinuousClock()
+        var stepsTaken = 0
         while epoch < config.epochs {
             let indices = order(epoch: epoch)
             while batchInEpoch < stepsPerEpoch {
-                if shouldStop() { return false }
+                // One process stops before the step; several agree on it through the step's
+                // all-reduce and stop after it, all at the same step.
+                let stopRequested = shouldStop()
+                if stopRequested && communicator.size == 1 { return false }
+                if let maximumSteps, stepsTaken >= maximumSteps { return false }
+                stepsTaken += 1
                 let start = batchInEpoch * config.batchSize
                 var loss = 0.0
+                var stopAgreed = false
                 let elapsed = try clock.measure {
-                    loss = try step(indices[start..<(start + config.batchSize)])
+                    (loss, stopAgreed) = try step(
+                        indices[start..<(start + config.batchSize)], requestStop: stopRequested)
                 }
                 guard loss.isFinite else {
                     throw TrainingError.invalidSetting(
@@ -312,7 +450,9 @@ public final class Trainer {
                 epochExamples += config.batchSize
                 batchInEpoch += 1
                 progress(.step(epoch: epoch + 1, step: batchInEpoch, of: stepsPerEpoch, loss: loss))
+                if stopAgreed { return false }
             }
+            try broadcastBuffers()
             let (testLoss, testError) = try evaluate(test)
             let metrics = EpochMetrics(
                 epoch: epoch + 1, trainLoss: epochLossSum / Double(stepsPerEpoch),
@@ -356,7 +496,10 @@ public final class Trainer {
     /// Restores a trainer from a checkpoint written by ``saveCheckpoint(to:)``.
     /// - Throws: ``TrainingError/checkpoint(_:)`` or ``FileFormatError`` for a damaged file or
     ///   one that does not fit.
-    public static func resume(from path: String) throws -> Trainer {
+    public static func resume(
+        from path: String, communicator: any Communicator = LocalCommunicator(),
+        synchronizeBatchStatistics: Bool = false
+    ) throws -> Trainer {
         let file = try Safetensors.read(contentsOf: path)
         guard file.metadata["format"] == "normkit-checkpoint-1",
             let configText = file.metadata["config"],
@@ -369,7 +512,9 @@ public final class Trainer {
             config = try decoder.decode(TrainingConfig.self, from: Data(configText.utf8))
             history = try decoder.decode([EpochMetrics].self, from: Data(historyText.utf8))
         } catch { throw TrainingError.checkpoint("unreadable configuration or history") }
-        let trainer = try Trainer(config)
+        let trainer = try Trainer(
+            config, communicator: communicator,
+            synchronizeBatchStatistics: synchronizeBatchStatistics)
         func damaged(_ reason: String) -> TrainingError { .checkpoint("\(path): \(reason)") }
         let names = Set(trainer.model.parameters.map(\.name))
         for key in file.tensors.keys where key.hasPrefix("model.") {
@@ -454,6 +599,9 @@ public final class Trainer {
         trainer.history = history
         // Sparse SN's radius follows the step count.
         for slot in trainer.slots { for _ in 0..<trainer.optimizer.step { slot.advanceRadius() } }
+        // Every rank read the file; rank 0's copy wins should they differ.
+        try trainer.broadcastParameters()
+        try trainer.broadcastBuffers()
         return trainer
     }
 }
