@@ -153,6 +153,8 @@ struct DemoCommand: ParsableCommand {
     )
 
     @Flag(help: "A short version (well under a minute).") var quick = false
+    @Flag(help: "Run only the weight-normalization study (WS + GN vs BN, spectral norm).")
+    var weightNormOnly = false
     @Option(help: "Folder of the report (index.html, summary.md).") var output = "report"
     @Option(help: "Threads.") var threads: Int?
     @Option(help: "Seed.") var seed: UInt64 = 1
@@ -164,12 +166,19 @@ struct DemoCommand: ParsableCommand {
         }
         BLAS.setThreads(1)  // small GEMMs: OpenBLAS's threads cost more than they give here
         let plan: Experiments.Plan = quick ? .quick : .full
-        let results = try Experiments.run(plan, seed: seed) { print($0) }
+        let results = weightNormOnly ? nil : try Experiments.run(plan, seed: seed) { print($0) }
+        let weights = try WeightNormStudy.run(quick ? .quick : .full, seed: seed) { print($0) }
         try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
-        let markdown = Report.markdown(results)
+        let markdown =
+            (results.map { Report.markdown($0) + "\n" } ?? "") + WeightNormStudy.markdown(weights)
+        let page =
+            results.map {
+                Report.html($0).replacingOccurrences(
+                    of: "</body></html>",
+                    with: WeightNormStudy.htmlSection(weights) + "</body></html>")
+            } ?? WeightNormStudy.html(weights)
         do {
-            try Report.html(results).write(
-                toFile: output + "/index.html", atomically: true, encoding: .utf8)
+            try page.write(toFile: output + "/index.html", atomically: true, encoding: .utf8)
             try markdown.write(toFile: output + "/summary.md", atomically: true, encoding: .utf8)
         } catch { throw FileFormatError.io(path: output, reason: "the report cannot be written") }
         print("\n" + markdown)
