@@ -209,17 +209,20 @@ public enum WeightNormStudy {
         }
         s += "\n## Spectral normalization and the largest singular values\n\n"
         s += "σ_max of each layer's weight as the network uses it, before training and after the "
-        s += "last epoch (convnet without an activation normalizer, batch 32).\n\n"
+        s += "last epoch (convnet without an activation normalizer, batch 32, learning rate 0.05). "
+        s += "∏σ bounds the Lipschitz constant of the linear parts (ReLU and max-pooling are "
+        s += "1-Lipschitz; convolutions are measured as [out, in·k·k] matrices, as spectral norm "
+        s += "estimates them).\n\n"
         if let layers = r.spectra.first?.layers {
-            s += "| weights | when | " + layers.joined(separator: " | ") + " | test error |\n"
-            s += "|---|---|" + layers.map { _ in "---" }.joined(separator: "|") + "|---|\n"
+            s += "| weights | when | " + layers.joined(separator: " | ") + " | ∏σ | test error |\n"
+            s += "|---|---|" + layers.map { _ in "---" }.joined(separator: "|") + "|---|---|\n"
             for sp in r.spectra {
                 for (when, row) in [("initial", sp.sigmas.first), ("final", sp.sigmas.last)] {
                     guard let row else { continue }
                     s +=
                         "| \(sp.weightNorm) | \(when) | "
                         + row.map { String(format: "%.3f", $0) }.joined(separator: " | ")
-                        + " | "
+                        + " | " + String(format: "%.3f", row.reduce(1, *)) + " | "
                         + (when == "final" ? String(format: "%.1f%%", 100 * sp.testError) : "")
                         + " |\n"
                 }
