@@ -2,7 +2,7 @@ import Foundation
 import NormKit
 import Training
 
-/// Two weight-space studies on the shipped digits:
+/// Two weight-space studies on the shipped digits.
 ///
 /// 1. Weight Standardization + GroupNorm against BatchNorm (and GroupNorm alone) at batch sizes
 ///    2, 4, 8 and 32: the WS paper's claim that WS + GN matches or beats BN at micro-batches.
