@@ -226,6 +226,8 @@ struct DemoCommand: ParsableCommand {
     )
 
     @Flag(help: "A short version (well under a minute).") var quick = false
+    @Flag(help: "Run only the weight-normalization study (WS + GN vs BN, spectral norm).")
+    var weightNormOnly = false
     @Option(help: "Folder of the report (index.html, summary.md).") var output = "report"
     @Option(help: "Threads.") var threads: Int?
     @Option(help: "Seed.") var seed: UInt64 = 1
@@ -239,14 +241,22 @@ struct DemoCommand: ParsableCommand {
         // The report folder is checked before the run, which takes minutes.
         try Self.checkReportFolder(output)
         let plan: Experiments.Plan = quick ? .quick : .full
-        let results = try Experiments.run(plan, seed: seed) { print($0) }
+        let results = weightNormOnly ? nil : try Experiments.run(plan, seed: seed) { print($0) }
+        let weights = try WeightNormStudy.run(quick ? .quick : .full, seed: seed) { print($0) }
         do {
             try FileManager.default.createDirectory(
                 atPath: output, withIntermediateDirectories: true)
         } catch { throw FileFormatError.io(path: output, reason: "the folder cannot be created") }
-        let markdown = Report.markdown(results)
+        let markdown =
+            (results.map { Report.markdown($0) + "\n" } ?? "") + WeightNormStudy.markdown(weights)
+        let page =
+            results.map {
+                Report.html($0).replacingOccurrences(
+                    of: "</body></html>",
+                    with: WeightNormStudy.htmlSection(weights) + "</body></html>")
+            } ?? WeightNormStudy.html(weights)
         var files = try OutputSet([output + "/index.html", output + "/summary.md"])
-        files.stage(Report.html(results), to: output + "/index.html")
+        files.stage(page, to: output + "/index.html")
         files.stage(markdown, to: output + "/summary.md")
         try files.commit()
         print("\n" + markdown)

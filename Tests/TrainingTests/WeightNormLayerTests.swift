@@ -3,6 +3,7 @@ import NormKit
 import NormTestSupport
 import Testing
 
+@testable import Studies
 @testable import Training
 
 /// Linear and Conv2d with a weight parametrization: PyTorch's numbers through the layers,
@@ -187,5 +188,35 @@ struct WeightNormLayerTests {
         var config = TrainingConfig()
         config.weightNorm = "bogus"
         #expect(throws: TrainingError.self) { try Trainer(config) }
+    }
+
+    @Test func studyMeasuresTheLargestSingularValue() throws {
+        // [[3, 0, 0], [0, −4, 0]] rotated by nothing: σ_max = 4; a rank-one matrix u vᵀ has
+        // σ_max = ‖u‖‖v‖.
+        let d = try Tensor<Float>(shape: [2, 3], scalars: [3, 0, 0, 0, -4, 0])
+        #expect(abs(WeightNormStudy.largestSingularValue(d) - 4) < 1e-9)
+        let r = try Tensor<Double>(shape: [2, 2, 1, 1], scalars: [1, 2, 2, 4])
+        #expect(abs(WeightNormStudy.largestSingularValue(r) - 5) < 1e-9)
+    }
+
+    @Test func studyReportListsEverySetupAndLayer() {
+        let plan = WeightNormStudy.Plan.quick
+        let results = WeightNormStudy.Results(
+            runs: plan.setups.flatMap { s in
+                plan.batchSizes.map {
+                    WeightNormStudy.Run(
+                        label: s.label, batchSize: $0, testError: 0.25, diverged: false)
+                }
+            },
+            spectra: [
+                WeightNormStudy.Spectrum(
+                    weightNorm: "sn", layers: ["conv1", "fc"], sigmas: [[1.5, 2], [1, 1]],
+                    testError: 0.5)
+            ], seconds: 1, plan: plan)
+        let text = WeightNormStudy.markdown(results)
+        for s in plan.setups { #expect(text.contains("| \(s.label) | 25.0% | 25.0% |")) }
+        #expect(text.contains("| sn | final | 1.000 | 1.000 | 1.000 | 50.0% |"))
+        #expect(text.contains("| sn | initial | 1.500 | 2.000 | 3.000 |  |"))
+        #expect(WeightNormStudy.html(results).contains("<svg"))
     }
 }
