@@ -14,8 +14,13 @@ struct ApplyCommand: ParsableCommand {
             or zeros, a missing running buffer PyTorch's initial value.
             """)
 
-    @Argument(help: "The layer: \(NormalizerRegistry.all.names.joined(separator: ", ")).")
+    @Argument(
+        help:
+            "The layer: \(NormalizerRegistry.all.names.joined(separator: ", ")), or linear, conv2d (see --weight-norm)."
+    )
     var layer: String
+
+    @OptionGroup var weightLayer: WeightLayerOptions
 
     @Option(help: "Input tensor (.npy, float32 or float64).")
     var input: String
@@ -168,7 +173,9 @@ struct ApplyCommand: ParsableCommand {
     var updatedParams: String?
 
     func validate() throws {
-        _ = try NormalizerRegistry.all.entry(named: layer)
+        if WeightLayerKind(rawValue: layer) == nil {
+            _ = try NormalizerRegistry.all.entry(named: layer)
+        }
         if let layout, Layout(rawValue: layout.lowercased()) == nil {
             throw ValidationError("unknown layout '\(layout)'; expected nchw or nhwc")
         }
@@ -240,6 +247,13 @@ struct ApplyCommand: ParsableCommand {
     }
 
     func run() throws {
+        if let kind = WeightLayerKind(rawValue: layer) {
+            return try weightLayer.request(
+                layer: kind, input: input, output: output, params: params, eval: eval, eps: eps,
+                gradOutput: gradOutput, gradInput: gradInput, gradParams: gradParams,
+                updatedParams: updatedParams
+            ).run()
+        }
         var request = ApplyRequest(
             layer: layer, input: input, output: output, params: params,
             mode: eval ? .inference : .training, options: try normalizerOptions(),

@@ -2,20 +2,28 @@ import NormKit
 
 /// A fully connected layer, `y = x·Wᵀ + b`, with W of shape `[out, in]` (PyTorch's layout).
 ///
+/// W is a plain parameter or, with `weightNorm`, computed by a ``WeightParametrization`` from
+/// its raw parameters (which are then the trainable ones; see ``WeightSource``).
+///
 /// ## Shape
 /// `[N, in]` → `[N, out]`.
 public final class Linear<Scalar: NormScalar>: Module {
-    /// W, `[out, in]`; Kaiming-uniform initialised like `nn.Linear`.
-    public let weight: Parameter<Scalar>
+    /// W, `[out, in]`, Kaiming-uniform initialised like `nn.Linear`: a plain parameter or a
+    /// parametrization's output.
+    public let weight: WeightSource<Scalar>
     /// b, `[out]`.
     public let bias: Parameter<Scalar>
     let inputs: Int
     let outputs: Int
     var lastInput: Tensor<Scalar>?
 
-    /// Creates a layer with weights drawn from U(−1/√in, 1/√in) (PyTorch's default) from `generator`.
+    /// Creates a layer with weights drawn from U(−1/√in, 1/√in) (PyTorch's default) from
+    /// `generator`, parametrized by `weightNorm` as PyTorch's registration does (W unchanged).
     public init(
-        _ inputs: Int, _ outputs: Int, name: String = "linear", generator: inout SeededGenerator
+        _ inputs: Int, _ outputs: Int, name: String = "linear",
+        weightNorm: WeightNormMethod = .none,
+        weightNormOptions: WeightNormMethod.Options = .init(),
+        generator: inout SeededGenerator
     ) throws {
         self.inputs = inputs
         self.outputs = outputs
@@ -24,13 +32,20 @@ public final class Linear<Scalar: NormScalar>: Module {
             Scalar((2 * generator.nextUniform() - 1) * bound)
         }
         let b = (0..<outputs).map { _ in Scalar((2 * generator.nextUniform() - 1) * bound) }
-        weight = Parameter(
-            name: name + ".weight", value: try Tensor(shape: [outputs, inputs], scalars: w))
+        weight = try WeightSource(
+            name: name, initial: try Tensor(shape: [outputs, inputs], scalars: w),
+            method: weightNorm, options: weightNormOptions)
         bias = Parameter(name: name + ".bias", value: try Tensor(shape: [outputs], scalars: b))
     }
 
-    /// The trainable parameters.
-    public var parameters: [Parameter<Scalar>] { [weight, bias] }
+    /// The trainable parameters (W's raw parameters, then b).
+    public var parameters: [Parameter<Scalar>] { weight.parameters + [bias] }
+    /// Spectral Norm's u and v.
+    public var buffers: [String: Tensor<Scalar>] { weight.buffers }
+    /// Restores u and v.
+    public func loadBuffers(_ buffers: [String: Tensor<Scalar>]) throws {
+        try weight.loadBuffers(buffers)
+    }
 
     /// Computes the output (see the type's documentation).
     public func forward(_ x: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
@@ -38,9 +53,10 @@ public final class Linear<Scalar: NormScalar>: Module {
             throw TrainingError.shape(layer: "Linear", expected: "[N, \(inputs)]", actual: x.shape)
         }
         let n = x.shape[0]
+        let w = try weight.weight(mode: mode)
         var y = try Tensor<Scalar>(zeros: [n, outputs])
         x.withUnsafeBufferPointer { xp in
-            weight.value.withUnsafeBufferPointer { wp in
+            w.withUnsafeBufferPointer { wp in
                 y.withUnsafeMutableBufferPointer { yp in
                     BLAS.gemm(
                         transposeA: false, transposeB: true, m: n, n: outputs, k: inputs,
@@ -61,18 +77,19 @@ public final class Linear<Scalar: NormScalar>: Module {
         guard let x = lastInput else { throw TrainingError.noForward(layer: "Linear") }
         let n = x.shape[0]
         var dx = try Tensor<Scalar>(zeros: x.shape)
+        var dw = try Tensor<Scalar>(zeros: [outputs, inputs])
         dy.withUnsafeBufferPointer { dyp in
             x.withUnsafeBufferPointer { xp in
-                weight.gradient.withUnsafeMutableBufferPointer { dwp in
-                    // dW += dyᵀ·x
+                dw.withUnsafeMutableBufferPointer { dwp in
+                    // dW = dyᵀ·x
                     BLAS.gemm(
                         transposeA: true, transposeB: false, m: outputs, n: inputs, k: n,
                         dyp.baseAddress!,
-                        lda: outputs, xp.baseAddress!, ldb: inputs, beta: 1, dwp.baseAddress!,
+                        lda: outputs, xp.baseAddress!, ldb: inputs, dwp.baseAddress!,
                         ldc: inputs)
                 }
             }
-            weight.value.withUnsafeBufferPointer { wp in
+            weight.current.withUnsafeBufferPointer { wp in
                 dx.withUnsafeMutableBufferPointer { dxp in
                     // dx = dy·W
                     BLAS.gemm(
@@ -85,6 +102,7 @@ public final class Linear<Scalar: NormScalar>: Module {
                 for i in 0..<n { for j in 0..<outputs { db[j] += dyp[i * outputs + j] } }
             }
         }
+        try weight.accumulate(dw)
         return dx
     }
 }
@@ -95,11 +113,15 @@ public final class Linear<Scalar: NormScalar>: Module {
 /// cols[(c, i, j), (h, w)] = x[c, h·s + i − p, w·s + j − p]   (0 outside the image)
 /// y[n] = W[out, c·k·k] · cols + b
 /// ```
+/// W is a plain parameter or, with `weightNorm`, computed by a ``WeightParametrization``
+/// (see ``WeightSource``).
+///
 /// ## Shape
 /// `[N, C_in, H, W]` → `[N, C_out, H′, W′]`, H′ = (H + 2p − k)/s + 1.
 public final class Conv2d<Scalar: NormScalar>: Module {
-    /// W, `[out, in, k, k]`, Kaiming-normal (fan-in, ReLU gain).
-    public let weight: Parameter<Scalar>
+    /// W, `[out, in, k, k]`, Kaiming-normal (fan-in, ReLU gain): a plain parameter or a
+    /// parametrization's output.
+    public let weight: WeightSource<Scalar>
     /// b, `[out]` (nil when a normalizer follows: its β does the job).
     public let bias: Parameter<Scalar>?
     let inChannels: Int
@@ -109,11 +131,14 @@ public final class Conv2d<Scalar: NormScalar>: Module {
     let padding: Int
     var lastInput: Tensor<Scalar>?
 
-    /// Creates a convolution with Kaiming-normal weights N(0, 2/fan_in) from `generator`.
+    /// Creates a convolution with Kaiming-normal weights N(0, 2/fan_in) from `generator`,
+    /// parametrized by `weightNorm` as PyTorch's registration does (W unchanged).
     public init(
         _ inChannels: Int, _ outChannels: Int, kernel: Int, stride: Int = 1, padding: Int = 0,
         bias: Bool = true,
-        name: String = "conv", generator: inout SeededGenerator
+        name: String = "conv", weightNorm: WeightNormMethod = .none,
+        weightNormOptions: WeightNormMethod.Options = .init(),
+        generator: inout SeededGenerator
     ) throws {
         guard inChannels >= 1, outChannels >= 1, kernel >= 1, stride >= 1, padding >= 0 else {
             throw TrainingError.invalidSetting(
@@ -129,15 +154,22 @@ public final class Conv2d<Scalar: NormScalar>: Module {
         let fanIn = inChannels * kernel * kernel
         let std = (2 / Double(fanIn)).squareRoot()
         let w = (0..<(outChannels * fanIn)).map { _ in Scalar(std * generator.nextNormal()) }
-        weight = Parameter(
-            name: name + ".weight",
-            value: try Tensor(shape: [outChannels, inChannels, kernel, kernel], scalars: w))
+        weight = try WeightSource(
+            name: name,
+            initial: try Tensor(shape: [outChannels, inChannels, kernel, kernel], scalars: w),
+            method: weightNorm, options: weightNormOptions)
         self.bias =
             bias ? Parameter(name: name + ".bias", value: try Tensor(zeros: [outChannels])) : nil
     }
 
-    /// The trainable parameters.
-    public var parameters: [Parameter<Scalar>] { [weight] + (bias.map { [$0] } ?? []) }
+    /// The trainable parameters (W's raw parameters, then b).
+    public var parameters: [Parameter<Scalar>] { weight.parameters + (bias.map { [$0] } ?? []) }
+    /// Spectral Norm's u and v.
+    public var buffers: [String: Tensor<Scalar>] { weight.buffers }
+    /// Restores u and v.
+    public func loadBuffers(_ buffers: [String: Tensor<Scalar>]) throws {
+        try weight.loadBuffers(buffers)
+    }
 
     func outputSize(_ h: Int) -> Int { (h + 2 * padding - kernel) / stride + 1 }
 
@@ -206,10 +238,11 @@ public final class Conv2d<Scalar: NormScalar>: Module {
                 layer: "Conv2d", expected: "an image at least the kernel's size", actual: x.shape)
         }
         let k = inChannels * kernel * kernel
+        let weightValue = try weight.weight(mode: mode)
         var y = try Tensor<Scalar>(zeros: [n, outChannels, ho, wo])
         var cols = [Scalar](repeating: 0, count: k * ho * wo)
         x.withUnsafeBufferPointer { xp in
-            weight.value.withUnsafeBufferPointer { wp in
+            weightValue.withUnsafeBufferPointer { wp in
                 y.withUnsafeMutableBufferPointer { yp in
                     cols.withUnsafeMutableBufferPointer { cp in
                         for s in 0..<n {
@@ -245,10 +278,11 @@ public final class Conv2d<Scalar: NormScalar>: Module {
         var dx = try Tensor<Scalar>(zeros: x.shape)
         var cols = [Scalar](repeating: 0, count: k * ho * wo)
         var dcols = [Scalar](repeating: 0, count: k * ho * wo)
+        var dw = try Tensor<Scalar>(zeros: weight.current.shape)
         x.withUnsafeBufferPointer { xp in
             dy.withUnsafeBufferPointer { dyp in
-                weight.value.withUnsafeBufferPointer { wp in
-                    weight.gradient.withUnsafeMutableBufferPointer { dwp in
+                weight.current.withUnsafeBufferPointer { wp in
+                    dw.withUnsafeMutableBufferPointer { dwp in
                         dx.withUnsafeMutableBufferPointer { dxp in
                             cols.withUnsafeMutableBufferPointer { cp in
                                 dcols.withUnsafeMutableBufferPointer { dcp in
@@ -293,6 +327,7 @@ public final class Conv2d<Scalar: NormScalar>: Module {
                 }
             }
         }
+        try weight.accumulate(dw)
         return dx
     }
 }
