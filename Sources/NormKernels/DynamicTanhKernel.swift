@@ -9,10 +9,8 @@
 /// The channel of flat element i is `(i / inner) % channels`: `inner` = 1 for channels-last
 /// `[*, C]` (the DyT reference code's default), the spatial size for channels-first
 /// `[N, C, spatial…]`. ``reference`` computes in Double with the C library's `tanh`; the fast
-/// Float kernels use SIMD16 and ``Parallelism``, with tanh from an odd Taylor polynomial for
-/// |z| < 0.55 (error below 3e-9) and (1 − e)/(1 + e), e = exp(−2|z|) by range reduction and a
-/// degree-7 polynomial, above (no cancellation there since e < 0.34). Both are within a few
-/// Float ulps of tanh; NaN propagates.
+/// Float kernels use SIMD16 and ``Parallelism``, with tanh from an odd rational approximation
+/// within 6 Float ulps of tanh (``tanh16(_:)``); NaN propagates.
 ///
 /// Backward (t = tanh(α·x), u = 1 − t²):
 /// ```
@@ -68,7 +66,6 @@ public enum DynamicTanhKernel {
     // MARK: - Fast Float
 
     typealias V = SIMD16<Float>
-    typealias U = SIMD16<UInt32>
 
     /// Rows per chunk of the fixed work split.
     static let rowsPerChunk = 64
@@ -297,45 +294,32 @@ public enum DynamicTanhKernel {
         tanh16(V(repeating: z))[0]
     }
 
-    /// tanh on 16 lanes: odd Taylor series below |z| = 0.55, (1 − e)/(1 + e) with e = exp(−2|z|)
-    /// above, |z| clamped at 9 (tanh(9) rounds to 1 in Float).
+    /// tanh on 16 lanes: z clamped to [−9, 9] (tanh(9) rounds to 1 in Float), then the odd
+    /// rational approximation z·P(z²)/Q(z²) of degrees 9/8, clamped to [−1, 1].
+    ///
+    /// The coefficients are a weighted least-squares fit of the relative error on [0, 9.5]
+    /// (iterated linearisation, made for this kernel); evaluated in Float the result is within
+    /// 6 ulps of tanh everywhere (checked on 4·10⁶ points in [−12, 12] and down to 1e-30).
     @inline(__always)
     static func tanh16(_ z: V) -> V {
-        let bits = unsafeBitCast(z, to: U.self)
-        let sign = bits & U(repeating: 0x8000_0000)
-        let a = unsafeBitCast(bits & U(repeating: 0x7fff_ffff), to: V.self)
-        // Small |z|: z + z³·P(z²), the Taylor series of tanh to z¹⁷.
-        let s = a * a
-        var p = V(repeating: 6_404_582.0 / 10_854_718_875.0)
-        p = p * s + V(repeating: -929_569.0 / 638_512_875.0)
-        p = p * s + V(repeating: 21_844.0 / 6_081_075.0)
-        p = p * s + V(repeating: -1_382.0 / 155_925.0)
-        p = p * s + V(repeating: 62.0 / 2_835.0)
-        p = p * s + V(repeating: -17.0 / 315.0)
-        p = p * s + V(repeating: 2.0 / 15.0)
-        p = p * s + V(repeating: -1.0 / 3.0)
-        let small = a + a * s * p
-        // Large |z|: e = exp(y), y = −2|z| in [−18, −1.1], by y = n·ln2 + r, |r| ≤ ln2/2.
-        let y = -2 * a.replacing(with: V(repeating: 9), where: a .> 9)
-        let magic = V(repeating: 12_582_912)  // 1.5·2²³: adding it rounds to an integer
-        let kf = y * V(repeating: 1.442_695_04) + magic
-        let n = kf - magic
-        let r = (y - n * V(repeating: 0.693_145_751_953_125)) - n * V(repeating: 1.428_606_765e-6)
-        var e = V(repeating: 1.0 / 5040)
-        e = e * r + V(repeating: 1.0 / 720)
-        e = e * r + V(repeating: 1.0 / 120)
-        e = e * r + V(repeating: 1.0 / 24)
-        e = e * r + V(repeating: 1.0 / 6)
-        e = e * r + V(repeating: 0.5)
-        e = e * r + V(repeating: 1)
-        e = e * r + V(repeating: 1)
-        let exponent =
-            (unsafeBitCast(kf, to: U.self) &- U(repeating: 0x4B40_0000)
-                &+ U(repeating: 127)) &<< U(repeating: 23)
-        e = e * unsafeBitCast(exponent, to: V.self)
-        let large = (V(repeating: 1) - e) / (V(repeating: 1) + e)
-        let t = large.replacing(with: small, where: a .< 0.55)
-        let signed = unsafeBitCast(unsafeBitCast(t, to: U.self) | sign, to: V.self)
-        return signed.replacing(with: z, where: z .!= z)  // NaN stays NaN
+        let limit = V(repeating: 9)
+        let x = z.replacing(with: limit, where: z .> limit).replacing(
+            with: -limit, where: z .< -limit)
+        let s = x * x
+        var p = V(repeating: 1.290_328_9e-8)
+        p = p * s + V(repeating: 2.029_307_5e-5)
+        p = p * s + V(repeating: 3.476_835_3e-3)
+        p = p * s + V(repeating: 0.133_653_97)
+        p = p * s + V(repeating: 1)
+        var q = V(repeating: 7.594_647_4e-7)
+        q = q * s + V(repeating: 3.254_643_8e-4)
+        q = q * s + V(repeating: 2.580_612_9e-2)
+        q = q * s + V(repeating: 0.466_987_16)
+        q = q * s + V(repeating: 1)
+        let one = V(repeating: 1)
+        let t = x * p / q
+        let clamped = t.replacing(with: one, where: t .> one).replacing(
+            with: -one, where: t .< -one)
+        return clamped.replacing(with: z, where: z .!= z)  // NaN stays NaN
     }
 }

@@ -141,9 +141,7 @@ public final class AdaIN<Scalar: NormScalar>: ConditionalNormalizing, CustomStri
         var y: Tensor<Scalar> = try recovery.apply(
             normalized, scale: styleStd.map { alpha * $0 }, offset: moments.mean.map { alpha * $0 })
         if alpha != 1 {
-            let keep = 1 - alpha
-            y = try tensorOf(
-                x.shape, zip(y.scalars, x.scalars).map { Double($0) + keep * Double($1) })
+            y = try addingScaled(y, x, 1 - alpha)
         }
         cache = Cache(
             normalized: normalized, contentCache: contentCache, style: style,
@@ -170,9 +168,7 @@ public final class AdaIN<Scalar: NormScalar>: ConditionalNormalizing, CustomStri
             dy, normalized: cache.normalized, scale: cache.styleStd.map { alpha * $0 })
         var dx = try content.backward(g, cache: cache.contentCache).input
         if alpha != 1 {
-            let keep = 1 - alpha
-            dx = try tensorOf(
-                x.shape, zip(dx.scalars, dy.scalars).map { Double($0) + keep * Double($1) })
+            dx = try addingScaled(dx, dy, 1 - alpha)
         }
         // dγ = Σ dy·x̂ is dL/d(α σ_s); dβ = Σ dy is dL/d(α μ_s).
         let style = cache.style

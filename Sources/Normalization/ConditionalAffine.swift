@@ -58,6 +58,8 @@ public struct ConditionalAffine: Sendable, Hashable {
     public init(_ broadcast: Broadcast) { self.broadcast = broadcast }
 
     /// y = x̂ ⊙ γ + β (β nil: 0).
+    @_specialize(where Scalar == Float)
+    @_specialize(where Scalar == Double)
     public func apply<Scalar: NormScalar>(
         _ xhat: Tensor<Scalar>, scale gamma: [Double], offset beta: [Double]?
     ) throws(NormError) -> Tensor<Scalar> {
@@ -73,6 +75,8 @@ public struct ConditionalAffine: Sendable, Hashable {
 
     /// g = dy ⊙ γ (the output gradient Φ's backward takes), dγ = Σ dy ⊙ x̂ and dβ = Σ dy per
     /// entry.
+    @_specialize(where Scalar == Float)
+    @_specialize(where Scalar == Double)
     public func backward<Scalar: NormScalar>(
         _ dy: Tensor<Scalar>, normalized xhat: Tensor<Scalar>, scale gamma: [Double]
     ) throws(NormError) -> (scaled: Tensor<Scalar>, scale: [Double], offset: [Double]) {
@@ -111,7 +115,24 @@ func tensorOf<Scalar: NormScalar>(_ shape: [Int], _ values: [Double]) throws(Nor
     do { return try Tensor(shape: shape, rounding: values) } catch { throw .tensor(error) }
 }
 
+/// a + k·b elementwise (shapes already checked equal).
+@_specialize(where Scalar == Float)
+@_specialize(where Scalar == Double)
+func addingScaled<Scalar: NormScalar>(_ a: Tensor<Scalar>, _ b: Tensor<Scalar>, _ k: Double)
+    throws(NormError) -> Tensor<Scalar>
+{
+    var out = [Double](repeating: 0, count: a.count)
+    a.withUnsafeBufferPointer { ab in
+        b.withUnsafeBufferPointer { bb in
+            for i in 0..<out.count { out[i] = Double(ab[i]) + k * Double(bb[i]) }
+        }
+    }
+    return try tensorOf(a.shape, out)
+}
+
 /// The values of a tensor as Doubles.
+@_specialize(where Scalar == Float)
+@_specialize(where Scalar == Double)
 func doubles<Scalar: NormScalar>(_ t: Tensor<Scalar>) -> [Double] {
     t.scalars.map { Double($0) }
 }

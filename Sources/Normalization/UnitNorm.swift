@@ -7,8 +7,9 @@ import TensorCore
 /// y = x / ‖x‖₂,    dx = (dy − y·⟨y, dy⟩) / ‖x‖₂
 /// ```
 /// Computed as RMS scaling (``Normalizer/Operation/scale`` with ε = 0, the same kernels as
-/// ``RMSNorm``) times 1/√D, since ‖x‖ = √D · rms(x). A vector of zeros has no direction: the call
-/// throws ``NormError/nonFiniteStatistics(layer:)`` instead of returning NaN.
+/// ``RMSNorm``) with a fixed elementwise γ = 1/√D, since ‖x‖ = √D · rms(x). A vector of zeros
+/// has no direction: the call throws ``NormError/nonFiniteStatistics(layer:)`` instead of
+/// returning NaN.
 ///
 /// ## Shape
 /// Input `[*, D]`; output the same.
@@ -17,16 +18,25 @@ import TensorCore
 /// 1. Loshchilov et al. 2024, "nGPT: Normalized Transformer with Representation Learning on the
 ///    Hypersphere", arXiv:2410.01131.
 public final class UnitNorm<Scalar: NormScalar>: Normalizing, CustomStringConvertible {
-    /// Φ: RMS scaling over the last axis with ε = 0.
-    let inner: NormLayer<Scalar>
-    private var cache: (norm: NormLayer<Scalar>.Cache, factor: Double)?
+    /// Φ: RMS scaling over the last axis with ε = 0 and the constant γ = 1/√D (rebuilt when D
+    /// changes).
+    private var inner: NormLayer<Scalar>?
+    private var cache: NormLayer<Scalar>.Cache?
 
     /// Creates the projection.
-    public init() throws(NormError) {
-        inner = try NormLayer(
+    public init() throws(NormError) {}
+
+    private func layer(for d: Int) throws(NormError) -> NormLayer<Scalar> {
+        if let inner, inner.trailingShape == [d] { return inner }
+        let layer = try NormLayer<Scalar>(
             normalizer: Normalizer(
-                partition: .layer(trailing: 1), operation: .scale, recovery: .none, epsilon: 0),
-            name: "UnitNorm")
+                partition: .layer(trailing: 1), operation: .scale,
+                recovery: .elementwiseAffine(shape: [d], offset: false), epsilon: 0),
+            trailingShape: [d], name: "UnitNorm")
+        do {
+            layer.scale = try Tensor(repeating: Scalar(1 / Double(d).squareRoot()), shape: [d])
+        } catch { throw .tensor(error) }
+        return layer
     }
 
     /// The layer's name in messages.
@@ -38,7 +48,8 @@ public final class UnitNorm<Scalar: NormScalar>: Normalizing, CustomStringConver
         guard x.rank >= 1, let d = x.shape.last, d >= 1 else {
             throw NormError.emptyTensor(layer: displayName, shape: x.shape)
         }
-        let (scaled, c) = try inner.forward(x, mode: mode)
+        let norm = try layer(for: d)
+        let (y, c) = try norm.forward(x, mode: mode)
         // A zero vector has no direction (no ε, as nGPT): with ε = 0 the RMS kernel reports it
         // as rstd 0 (x̂ = 0), which would be a silent zero here.
         guard c.rstd.allSatisfy({ $0.isFinite && $0 > 0 }) else {
@@ -46,17 +57,16 @@ public final class UnitNorm<Scalar: NormScalar>: Normalizing, CustomStringConver
                 name: "input", value: "a vector with ‖x‖ = 0 or a non-finite norm",
                 requirement: "x/‖x‖ needs a finite, non-zero norm in every vector")
         }
-        let factor = 1 / Double(d).squareRoot()
-        cache = (c, factor)
-        return scaled.map { $0 * Scalar(factor) }
+        inner = norm
+        cache = c
+        return y
     }
 
-    /// dx = (dy − y·⟨y, dy⟩)/‖x‖, through RMS scaling's backward of dy/√D.
+    /// dx = (dy − y·⟨y, dy⟩)/‖x‖, through RMS scaling's backward with γ = 1/√D.
     /// - Throws: ``NormError/noForwardCall(layer:)``, ``NormError/gradientShapeMismatch(expected:actual:)``.
     public func backward(_ dy: Tensor<Scalar>) throws -> NormGradients<Scalar> {
-        guard let cache else { throw NormError.noForwardCall(layer: displayName) }
-        let g = try inner.backward(dy.map { $0 * Scalar(cache.factor) }, cache: cache.norm)
-        return NormGradients(input: g.input)
+        guard let cache, let inner else { throw NormError.noForwardCall(layer: displayName) }
+        return NormGradients(input: try inner.backward(dy, cache: cache).input)
     }
 
     /// No parameters.
