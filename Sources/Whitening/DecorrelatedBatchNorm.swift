@@ -88,6 +88,8 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
         let eigenvectors: [Matrix]
         let projections: [Matrix]
         let training: Bool
+        /// The Float32 path's products (nil on the Double path).
+        var fast: FloatWhiteningCache? = nil
     }
 
     /// Gradients.
@@ -108,6 +110,13 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
     ) {
         try GroupWhitening.validate(x, channels: channelCount, layer: "DecorrelatedBatchNorm")
         let m = x.count / channelCount
+        if Scalar.self == Float.self {
+            if mode == .training && m < 2 {
+                throw NormError.singleValuePerStatistic(
+                    layer: "DecorrelatedBatchNorm", shape: x.shape)
+            }
+            return try forwardFloat(x, training: mode == .training)
+        }
         let xd = GroupWhitening.doubles(x)
         var yd = [Double](repeating: 0, count: x.count)
         var centred: [Matrix] = []
@@ -180,6 +189,7 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
         guard dy.shape == cache.input.shape else {
             throw NormError.gradientShapeMismatch(expected: cache.input.shape, actual: dy.shape)
         }
+        if let fast = cache.fast { return try backwardFloat(dy, cache: cache, fast: fast) }
         let (g, dScale, dOffset) = try GroupWhitening.affineBackward(
             dy, whitened: cache.whitened, scale: scale)
         var dxd = [Double](repeating: 0, count: dy.count)
@@ -322,6 +332,8 @@ public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
         let iterates: [[Matrix]]
         let whitening: [Matrix]
         let training: Bool
+        /// The Float32 path's products (nil on the Double path).
+        var fast: FloatWhiteningCache? = nil
     }
 
     /// Gradients.
@@ -344,6 +356,7 @@ public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
         if training && x.count / channelCount < 2 {
             throw NormError.singleValuePerStatistic(layer: "IterNorm", shape: x.shape)
         }
+        if Scalar.self == Float.self { return try forwardFloat(x, training: training) }
         let xd = GroupWhitening.doubles(x)
         var yd = [Double](repeating: 0, count: x.count)
         var centred: [Matrix] = []
@@ -400,6 +413,7 @@ public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
         guard dy.shape == cache.input.shape else {
             throw NormError.gradientShapeMismatch(expected: cache.input.shape, actual: dy.shape)
         }
+        if let fast = cache.fast { return try backwardFloat(dy, cache: cache, fast: fast) }
         let (gValues, dScale, dOffset) = try GroupWhitening.affineBackward(
             dy, whitened: cache.whitened, scale: scale)
         var dxd = [Double](repeating: 0, count: dy.count)
