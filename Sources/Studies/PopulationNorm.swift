@@ -63,8 +63,8 @@ final class PopulationNorm: Module {
                 layer: "PopulationNorm", expected: "[N, \(channels), H, W]", actual: x.shape)
         }
         let (n, l) = (x.shape[0], x.shape[2] * x.shape[3])
-        let xs = x.scalars
         if mode == .training {
+            let xs = x.scalars
             let count = Double(n * l)
             for c in 0..<channels {
                 var sum = 0.0
@@ -86,15 +86,20 @@ final class PopulationNorm: Module {
         var xhat = x
         let g = weight.value.scalars
         let b = bias.value.scalars
-        for c in 0..<channels {
-            let mean = runningMean[c]
-            let rstd = 1 / (runningVariance[c] + epsilon).squareRoot()
-            for s in 0..<n {
-                for i in 0..<l {
-                    let k = (s * channels + c) * l + i
-                    let h = Float((Double(xs[k]) - mean) * rstd)
-                    xhat[flat: k] = h
-                    y[flat: k] = g[c] * h + b[c]
+        let (mean, variance, epsilon, channels) = (runningMean, runningVariance, epsilon, channels)
+        y.withUnsafeMutableBufferPointer { yp in
+            xhat.withUnsafeMutableBufferPointer { hp in
+                for c in 0..<channels {
+                    let mu = Float(mean[c])
+                    let rstd = Float(1 / (variance[c] + epsilon).squareRoot())
+                    for s in 0..<n {
+                        let base = (s * channels + c) * l
+                        for i in base..<(base + l) {
+                            let h = (hp[i] - mu) * rstd
+                            hp[i] = h
+                            yp[i] = g[c] * h + b[c]
+                        }
+                    }
                 }
             }
         }
@@ -111,15 +116,23 @@ final class PopulationNorm: Module {
         var dg = [Float](repeating: 0, count: channels)
         var db = [Float](repeating: 0, count: channels)
         let g = weight.value.scalars
-        for c in 0..<channels {
-            let scale = Float(Double(g[c]) / (runningVariance[c] + epsilon).squareRoot())
-            for s in 0..<n {
-                for i in 0..<l {
-                    let k = (s * channels + c) * l + i
-                    let d = dy[flat: k]
-                    dg[c] += d * xhat[flat: k]
-                    db[c] += d
-                    dx[flat: k] = d * scale
+        let (variance, epsilon, channels) = (runningVariance, epsilon, channels)
+        xhat.withUnsafeBufferPointer { hp in
+            dx.withUnsafeMutableBufferPointer { d in
+                for c in 0..<channels {
+                    let scale = Float(Double(g[c]) / (variance[c] + epsilon).squareRoot())
+                    var sg: Float = 0
+                    var sb: Float = 0
+                    for s in 0..<n {
+                        let base = (s * channels + c) * l
+                        for i in base..<(base + l) {
+                            sg += d[i] * hp[i]
+                            sb += d[i]
+                            d[i] *= scale
+                        }
+                    }
+                    dg[c] = sg
+                    db[c] = sb
                 }
             }
         }
