@@ -248,7 +248,8 @@ public enum WeightNormStudy {
             xLabel: "batch size", yLabel: "test error", xScale: .log2,
             series: series.map { s in
                 Chart.Series(
-                    name: s.name, points: s.points.map { Chart.Point(x: $0.0, y: $0.1, low: $0.1, high: $0.1) })
+                    name: s.name,
+                    points: s.points.map { Chart.Point(x: $0.0, y: $0.1, low: $0.1, high: $0.1) })
             }, yIncludes: 0)
         errorChart.chooseYScale()
         body += "<figure>\n" + errorChart.svg() + "</figure>\n"
@@ -268,7 +269,8 @@ public enum WeightNormStudy {
             xLabel: "epoch", yLabel: "σ_max",
             series: sigmaSeries.map { s in
                 Chart.Series(
-                    name: s.name, points: s.points.map { Chart.Point(x: $0.0, y: $0.1, low: $0.1, high: $0.1) })
+                    name: s.name,
+                    points: s.points.map { Chart.Point(x: $0.0, y: $0.1, low: $0.1, high: $0.1) })
             })
         sigmaChart.chooseYScale()
         body += "<figure>\n" + sigmaChart.svg() + "</figure>\n"
