@@ -93,7 +93,8 @@ public struct TrainingConfig: Sendable, Hashable, Codable {
         // Each slot reduces G to the largest divisor of its channel count not above it.
         try check(
             (1...Limits.width).contains(groups), "groups", groups,
-            "must lie in 1…\(Limits.width) (each slot uses the largest divisor of its channels ≤ G)")
+            "must lie in 1…\(Limits.width) (each slot uses the largest divisor of its channels ≤ G)"
+        )
         try check(
             (10...Limits.shapesCount).contains(shapesCount), "shapes count", shapesCount,
             "must lie in 10…\(Limits.shapesCount)")
