@@ -249,12 +249,19 @@ struct DemoCommand: ParsableCommand {
         } catch { throw FileFormatError.io(path: output, reason: "the folder cannot be created") }
         let markdown =
             (results.map { Report.markdown($0) + "\n" } ?? "") + WeightNormStudy.markdown(weights)
-        let page =
+        var page =
             results.map {
                 Report.html($0).replacingOccurrences(
                     of: "</body></html>",
                     with: WeightNormStudy.htmlSection(weights) + "</body></html>")
             } ?? WeightNormStudy.html(weights)
+        // The page announces how many charts it holds (the CI page check compares): count them
+        // after the weight-normalization section is added.
+        let charts = page.components(separatedBy: "<svg class=\"chart\"").count - 1
+        page = page.replacingOccurrences(
+            of: #"<meta name="normkit-charts" content="\d+">"#,
+            with: "<meta name=\"normkit-charts\" content=\"\(charts)\">",
+            options: .regularExpression)
         var files = try OutputSet([output + "/index.html", output + "/summary.md"])
         files.stage(page, to: output + "/index.html")
         files.stage(markdown, to: output + "/summary.md")

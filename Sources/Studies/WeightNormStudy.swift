@@ -282,7 +282,8 @@ public enum WeightNormStudy {
     public static func html(_ r: Results) -> String {
         """
         <!DOCTYPE html>
-        <html lang="en"><head><meta charset="utf-8"><title>NormKit weight normalization</title>
+        <html lang="en"><head><meta charset="utf-8"><meta name="normkit-charts" content="2">
+        <title>NormKit weight normalization</title>
         <style>body{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}
         svg{background:#fff;border:1px solid #ddd}text{font-size:12px}pre{background:#f6f6f6;padding:1em;overflow:auto}</style>
         </head><body>
