@@ -201,7 +201,8 @@ def standard(args):
     big = [r for r in rows if r[6] * 4 >= 64 << 20]
     if big:
         print("Bandwidth fraction on tensors of 64 MiB or more: "
-              + ", ".join(f"{r[0]} {'x'.join(map(str, r[1]))} {r[3]} {r[5]:.2f}" for r in big)
+              + ", ".join(f"{r[0]} {'x'.join(map(str, r[1]))} {r[2]} {r[3]} {r[5]:.2f}"
+                          for r in big)
               + ".")
     # Whitening: one training step against BatchNorm's, same tensor, same run.
     shape = (32, 64, 28, 28)
