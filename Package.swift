@@ -22,7 +22,7 @@ let package = Package(
             name: "NormKit",
             dependencies: [
                 "TensorCore", "NormKernels", "Normalization", "NormIO", "LinearAlgebra",
-                "Whitening",
+                "Whitening", "Conditional",
             ]
         ),
         .executableTarget(
@@ -46,6 +46,8 @@ let package = Package(
         /// LAPACKE on Linux (Accelerate provides LAPACK on Apple platforms).
         .systemLibrary(
             name: "CLAPACKE", pkgConfig: "lapacke", providers: [.apt(["liblapacke-dev"])]),
+        /// zlib, to read gzip-compressed data sets (Fashion-MNIST) without a hand-written inflater.
+        .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
         /// Open MPI's C API (Debian's libopenmpi-dev; only the distribution target uses it).
         .systemLibrary(
             name: "CMPI", pkgConfig: "ompi-c",
@@ -66,11 +68,15 @@ let package = Package(
         .target(
             name: "Whitening",
             dependencies: ["TensorCore", "NormKernels", "Normalization", "LinearAlgebra"]),
+        /// Conditional normalizers that need GEMM (SPADE's convolutions).
+        .target(
+            name: "Conditional",
+            dependencies: ["TensorCore", "NormKernels", "Normalization", "LinearAlgebra"]),
         /// Layers for small networks, optimisers, data, checkpoints.
         .target(
             name: "Training",
-            dependencies: ["NormKit", "LinearAlgebra"],
-            exclude: ["Resources/README.md"],
+            dependencies: ["NormKit", "LinearAlgebra", "CZlib"],
+            exclude: ["Resources/README.md", "FashionMNIST.md"],
             resources: [.copy("Resources/digits.safetensors")]),
         /// Experiments and their HTML/SVG reports, above the training harness.
         .target(name: "Studies", dependencies: ["NormKit", "Training"]),

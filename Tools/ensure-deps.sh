@@ -2,9 +2,10 @@
 # Installs what NormKit needs beyond the Swift toolchain, each dependency checked on its own and
 # installed from Debian's packages only when missing. Safe to run repeatedly.
 #   OpenBLAS (CBLAS), LAPACKE, pkg-config   the training harness's GEMMs, the whitening layers
+#   zlib (zlib1g-dev)                       gzip data sets (the Fashion-MNIST loader)
 #   Open MPI (libopenmpi-dev, openmpi-bin)  SyncBatchNorm and `mpirun -np K normkit train`
 #   dataset-fashion-mnist                   the Fashion-MNIST studies
-#   chromium                                screenshots of the HTML report
+#   chromium                                the headless check of the HTML reports
 set -euo pipefail
 if [ "$(uname)" = "Darwin" ]; then
     # Accelerate provides BLAS and LAPACK; Open MPI comes from Homebrew (brew install open-mpi).
@@ -20,6 +21,7 @@ have_pc() { command -v pkg-config >/dev/null 2>&1 && pkg-config --exists "$1" 2>
 command -v pkg-config >/dev/null 2>&1 || need pkg-config
 have_pc openblas || need libopenblas-dev
 have_pc lapacke || need liblapacke-dev
+have_pc zlib || need zlib1g-dev
 have_pc ompi-c || need libopenmpi-dev
 command -v mpirun >/dev/null 2>&1 || need openmpi-bin
 dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || need dataset-fashion-mnist

@@ -18,6 +18,50 @@ public enum BLAS {
         #endif
     }
 
+    /// The BLAS library's thread count (1 where the library has no pool of its own).
+    public static var threadCount: Int {
+        #if canImport(Accelerate)
+            return 1
+        #else
+            return Int(openblas_get_num_threads())
+        #endif
+    }
+
+    /// Runs `body` with BLAS limited to the calling thread, then restores the previous count.
+    ///
+    /// Callers that already split their work over NormKit's own threads use this: OpenBLAS's
+    /// threads would otherwise spin (`sched_yield`) against them.
+    public static func singleThreaded<R>(_ body: () throws -> R) rethrows -> R {
+        let previous = threadCount
+        if previous != 1 { setThreads(1) }
+        defer { if previous != 1 { setThreads(previous) } }
+        return try body()
+    }
+
+    /// `C[m×n] ← α·op(A)·op(B) + β·C` in Float, row-major, with explicit leading dimensions
+    /// (blocks of a larger array: lda, ldb, ldc are the row strides of A, B and C as stored).
+    public static func sgemm(
+        transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Float = 1,
+        _ a: UnsafePointer<Float>, lda: Int, _ b: UnsafePointer<Float>, ldb: Int, beta: Float = 0,
+        _ c: UnsafeMutablePointer<Float>, ldc: Int
+    ) {
+        cblas_sgemm(
+            CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans,
+            transposeB ? CblasTrans : CblasNoTrans, Int32(m), Int32(n), Int32(k), alpha, a,
+            Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
+    }
+
+    /// The upper triangle of `C[n×n] ← α·A·Aᵀ + β·C` in Float, row-major, A is n×k with row
+    /// stride lda (half the work of a general product; the lower triangle is left untouched).
+    public static func ssyrk(
+        n: Int, k: Int, alpha: Float = 1, _ a: UnsafePointer<Float>, lda: Int, beta: Float = 0,
+        _ c: UnsafeMutablePointer<Float>, ldc: Int
+    ) {
+        cblas_ssyrk(
+            CblasRowMajor, CblasUpper, CblasNoTrans, Int32(n), Int32(k), alpha, a, Int32(lda),
+            beta, c, Int32(ldc))
+    }
+
     /// `C[m×n] ← α·op(A)·op(B) + β·C`, row-major; op(A) is m×k, op(B) is k×n.
     public static func gemm<T: NormScalar>(
         transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: T = 1,

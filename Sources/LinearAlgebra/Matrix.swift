@@ -142,7 +142,8 @@ public enum LinearAlgebraError: Error, Equatable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .lapackFailure(let routine, let info):
-            return "LAPACK \(routine) failed (info \(info)): the matrix has NaN or infinite entries "
+            return
+                "LAPACK \(routine) failed (info \(info)): the matrix has NaN or infinite entries "
                 + "or the iteration did not converge"
         }
     }

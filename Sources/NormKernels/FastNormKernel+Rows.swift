@@ -39,6 +39,11 @@ extension FastNormKernel {
             chunkCount = (setCount + setsPerChunk - 1) / setsPerChunk
         }
 
+        /// Groups of consecutive sets for the passes that keep partial parameter gradients: one
+        /// per 32K elements, at most 64 (parenthesised: `>>` binds tighter than `*` in Swift, and
+        /// `rows * length >> 15` once put every row backward on one thread).
+        var gradientGroups: Int { max(1, min(setCount, 64, (rows * length) >> 15)) }
+
         /// Sets of group k when the sets are cut into `groups` groups of consecutive sets.
         func group(_ k: Int, of groups: Int) -> Range<Int> {
             let lower = k * setCount / groups
@@ -161,10 +166,51 @@ extension FastNormKernel {
         _ x: UnsafePointer<Float>, _ plan: RowPlan, mean: [Double], rstd: [Double],
         gamma: UnsafePointer<Float>?, beta: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>
     ) {
-        Parallelism.forEachChunk(plan.chunkCount, work: plan.rows * plan.length) { k in
-            for s in plan.chunk(k) {
-                rowsApply(
-                    x, plan, set: s, mean: mean[s], rstd: rstd[s], gamma: gamma, beta: beta, y: y)
+        // Storage order (consecutive rows per chunk, not the rows of one set, which lie
+        // setCount rows apart), with the per-set shift, rstd and t = (s − μ)·rstd as Float
+        // tables computed once: short rows (7×7 BatchNorm) are bound by memory order and
+        // per-row overhead, not arithmetic.
+        let sets = plan.setCount
+        var table = [Float](repeating: 0, count: 3 * sets)
+        for s in 0..<sets {
+            let shift = Float(mean[s])
+            table[s] = shift
+            table[sets + s] = Float(rstd[s])
+            table[2 * sets + s] = Float((Double(shift) - mean[s]) * rstd[s])
+        }
+        let rowsPerChunk = max(1, (1 << 14) / max(plan.length, 1))
+        let chunks = (plan.rows + rowsPerChunk - 1) / rowsPerChunk
+        table.withUnsafeBufferPointer { tp in
+            let shifts = tp.baseAddress!
+            let rs = shifts + sets
+            let ts = shifts + 2 * sets
+            Parallelism.forEachChunk(chunks, work: plan.rows * plan.length) { k in
+                let first = k * rowsPerChunk
+                let last = min(plan.rows, first + rowsPerChunk)
+                var s = first % sets
+                for r in first..<last {
+                    let base = r * plan.length
+                    let (shift, rv, t) = (shifts[s], rs[s], ts[s])
+                    switch plan.gamma {
+                    case .elementwise:
+                        let g = plan.gammaIndex(row: r, segment: 0)
+                        Span.elementwise(
+                            x + base, y + base, plan.length, shift: shift, rstd: rv, term: t,
+                            gamma: gamma.map { $0 + g }, beta: beta.map { $0 + g })
+                    case .none, .segments:
+                        let segment = plan.segment
+                        for j in 0..<plan.segmentsPerRow {
+                            let p = plan.gammaIndex(row: r, segment: j)
+                            let g = gamma?[p] ?? 1
+                            let b = beta?[p] ?? 0
+                            Span.affine(
+                                x + base + j * segment, y + base + j * segment, segment,
+                                shift: shift, scale: g * rv, offset: b + g * t)
+                        }
+                    }
+                    s += 1
+                    if s == sets { s = 0 }
+                }
             }
         }
     }
@@ -179,9 +225,9 @@ extension FastNormKernel {
         gamma: UnsafePointer<Float>?,
         dx: UnsafeMutablePointer<Float>, dgamma: inout [Double], dbeta: inout [Double]
     ) {
-        // Groups of consecutive sets, one per 64K elements and at most 64, fixed by the sizes
-        // alone: each keeps partial parameter gradients, merged in group order afterwards.
-        let chunks = max(1, min(plan.setCount, 64, plan.rows * plan.length >> 16))
+        // Groups of consecutive sets, fixed by the sizes alone: each keeps partial parameter
+        // gradients, merged in group order afterwards.
+        let chunks = plan.gradientGroups
         let hasGamma = gamma != nil
         let parameterCount = dgamma.count
         var partialGamma = [Double](repeating: 0, count: hasGamma ? chunks * parameterCount : 0)
@@ -339,7 +385,7 @@ extension FastNormKernel {
         _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: RowPlan, mean: [Double],
         rstd: [Double], gamma: UnsafePointer<Float>?, parameterCount: Int
     ) -> GradientSums {
-        let chunks = max(1, min(plan.setCount, 64, plan.rows * plan.length >> 16))
+        let chunks = plan.gradientGroups
         let hasGamma = gamma != nil
         var result = GradientSums(
             sumG: [Double](repeating: 0, count: plan.setCount),

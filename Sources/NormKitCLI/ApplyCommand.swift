@@ -14,8 +14,13 @@ struct ApplyCommand: ParsableCommand {
             or zeros, a missing running buffer PyTorch's initial value.
             """)
 
-    @Argument(help: "The layer: \(ApplyRequest.layerNames.joined(separator: ", ")).")
+    @Argument(
+        help:
+            "The layer: \(NormalizerRegistry.all.names.joined(separator: ", ")), or linear, conv2d (see --weight-norm)."
+    )
     var layer: String
+
+    @OptionGroup var weightLayer: WeightLayerOptions
 
     @Option(help: "Input tensor (.npy, float32 or float64).")
     var input: String
@@ -38,7 +43,7 @@ struct ApplyCommand: ParsableCommand {
     )
     var momentum: String?
 
-    @Option(help: "Number of groups (groupnorm).")
+    @Option(help: "Number of groups (groupnorm; default 32, or the largest divisor of C below 32).")
     var groups: Int?
 
     @Option(
@@ -47,8 +52,10 @@ struct ApplyCommand: ParsableCommand {
     )
     var normalizedDims: Int?
 
-    @Option(help: "Channel axis position: nchw (default) or nhwc.")
-    var layout: String = "nchw"
+    @Option(
+        help:
+            "Channel axis position: nchw (default; dyt: nhwc below rank 4) or nhwc.")
+    var layout: String?
 
     @Option(help: "Affine parameters: true or false (default: PyTorch's default for the layer).")
     var affine: Bool?
@@ -90,6 +97,69 @@ struct ApplyCommand: ParsableCommand {
     @Option(help: "switchwhiten: 2, 3 or 5 components.")
     var swType: Int = 5
 
+    @Option(help: "adain: the style tensor (.npy, [N, C, spatial…]).")
+    var style: String?
+
+    @Option(help: "adain: where to write dL/dstyle (.npy).")
+    var gradStyle: String?
+
+    @Option(help: "adain: content–style interpolation α (default 1); dyt: α's initial value.")
+    var alpha: Double?
+
+    @Option(
+        help:
+            "adain: true for the PyTorch port's unbiased statistics with ε (default), false for the original Torch code's."
+    )
+    var unbiased: Bool?
+
+    @Option(help: "conditionalbn: class labels (.npy, int64 [N]).")
+    var labels: String?
+
+    @Option(help: "conditionalbn: number of classes K (default: rows of weights.weight).")
+    var classes: Int?
+
+    @Option(help: "conditionalbn, adaln: conditioning vectors (.npy, [N, D]).")
+    var condition: String?
+
+    @Option(help: "conditionalbn, adaln: where to write dL/dcondition (.npy).")
+    var gradCondition: String?
+
+    @Option(help: "spade: segmentation map (.npy, [N, labels, H, W]).")
+    var segmap: String?
+
+    @Option(help: "spade: where to write dL/dsegmap (.npy).")
+    var gradSegmap: String?
+
+    @Option(help: "spade: configuration, spadebatch3x3 (default), spadeinstance3x3, …")
+    var spadeConfig: String?
+
+    @Option(help: "spade: hidden width (default 128, or from mlp_shared.0.weight).")
+    var hidden: Int?
+
+    @Option(help: "addrmsnorm: the residual r (.npy, the input's shape).")
+    var residual: String?
+
+    @Option(help: "addrmsnorm: where to write the new residual x + r (.npy).")
+    var residualOutput: String?
+
+    @Option(help: "addrmsnorm: where to write dL/dr (.npy).")
+    var gradResidual: String?
+
+    @Option(
+        help:
+            "conditionalbn: γ = 1 + Linear(e) (BigGAN); addrmsnorm, qknorm: γ = 1 + w. true or false (default)."
+    )
+    var unitOffset: Bool?
+
+    @Option(help: "adaln: predict a gate as well as shift and scale (default true).")
+    var gate: Bool?
+
+    @Flag(help: "adaln: FiLM, no LayerNorm and no SiLU.")
+    var film = false
+
+    @Option(help: "dyt: learn the offset b (default true, or whether --params has bias).")
+    var bias: Bool?
+
     @Option(help: "Output gradient dL/dy (.npy); needs --grad-input.")
     var gradOutput: String?
 
@@ -103,20 +173,25 @@ struct ApplyCommand: ParsableCommand {
     var updatedParams: String?
 
     func validate() throws {
-        guard ApplyRequest.layerNames.contains(layer) else {
-            throw ValidationError(
-                "unknown layer '\(layer)'; expected one of: \(ApplyRequest.layerNames.joined(separator: ", "))"
-            )
+        if WeightLayerKind(rawValue: layer) == nil {
+            _ = try NormalizerRegistry.all.entry(named: layer)
         }
-        guard Layout(rawValue: layout.lowercased()) != nil else {
+        if let layout, Layout(rawValue: layout.lowercased()) == nil {
             throw ValidationError("unknown layout '\(layout)'; expected nchw or nhwc")
         }
-        if gradOutput != nil && gradInput == nil && gradParams == nil {
+        let conditionGradients = [gradStyle, gradCondition, gradSegmap, gradResidual]
+        if gradOutput != nil && gradInput == nil && gradParams == nil
+            && conditionGradients.allSatisfy({ $0 == nil })
+        {
             throw ValidationError(
                 "--grad-output needs --grad-input or --grad-params to say where gradients go")
         }
-        if (gradInput != nil || gradParams != nil) && gradOutput == nil {
-            throw ValidationError("--grad-input and --grad-params need --grad-output (dL/dy)")
+        if (gradInput != nil || gradParams != nil || conditionGradients.contains { $0 != nil })
+            && gradOutput == nil
+        {
+            throw ValidationError(
+                "--grad-input, --grad-params and the --grad-<condition> options need "
+                    + "--grad-output (dL/dy)")
         }
         _ = try parsedMomentum()
     }
@@ -131,46 +206,84 @@ struct ApplyCommand: ParsableCommand {
         return .exponential(weightOfNew: value)
     }
 
+    /// The command line as registry options: the common flags typed, the layer-specific ones
+    /// by their flag names.
+    func normalizerOptions() throws -> NormalizerOptions {
+        var o = NormalizerOptions()
+        o.epsilon = eps
+        o.momentum = try parsedMomentum()
+        o.groups = groups
+        o.normalizedDims = normalizedDims
+        o.layout = layout.flatMap { Layout(rawValue: $0.lowercased()) } ?? .channelsFirst
+        o.affine = affine
+        o.trackRunningStatistics = trackRunningStats
+        var v: [String: String] = [:]
+        // The learned layers read --momentum as their own convention (SN: the keep value;
+        // Batch Renorm: the weight of the new batch, default 0.01).
+        if let momentum, Double(momentum) != nil { v["momentum"] = momentum }
+        v["using-bn"] = usingBn.map { "\($0)" }
+        v["moving-average"] = "\(movingAverage)"
+        v["radius"] = radius.map { "\($0)" }
+        v["ratio"] = "\(ratio)"
+        v["aggregations"] = aggregations
+        v["rmax"] = "\(rmax)"
+        v["dmax"] = "\(dmax)"
+        v["group-size"] = groupSize.map { "\($0)" }
+        v["iterations"] = "\(iterations)"
+        v["sw-type"] = "\(swType)"
+        // Conditional and LLM-era layers (given only when set, so builders see their defaults).
+        v["layout"] = layout
+        v["alpha"] = alpha.map { "\($0)" }
+        v["unbiased"] = unbiased.map { "\($0)" }
+        v["classes"] = classes.map { "\($0)" }
+        v["config"] = spadeConfig
+        v["hidden"] = hidden.map { "\($0)" }
+        v["unit-offset"] = unitOffset.map { "\($0)" }
+        v["gate"] = gate.map { "\($0)" }
+        v["film"] = film ? "true" : nil
+        v["bias"] = bias.map { "\($0)" }
+        o.values = v.compactMapValues { $0 }
+        return o
+    }
+
     func run() throws {
+        if let kind = WeightLayerKind(rawValue: layer) {
+            return try weightLayer.request(
+                layer: kind, input: input, output: output, params: params, eval: eval, eps: eps,
+                gradOutput: gradOutput, gradInput: gradInput, gradParams: gradParams,
+                updatedParams: updatedParams
+            ).run()
+        }
         var request = ApplyRequest(
             layer: layer, input: input, output: output, params: params,
-            mode: eval ? .inference : .training,
-            options: {
-                var o = LayerOptions()
-                o.epsilon = eps
-                o.momentum = (try? parsedMomentum()) ?? .pytorchDefault
-                o.groups = groups
-                o.normalizedDims = normalizedDims ?? 1
-                o.inferNormalizedDims = normalizedDims == nil
-                o.layout = Layout(rawValue: layout.lowercased()) ?? .channelsFirst
-                o.affine = affine
-                o.trackRunningStatistics = trackRunningStats
-                return o
-            }(),
+            mode: eval ? .inference : .training, options: try normalizerOptions(),
             gradOutput: gradOutput, gradInput: gradInput, gradParams: gradParams,
             updatedParams: updatedParams)
-        request.learned = LearnedOptions(
-            momentum: momentum.flatMap(Double.init), usesBatchNorm: usingBn,
-            movingAverage: movingAverage,
-            radius: radius, ratio: ratio, aggregations: aggregations, rMax: rmax, dMax: dmax)
-        request.learned.groupSize = groupSize
-        request.learned.iterations = iterations
-        request.learned.switchType = swType
+        // Conditioning inputs by the names the layers read, and where their gradients go.
+        let conditionFlags: [(String, String?, String?)] = [
+            ("style", style, gradStyle), ("labels", labels, nil),
+            ("condition", condition, gradCondition), ("segmap", segmap, gradSegmap),
+            ("residual", residual, gradResidual),
+        ]
+        for (name, path, gradient) in conditionFlags {
+            if let path { request.conditions[name] = path }
+            if let gradient { request.conditionGradients[name] = gradient }
+        }
+        if let residualOutput { request.auxiliaryOutputs["residual"] = residualOutput }
+        // MetaNorm's default aggregation list is the CLI's documented default.
+        if request.options.values["aggregations"] == nil {
+            request.options.values["aggregations"] = "in,bn,ln,gn2"
+        }
         try request.run()
     }
 }
 
-/// Everything `normkit apply` does, separate from argument parsing.
+/// Everything `normkit apply` does, separate from argument parsing: any registry normalizer,
+/// one call, files in and out.
 public struct ApplyRequest: Sendable {
-    /// The layer.
+    /// The layer's registry name or alias.
     public var layer: String
-    /// Options of the learned normalizers.
-    public var learned = LearnedOptions()
-
-    /// Every layer name `apply` accepts.
-    public static let layerNames =
-        StandardLayer.allCases.map(\.rawValue) + LearnedLayerName.allCases.map(\.rawValue)
-    /// Paths.
+    /// Input path (.npy).
     public var input: String
     /// Output path.
     public var output: String
@@ -179,7 +292,7 @@ public struct ApplyRequest: Sendable {
     /// Training or inference.
     public var mode: Mode
     /// Hyperparameters.
-    public var options: LayerOptions
+    public var options: NormalizerOptions
     /// dL/dy path.
     public var gradOutput: String?
     /// dL/dx path.
@@ -188,83 +301,141 @@ public struct ApplyRequest: Sendable {
     public var gradParams: String?
     /// Updated state path.
     public var updatedParams: String?
+    /// Conditioning inputs of conditional layers: name → .npy path.
+    public var conditions: [String: String] = [:]
+    /// Where to write the gradients into conditioning inputs: name → .npy path.
+    public var conditionGradients: [String: String] = [:]
+    /// Where to write a layer's auxiliary outputs (fused add + RMSNorm's residual): name → path.
+    public var auxiliaryOutputs: [String: String] = [:]
+
+    /// A request.
+    public init(
+        layer: String, input: String, output: String, params: String? = nil,
+        mode: Mode = .training, options: NormalizerOptions = NormalizerOptions(),
+        gradOutput: String? = nil, gradInput: String? = nil, gradParams: String? = nil,
+        updatedParams: String? = nil
+    ) {
+        self.layer = layer
+        self.input = input
+        self.output = output
+        self.params = params
+        self.mode = mode
+        self.options = options
+        self.gradOutput = gradOutput
+        self.gradInput = gradInput
+        self.gradParams = gradParams
+        self.updatedParams = updatedParams
+    }
 
     /// Runs the request: reads, computes in the input's precision, writes.
+    ///
+    /// Every output path is checked before anything is computed, and the outputs are written
+    /// together at the end (all or none: an input that is also an output is never lost to a
+    /// later failing write).
     public func run() throws {
+        var outputs = try OutputSet(outputPaths)
         let x = try Numpy.read(contentsOf: input)
         let state = try params.map { try Safetensors.read(contentsOf: $0) }
         switch x {
-        case .float32(let tensor): try compute(tensor, state: state)
-        case .float64(let tensor): try compute(tensor, state: state)
+        case .float32(let tensor): try compute(tensor, state: state, outputs: &outputs)
+        case .float64(let tensor): try compute(tensor, state: state, outputs: &outputs)
         case .int64: throw FileFormatError.unsupportedDType(format: "npy", dtype: "<i8")
         }
+        try outputs.commit()
     }
 
-    private func compute<T: NormScalar>(_ x: Tensor<T>, state: Safetensors.File?) throws {
-        guard let standard = StandardLayer(rawValue: self.layer) else {
-            return try computeLearned(x, state: state)
-        }
-        var options = self.options
-        // LayerNorm and RMSNorm: without --normalized-dims, the weight's rank says how many
-        // trailing dimensions PyTorch's normalized_shape had.
-        if options.inferNormalizedDims, [.layernorm, .rmsnorm].contains(standard),
-            let weight = state?.tensors["weight"], !weight.shape.isEmpty
-        {
-            options.normalizedDims = weight.shape.count
-        }
-        let names = Set(state?.tensors.keys.map { $0 } ?? [])
-        let layer = try standard.make(
-            inputShape: x.shape, options: options, parameterNames: names, as: T.self)
-        if let state {
-            var tensors: [String: Tensor<T>] = [:]
-            var batches: Int?
-            for (key, array) in state.tensors {
-                if key == ParameterKey.batchesTracked.rawValue {
-                    guard case .int64(_, let values) = array, values.count == 1 else {
-                        throw NormError.parameterShapeMismatch(
-                            name: key, expected: [], actual: array.shape)
-                    }
-                    // A layer without running statistics ignores the counter, as PyTorch's
-                    // state_dict of such a layer would not have it.
-                    batches = layer.runningStatistics == nil ? nil : Int(values[0])
-                    continue
+    /// Every file the request writes, in a fixed order.
+    var outputPaths: [String] {
+        [output] + auxiliaryOutputs.keys.sorted().map { auxiliaryOutputs[$0]! }
+            + (gradOutput == nil ? [] : [gradInput].compactMap { $0 })
+            + (gradOutput == nil
+                ? [] : conditionGradients.keys.sorted().map { conditionGradients[$0]! })
+            + (gradOutput == nil ? [] : [gradParams].compactMap { $0 })
+            + [updatedParams].compactMap { $0 }
+    }
+
+    private func compute<T: NormScalar>(
+        _ x: Tensor<T>, state file: Safetensors.File?, outputs: inout OutputSet
+    ) throws {
+        // Integer entries (num_batches_tracked, Sparse SN's mean_fixed) are counters.
+        var loaded = NormState<T>()
+        for (key, array) in file?.tensors ?? [:] {
+            if case .int64(_, let values) = array {
+                guard values.count == 1 else {
+                    throw NormError.parameterShapeMismatch(
+                        name: key, expected: [], actual: array.shape)
                 }
-                if case .int64 = array {
-                    throw FileFormatError.wrongDType(
-                        name: key, expected: T.dtypeName, actual: "int64")
-                }
-                tensors[key] = array.tensor(as: T.self)
+                loaded.counters[key] = Int(values[0])
+            } else {
+                loaded.tensors[key] = array.tensor(as: T.self)
             }
-            try layer.load(tensors, batchesTracked: batches)
         }
-        let (y, cache) = try layer.forward(x, mode: mode)
-        var gradients: NormLayer<T>.Gradients?
+        var conditionValues: [String: Tensor<T>] = [:]
+        for (name, path) in conditions {
+            conditionValues[name] = try Numpy.read(contentsOf: path).tensor(as: T.self)
+        }
+        let request = NormalizerRequest(
+            inputShape: x.shape, options: options,
+            parameterShapes: loaded.tensors.mapValues(\.shape).merging(
+                loaded.counters.mapValues { _ in [] }, uniquingKeysWith: { a, _ in a }),
+            conditionShapes: conditionValues.mapValues(\.shape))
+        let layer = try NormalizerRegistry.all.make(self.layer, request, as: T.self)
+        if !loaded.keys.isEmpty { try layer.load(loaded) }
+        if let conditional = layer as? any ConditionalNormalizing<T> {
+            try conditional.setConditions(conditionValues)
+        } else if let name = conditions.keys.sorted().first {
+            throw NormError.invalidCondition(
+                name: name, problem: "\(layer.displayName) takes no conditioning input")
+        }
+        let y = try layer.normalize(x, mode: mode)
+        let auxiliary = (layer as? any ConditionalNormalizing<T>)?.auxiliaryOutputs ?? [:]
+        var gradients: NormGradients<T>?
         if let gradOutput {
-            let dy = try Numpy.read(contentsOf: gradOutput).tensor(as: T.self)
-            gradients = try layer.backward(dy, cache: cache)
+            gradients = try layer.backward(
+                try Numpy.read(contentsOf: gradOutput).tensor(as: T.self))
         }
-        // Every computation succeeded: now write the outputs.
-        try Numpy.write(y, to: output)
+        let updated = updatedParams == nil ? nil : try layer.state()
+
+        // Outputs keep the shapes the parameter file used (the official SwitchNorm2d stores γ as
+        // [1, C, 1, 1] and its running buffers as [1, C, 1]).
+        let shapes = file?.tensors.mapValues(\.shape) ?? [:]
+        func fileShaped(_ key: String, _ t: Tensor<T>) -> StoredArray {
+            guard let shape = shapes[key], shape != t.shape, let r = try? t.reshaped(shape) else {
+                return StoredArray(t)
+            }
+            return StoredArray(r)
+        }
+        for name in auxiliaryOutputs.keys.sorted() where auxiliary[name] == nil {
+            throw NormError.invalidCondition(name: name, problem: "the layer has no such output")
+        }
+        for name in conditionGradients.keys.sorted() where gradients?.conditions[name] == nil {
+            throw NormError.invalidCondition(name: name, problem: "no gradient flows into it")
+        }
+        // Every computation succeeded: stage the outputs (the caller commits them together).
+        outputs.stage(Numpy.encode(y), to: output)
+        for (name, path) in auxiliaryOutputs {
+            outputs.stage(Numpy.encode(auxiliary[name]!), to: path)
+        }
         if let gradients {
-            if let gradInput { try Numpy.write(gradients.input, to: gradInput) }
+            if let gradInput { outputs.stage(Numpy.encode(gradients.input), to: gradInput) }
+            for (name, path) in conditionGradients {
+                outputs.stage(Numpy.encode(gradients.conditions[name]!), to: path)
+            }
             if let gradParams {
-                var file = Safetensors.File()
-                if let g = gradients.scale { file.tensors[ParameterKey.scale.rawValue] = .init(g) }
-                if let g = gradients.offset {
-                    file.tensors[ParameterKey.offset.rawValue] = .init(g)
-                }
-                try Safetensors.write(file, to: gradParams)
+                var out = Safetensors.File()
+                for (k, v) in gradients.parameters { out.tensors[k] = fileShaped(k, v) }
+                outputs.stage(Safetensors.encode(out), to: gradParams)
             }
         }
-        if let updatedParams {
-            let (tensors, batches) = layer.state()
-            var file = Safetensors.File()
-            for (key, value) in tensors { file.tensors[key] = .init(value) }
-            if let batches {
-                file.tensors[ParameterKey.batchesTracked.rawValue] = .int64(
-                    shape: [], values: [Int64(batches)])
+        if let updatedParams, let updated {
+            var out = Safetensors.File()
+            for (k, v) in updated.tensors { out.tensors[k] = fileShaped(k, v) }
+            for (k, v) in updated.counters {
+                // PyTorch's num_batches_tracked is a 0-d tensor; Sparse SN's flags are [1].
+                out.tensors[k] = .int64(
+                    shape: shapes[k] ?? (k.hasSuffix("_fixed") ? [1] : []), values: [Int64(v)])
             }
-            try Safetensors.write(file, to: updatedParams)
+            outputs.stage(Safetensors.encode(out), to: updatedParams)
         }
     }
 }

@@ -8,7 +8,8 @@ public struct NormKitCommand: ParsableCommand {
         abstract: "Normalization layers for deep learning: apply, check and explore them.",
         subcommands: [
             DemoCommand.self, TrainCommand.self, ApplyCommand.self, TourCommand.self,
-            BenchCommand.self, WeightsCommand.self, SyncCheckCommand.self, SyncBenchCommand.self,
+            BenchCommand.self, WeightsCommand.self, StudyCommand.self, SyncCheckCommand.self,
+            SyncBenchCommand.self,
         ]
     )
 

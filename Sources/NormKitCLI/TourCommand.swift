@@ -17,18 +17,23 @@ struct TourCommand: ParsableCommand {
     var shape: String = "4,6,3,3"
 
     func run() throws {
-        let dims = shape.split(separator: ",").compactMap {
-            Int($0.trimmingCharacters(in: .whitespaces))
-        }
-        guard dims.count == 4, dims.allSatisfy({ $0 >= 1 }) else {
-            throw ValidationError("--shape must be four positive integers N,C,H,W, got '\(shape)'")
-        }
+        // The tour keeps a few dozen tensors of this shape and checks gradients by finite
+        // differences, so its limit is far below the general one.
+        let dims: [Int]
+        do {
+            dims = try SizeLimits.parseShape(
+                shape, ranks: 4...4, maximumElements: Tour.maximumElements)
+        } catch { throw ValidationError(error.description) }
         print(try Tour.run(shape: dims, seed: seed))
     }
 }
 
 /// The tour's computation, as a library function that tests can call.
 public enum Tour {
+    /// The largest sample tensor the tour takes: the finite-difference check perturbs every
+    /// element and reruns the layer, so its cost grows with the square of the element count.
+    public static let maximumElements = 4096
+
     /// One row of the tour's table.
     public struct Row: Sendable {
         /// Layer description.
@@ -45,7 +50,14 @@ public enum Tour {
 
     /// Runs every normalizer on a seeded `[N, C, H, W]` tensor (data ~ 3 + 2·z) and returns the
     /// printed report.
+    /// - Throws: ``SizeLimits/Violation`` for a shape that is not 4 positive dimensions or
+    ///   exceeds ``maximumElements``, and whatever a layer throws.
     public static func run(shape: [Int], seed: UInt64) throws -> String {
+        guard shape.count == 4, shape.allSatisfy({ $0 >= 1 }) else {
+            throw SizeLimits.Violation(
+                name: "shape", value: "\(shape)", requirement: "needs 4 positive dimensions")
+        }
+        try SizeLimits.checkElements(shape, maximumElements: maximumElements)
         let rows = try rowsFor(shape: shape, seed: seed)
         var text =
             "NormKit tour: x ~ 3 + 2·N(0, 1), shape \(shape), seed \(seed), Double precision\n"

@@ -63,6 +63,9 @@ public struct ImportanceReport: Sendable {
             throw ValidationError(
                 "weights reads switchnorm, sparseswitchnorm or metanorm parameters, not '\(layer)'")
         }
+        if let radius {
+            try HyperparameterCheck.finite(radius, in: 0...1, name: "--radius")
+        }
         let prefixes = file.tensors.keys.filter { $0.hasSuffix("mean_weight") }.map {
             String($0.dropLast("mean_weight".count))
         }
@@ -74,6 +77,10 @@ public struct ImportanceReport: Sendable {
         for prefix in prefixes.sorted() {
             let mean: Tensor<Double> = try file.tensor(prefix + "mean_weight")
             let variance: Tensor<Double> = try file.tensor(prefix + "var_weight")
+            for (name, t) in [("mean_weight", mean), ("var_weight", variance)]
+            where !t.scalars.allSatisfy({ $0.isFinite }) {
+                throw ValidationError("\(prefix)\(name) holds NaN or infinite logits")
+            }
             let k = mean.count
             let names: [String]
             let weights: (Tensor<Double>) -> [Double]
@@ -85,6 +92,10 @@ public struct ImportanceReport: Sendable {
                 let fileRadius = (try? file.tensor(prefix + "radius", as: Double.self))?.scalars
                     .first
                 let r = radius ?? fileRadius ?? 0
+                guard r.isFinite, r >= 0, r <= 1 else {
+                    throw ValidationError(
+                        "\(prefix)radius is \(r); a SparsestMax radius must lie in [0, 1]")
+                }
                 weights = { t in
                     if layer == "sparseswitchnorm" {
                         return SparsestMax.evaluate(t.scalars, radius: r).p
@@ -120,12 +131,44 @@ public struct ImportanceReport: Sendable {
     }
 
     /// JSON: a list of {"layer", "components", "mean", "variance"}.
+    ///
+    /// Strings are escaped and a weight that is not finite (which ``read(_:layer:radius:aggregations:)``
+    /// refuses for finite logits) is written as `null`, so the text is always valid JSON.
     public var json: String {
+        func string(_ text: String) -> String {
+            var out = "\""
+            for scalar in text.unicodeScalars {
+                switch scalar {
+                case "\"": out += "\\\""
+                case "\\": out += "\\\\"
+                case "\n": out += "\\n"
+                case "\r": out += "\\r"
+                case "\t": out += "\\t"
+                default:
+                    if scalar.value < 0x20 {
+                        out += "\\u00" + String(scalar.value, radix: 16).leftPadded(to: 2)
+                    } else {
+                        out.unicodeScalars.append(scalar)
+                    }
+                }
+            }
+            return out + "\""
+        }
+        func numbers(_ values: [Double]) -> String {
+            values.map { $0.isFinite ? String($0) : "null" }.joined(separator: ",")
+        }
         let items = entries.map { e in
-            "{\"layer\":\"\(e.prefix)\",\"components\":[\(e.components.map { "\"\($0)\"" }.joined(separator: ","))],"
-                + "\"mean\":[\(e.mean.map { String($0) }.joined(separator: ","))],"
-                + "\"variance\":[\(e.variance.map { String($0) }.joined(separator: ","))]}"
+            "{\"layer\":\(string(e.prefix)),\"components\":["
+                + e.components.map(string).joined(separator: ",") + "],"
+                + "\"mean\":[\(numbers(e.mean))],\"variance\":[\(numbers(e.variance))]}"
         }
         return "[" + items.joined(separator: ",") + "]"
+    }
+}
+
+extension String {
+    /// The string with leading zeros up to `width` characters.
+    fileprivate func leftPadded(to width: Int) -> String {
+        String(repeating: "0", count: max(0, width - count)) + self
     }
 }

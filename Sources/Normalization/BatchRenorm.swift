@@ -26,6 +26,10 @@ import TensorCore
 /// 1. Ioffe 2017, "Batch Renormalization: Towards Reducing Minibatch Dependence in
 ///    Batch-Normalized Models", arXiv:1702.03275.
 public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
+    /// What the last ``normalize(_:mode:)`` call keeps for ``backward(_:)`` (the
+    /// ``Normalizing`` entry points; `forward(_:mode:)` returns its cache instead).
+    public var lastCache: Cache?
+
     /// r_max and d_max as functions of the training step.
     public enum Limits: Sendable, Hashable {
         /// Constant limits.
@@ -200,7 +204,7 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
                 input: x, plan: plan, batchMean: m.mean, batchStandardDeviation: sigmaB, r: r, d: d,
                 isTraining: true, count: count)
             // Moving statistics with the pre-update values already used above.
-            let f = momentum.weightOfNew(batchesTracked: step + 1)
+            let f = momentum.weightOfNew(batchesTracked: step.addingSaturated(1))
             var newMean = runningMean.scalars.map(Double.init)
             var newSigma = runningStandardDeviation.scalars.map(Double.init)
             for j in 0..<c {
@@ -211,7 +215,7 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
                 runningMean = try Tensor(shape: [c], rounding: newMean)
                 runningStandardDeviation = try Tensor(shape: [c], rounding: newSigma)
             } catch { throw .tensor(error) }
-            step += 1
+            step = step.addingSaturated(1)
         } else {
             for j in 0..<c {
                 mean[j] = Double(runningMean.scalars[j])
@@ -306,7 +310,7 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
     }
 
     /// Parameters and buffers by name (`weight`, `bias`, `running_mean`, `running_std`).
-    public func state() -> [String: Tensor<Scalar>] {
+    func stateDictionary() -> [String: Tensor<Scalar>] {
         [
             "weight": scale, "bias": offset, "running_mean": runningMean,
             "running_std": runningStandardDeviation,
@@ -316,6 +320,13 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
     /// Loads parameters and buffers by name.
     /// - Throws: ``NormError/parameterShapeMismatch(name:expected:actual:)``; nothing is loaded then.
     public func load(_ tensors: [String: Tensor<Scalar>], step: Int? = nil) throws(NormError) {
+        if let step, step < 0 {
+            throw .invalidHyperparameter(
+                name: "num_batches_tracked", value: "\(step)", requirement: "must be ≥ 0")
+        }
+        if let std = tensors["running_std"] {
+            try HyperparameterCheck.runningVariance(std, name: "running_std")
+        }
         for (key, value) in tensors {
             guard ["weight", "bias", "running_mean", "running_std"].contains(key),
                 value.shape == [channelCount]
@@ -348,7 +359,7 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
             throw .channelMismatch(
                 layer: "BatchRenorm", expected: channelCount, actual: x.shape[axis], shape: x.shape)
         }
-        for (label, t) in state() where t.shape != [channelCount] {
+        for (label, t) in stateDictionary() where t.shape != [channelCount] {
             throw .parameterShapeMismatch(name: label, expected: [channelCount], actual: t.shape)
         }
         return try Normalizer.Partition.batch.plan(for: x.shape, layout: layout)

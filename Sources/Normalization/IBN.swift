@@ -21,6 +21,10 @@ import TensorCore
 /// 1. Pan, Luo, Shi & Tang 2018, "Two at Once: Enhancing Learning and Generalization Capacities
 ///    via IBN-Net", arXiv:1807.09441.
 public final class IBN<Scalar: NormScalar>: CustomStringConvertible {
+    /// What the last ``normalize(_:mode:)`` call keeps for ``backward(_:)`` (the
+    /// ``Normalizing`` entry points; `forward(_:mode:)` returns its cache instead).
+    public var lastCache: Cache?
+
     /// C.
     public let channelCount: Int
     /// h, the channels that get instance normalization.
@@ -42,6 +46,8 @@ public final class IBN<Scalar: NormScalar>: CustomStringConvertible {
     )
         throws(NormError)
     {
+        try HyperparameterCheck.fraction(ratio, name: "IBN ratio")
+        try HyperparameterCheck.epsilon(epsilon)
         let h = Int(Double(channelCount) * ratio)
         guard h >= 1, h < channelCount else {
             throw .invalidHyperparameter(
@@ -116,10 +122,10 @@ public final class IBN<Scalar: NormScalar>: CustomStringConvertible {
     }
 
     /// Parameters and buffers under the official names (`IN.weight`, `BN.running_mean`, …).
-    public func state() -> (tensors: [String: Tensor<Scalar>], batchesTracked: Int?) {
+    func stateTensors() -> (tensors: [String: Tensor<Scalar>], batchesTracked: Int?) {
         var tensors: [String: Tensor<Scalar>] = [:]
-        for (k, v) in instance.state().tensors { tensors["IN." + k] = v }
-        let bn = batch.state()
+        for (k, v) in instance.stateTensors().tensors { tensors["IN." + k] = v }
+        let bn = batch.stateTensors()
         for (k, v) in bn.tensors { tensors["BN." + k] = v }
         return (tensors, bn.batchesTracked)
     }
@@ -137,11 +143,12 @@ public final class IBN<Scalar: NormScalar>: CustomStringConvertible {
             } else if key.hasPrefix("BN.") {
                 b[String(key.dropFirst(3))] = value
             } else {
-                throw .parameterShapeMismatch(name: key, expected: [], actual: value.shape)
+                throw .unknownParameter(
+                    layer: "IBN", key: key, known: state().tensors.keys.sorted())
             }
         }
         // Validate both before changing either.
-        let savedInstance = instance.state().tensors
+        let savedInstance = instance.stateTensors().tensors
         try instance.load(a)
         do { try batch.load(b, batchesTracked: batchesTracked) } catch {
             try? instance.load(savedInstance)

@@ -48,6 +48,10 @@ public final class KalmanChain<Scalar: NormScalar> {
 /// 1. Wang, Peng, Luo, Wang & Lin 2018, "Kalman Normalization: Normalizing Internal
 ///    Representations Across Network Layers", NeurIPS 2018 (arXiv:1802.03133).
 public final class KalmanNorm<Scalar: NormScalar> {
+    /// What the last ``normalize(_:mode:)`` call keeps for ``backward(_:)`` (the
+    /// ``Normalizing`` entry points; `forward(_:mode:)` returns its cache instead).
+    public var lastCache: Cache?
+
     /// C_k.
     public let channelCount: Int
     /// C_{k−1} (0 for the first layer of the chain).
@@ -72,6 +76,7 @@ public final class KalmanNorm<Scalar: NormScalar> {
 
     /// Creates the next layer of `chain`.
     public init(channelCount: Int, chain: KalmanChain<Scalar>, epsilon: Double = 1e-5) throws {
+        try HyperparameterCheck.epsilon(epsilon)
         self.channelCount = channelCount
         self.previousChannels = chain.channels.last ?? 0
         self.epsilon = epsilon
@@ -121,7 +126,9 @@ public final class KalmanNorm<Scalar: NormScalar> {
     }
 
     /// Normalizes x with the filtered statistics and records them for the next layer.
-    public func forward(_ x: Tensor<Scalar>, mode: Mode) throws -> (Tensor<Scalar>, Cache) {
+    public func forward(_ x: Tensor<Scalar>, mode: Mode) throws -> (
+        output: Tensor<Scalar>, cache: Cache
+    ) {
         guard x.rank >= 2, x.shape[1] == channelCount else {
             throw NormError.channelMismatch(
                 layer: "KalmanNorm", expected: channelCount, actual: x.rank >= 2 ? x.shape[1] : 0,

@@ -36,6 +36,10 @@ import TensorCore
 ///    ICML 2019 (the matrix formulation).
 /// 2. Luo, Ren, Peng, Zhang & Li 2019, arXiv:1806.10779 (learned mixtures of statistics).
 public final class MetaNorm<Scalar: NormScalar>: CustomStringConvertible {
+    /// What the last ``normalize(_:mode:)`` call keeps for ``backward(_:)`` (the
+    /// ``Normalizing`` entry points; `forward(_:mode:)` returns its cache instead).
+    public var lastCache: Cache?
+
     /// One (U, V); see ``StatisticsAggregation``.
     public typealias Aggregation = StatisticsAggregation
 
@@ -83,6 +87,7 @@ public final class MetaNorm<Scalar: NormScalar>: CustomStringConvertible {
                 throw .groupsDoNotDivideChannels(groups: g, channels: channelCount)
             }
         }
+        try HyperparameterCheck.epsilon(epsilon)
         try momentum.validate()
         self.channelCount = channelCount
         self.aggregations = aggregations
@@ -325,7 +330,7 @@ public final class MetaNorm<Scalar: NormScalar>: CustomStringConvertible {
     }
 
     /// Parameters by name (`weight`, `bias`, `mean_weight`, `var_weight`).
-    public func state() -> [String: Tensor<Scalar>] {
+    func stateDictionary() -> [String: Tensor<Scalar>] {
         ["weight": scale, "bias": offset, "mean_weight": meanLogits, "var_weight": varianceLogits]
     }
 

@@ -95,7 +95,7 @@ extension NormLayer {
             let statistics = FastNormKernel.Statistics(
                 mean: global.mean, variance: variance, biasedVariance: biased, rstd: rstd)
             try updateRunningStatistics(
-                statistics, plan: plan, runningPlan: runningPlan, setSize: count)
+                statistics, plan: plan, runningPlan: runningPlan, x: x, setSize: count)
         }
         return Cache(
             input: x, plan: plan, mean: mean, rstd: rstd, statisticsAreConstant: false,

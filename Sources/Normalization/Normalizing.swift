@@ -15,6 +15,9 @@ public struct NormState<Scalar: NormScalar>: Sendable, Equatable {
         self.counters = counters
     }
 
+    /// The tensor under a key.
+    public subscript(key: String) -> Tensor<Scalar>? { tensors[key] }
+
     /// Every key, tensors and counters together, sorted.
     public var keys: [String] { (Array(tensors.keys) + Array(counters.keys)).sorted() }
 }
@@ -108,6 +111,14 @@ public protocol ConditionalNormalizing<Scalar>: Normalizing {
     var conditionNames: [String] { get }
     /// Sets the conditioning inputs for the next ``Normalizing/normalize(_:mode:)`` call.
     func setConditions(_ conditions: [String: Tensor<Scalar>]) throws
+    /// Outputs besides the normalized tensor from the last call, by name (fused add + RMSNorm's
+    /// `residual`); empty by default.
+    var auxiliaryOutputs: [String: Tensor<Scalar>] { get }
+}
+
+extension ConditionalNormalizing {
+    /// No outputs besides the normalized tensor.
+    public var auxiliaryOutputs: [String: Tensor<Scalar>] { [:] }
 }
 
 /// Shape-checked parameter replacement shared by the conformances: refuses unknown keys and
@@ -124,4 +135,27 @@ public func checkedParameterUpdate<Scalar: NormScalar>(
             throw .parameterShapeMismatch(name: key, expected: old.shape, actual: value.shape)
         }
     }
+}
+
+/// A normalizer that learns a mixture of statistics (SN, SSN, MetaNorm, Switchable Whitening):
+/// its importance weights, for reports.
+public protocol MixtureNormalizing {
+    /// The components' names and the mean and variance importance weights.
+    var importanceWeights: (components: [String], mean: [Double], variance: [Double]) { get }
+}
+
+/// A normalizer with a per-step schedule (Sparse SN's radius) and parameters it may freeze
+/// itself (Sparse SN's one-hot weights).
+public protocol ScheduledNormalizing {
+    /// Advances the schedule by one training step.
+    func advanceSchedule()
+    /// Parameters the layer has frozen; an optimiser must stop moving them.
+    var frozenParameterKeys: Set<String> { get }
+}
+
+/// A normalizer whose kernels can be chosen (fast or reference), so that the two can be checked
+/// against each other.
+public protocol KernelSelectable: AnyObject {
+    /// Which kernels compute the layer.
+    var kernels: KernelChoice { get set }
 }

@@ -44,6 +44,10 @@ import TensorCore
 /// 2. Shao et al. 2019, "SSN: Learning Sparse Switchable Normalization via SparsestMax",
 ///    arXiv:1903.03793.
 public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
+    /// What the last ``normalize(_:mode:)`` call keeps for ``backward(_:)`` (the
+    /// ``Normalizing`` entry points; `forward(_:mode:)` returns its cache instead).
+    public var lastCache: Cache?
+
     /// How importance weights come from logits.
     public enum Weighting: String, Sendable, Hashable {
         /// softmax (Switchable Normalization).
@@ -91,6 +95,10 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
     public var accumulatedBatches = 0
     /// SparsestMax radius (`radius` buffer).
     public var radius = 0.0
+    /// A radius that wins over a loaded one (the CLI's `--radius`); nil: loads set the radius.
+    public var radiusOverride: Double? {
+        didSet { if let radiusOverride { radius = radiusOverride } }
+    }
     /// Training steps over which ``advanceRadius()`` moves the radius from 0 to 1.
     public var radiusSteps: Int
     /// Steps taken by ``advanceRadius()``.
@@ -132,10 +140,7 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
             throw .invalidHyperparameter(
                 name: "channel count", value: "\(channelCount)", requirement: "must be ≥ 1")
         }
-        guard epsilon >= 0, epsilon.isFinite else {
-            throw .invalidHyperparameter(
-                name: "epsilon", value: "\(epsilon)", requirement: "must be finite and ≥ 0")
-        }
+        try HyperparameterCheck.epsilon(epsilon)
         guard radiusSteps >= 1 else {
             throw .invalidHyperparameter(
                 name: "radius steps", value: "\(radiusSteps)", requirement: "must be ≥ 1")
@@ -583,7 +588,7 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
     // MARK: - State
 
     /// Parameters and buffers under the official implementation's `state_dict` names.
-    public func state() -> [String: Tensor<Scalar>] {
+    func stateDictionary() -> [String: Tensor<Scalar>] {
         var tensors: [String: Tensor<Scalar>] = [
             "weight": scale, "bias": offset, "mean_weight": meanLogits,
             "var_weight": varianceLogits,
@@ -620,7 +625,7 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
         if let t = tensors["var_weight"] { varianceLogits = flat(t) }
         if let t = tensors["running_mean"] { runningMean = flat(t) }
         if let t = tensors["running_var"] { runningVariance = flat(t) }
-        if let t = tensors["radius"] { radius = Double(t.scalars[0]) }
+        if let t = tensors["radius"] { radius = radiusOverride ?? Double(t.scalars[0]) }
         // Sparse SN's frozen flags (the official LongTensor buffers): the logits are then the
         // one-hot weights themselves.
         if let t = tensors["mean_fixed"] { isMeanFixed = t.scalars[0] != 0 }

@@ -104,13 +104,14 @@ public final class ResidualBlock<Scalar: NormScalar>: Module {
     public init(
         _ inChannels: Int, _ outChannels: Int, stride: Int = 1, normalizer: NormalizerChoice,
         groups: Int = 8,
-        name: String, generator: inout SeededGenerator, radiusSteps: Int = 1
+        name: String, generator: inout SeededGenerator, radiusSteps: Int = 1,
+        weightNorm: WeightNormMethod = .none
     ) throws {
         let withBias = normalizer == .none
         body = Sequential(
             try Conv2d<Scalar>(
                 inChannels, outChannels, kernel: 3, stride: stride, padding: 1, bias: withBias,
-                name: name + ".conv1",
+                name: name + ".conv1", weightNorm: weightNorm,
                 generator: &generator
             ).erased,
             try NormSlot<Scalar>(
@@ -120,7 +121,7 @@ public final class ResidualBlock<Scalar: NormScalar>: Module {
             ReLU<Scalar>().erased,
             try Conv2d<Scalar>(
                 outChannels, outChannels, kernel: 3, padding: 1, bias: withBias,
-                name: name + ".conv2",
+                name: name + ".conv2", weightNorm: weightNorm,
                 generator: &generator
             ).erased,
             try NormSlot<Scalar>(
@@ -131,7 +132,7 @@ public final class ResidualBlock<Scalar: NormScalar>: Module {
             shortcut = Sequential(
                 try Conv2d<Scalar>(
                     inChannels, outChannels, kernel: 1, stride: stride, bias: withBias,
-                    name: name + ".shortcut",
+                    name: name + ".shortcut", weightNorm: weightNorm,
                     generator: &generator
                 ).erased,
                 try NormSlot<Scalar>(

@@ -2,20 +2,28 @@ import NormKit
 
 /// A fully connected layer, `y = x·Wᵀ + b`, with W of shape `[out, in]` (PyTorch's layout).
 ///
+/// W is a plain parameter or, with `weightNorm`, computed by a ``WeightParametrization`` from
+/// its raw parameters (which are then the trainable ones; see ``WeightSource``).
+///
 /// ## Shape
 /// `[N, in]` → `[N, out]`.
 public final class Linear<Scalar: NormScalar>: Module {
-    /// W, `[out, in]`; Kaiming-uniform initialised like `nn.Linear`.
-    public let weight: Parameter<Scalar>
+    /// W, `[out, in]`, Kaiming-uniform initialised like `nn.Linear`: a plain parameter or a
+    /// parametrization's output.
+    public let weight: WeightSource<Scalar>
     /// b, `[out]`.
     public let bias: Parameter<Scalar>
     let inputs: Int
     let outputs: Int
     var lastInput: Tensor<Scalar>?
 
-    /// Creates a layer with weights drawn from U(−1/√in, 1/√in) (PyTorch's default) from `generator`.
+    /// Creates a layer with weights drawn from U(−1/√in, 1/√in) (PyTorch's default) from
+    /// `generator`, parametrized by `weightNorm` as PyTorch's registration does (W unchanged).
     public init(
-        _ inputs: Int, _ outputs: Int, name: String = "linear", generator: inout SeededGenerator
+        _ inputs: Int, _ outputs: Int, name: String = "linear",
+        weightNorm: WeightNormMethod = .none,
+        weightNormOptions: WeightNormMethod.Options = .init(),
+        generator: inout SeededGenerator
     ) throws {
         self.inputs = inputs
         self.outputs = outputs
@@ -24,13 +32,20 @@ public final class Linear<Scalar: NormScalar>: Module {
             Scalar((2 * generator.nextUniform() - 1) * bound)
         }
         let b = (0..<outputs).map { _ in Scalar((2 * generator.nextUniform() - 1) * bound) }
-        weight = Parameter(
-            name: name + ".weight", value: try Tensor(shape: [outputs, inputs], scalars: w))
+        weight = try WeightSource(
+            name: name, initial: try Tensor(shape: [outputs, inputs], scalars: w),
+            method: weightNorm, options: weightNormOptions)
         bias = Parameter(name: name + ".bias", value: try Tensor(shape: [outputs], scalars: b))
     }
 
-    /// The trainable parameters.
-    public var parameters: [Parameter<Scalar>] { [weight, bias] }
+    /// The trainable parameters (W's raw parameters, then b).
+    public var parameters: [Parameter<Scalar>] { weight.parameters + [bias] }
+    /// Spectral Norm's u and v.
+    public var buffers: [String: Tensor<Scalar>] { weight.buffers }
+    /// Restores u and v.
+    public func loadBuffers(_ buffers: [String: Tensor<Scalar>]) throws {
+        try weight.loadBuffers(buffers)
+    }
 
     /// Computes the output (see the type's documentation).
     public func forward(_ x: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
@@ -38,9 +53,10 @@ public final class Linear<Scalar: NormScalar>: Module {
             throw TrainingError.shape(layer: "Linear", expected: "[N, \(inputs)]", actual: x.shape)
         }
         let n = x.shape[0]
+        let w = try weight.weight(mode: mode)
         var y = try Tensor<Scalar>(zeros: [n, outputs])
         x.withUnsafeBufferPointer { xp in
-            weight.value.withUnsafeBufferPointer { wp in
+            w.withUnsafeBufferPointer { wp in
                 y.withUnsafeMutableBufferPointer { yp in
                     BLAS.gemm(
                         transposeA: false, transposeB: true, m: n, n: outputs, k: inputs,
@@ -61,18 +77,19 @@ public final class Linear<Scalar: NormScalar>: Module {
         guard let x = lastInput else { throw TrainingError.noForward(layer: "Linear") }
         let n = x.shape[0]
         var dx = try Tensor<Scalar>(zeros: x.shape)
+        var dw = try Tensor<Scalar>(zeros: [outputs, inputs])
         dy.withUnsafeBufferPointer { dyp in
             x.withUnsafeBufferPointer { xp in
-                weight.gradient.withUnsafeMutableBufferPointer { dwp in
-                    // dW += dyᵀ·x
+                dw.withUnsafeMutableBufferPointer { dwp in
+                    // dW = dyᵀ·x
                     BLAS.gemm(
                         transposeA: true, transposeB: false, m: outputs, n: inputs, k: n,
                         dyp.baseAddress!,
-                        lda: outputs, xp.baseAddress!, ldb: inputs, beta: 1, dwp.baseAddress!,
+                        lda: outputs, xp.baseAddress!, ldb: inputs, dwp.baseAddress!,
                         ldc: inputs)
                 }
             }
-            weight.value.withUnsafeBufferPointer { wp in
+            weight.current.withUnsafeBufferPointer { wp in
                 dx.withUnsafeMutableBufferPointer { dxp in
                     // dx = dy·W
                     BLAS.gemm(
@@ -85,6 +102,7 @@ public final class Linear<Scalar: NormScalar>: Module {
                 for i in 0..<n { for j in 0..<outputs { db[j] += dyp[i * outputs + j] } }
             }
         }
+        try weight.accumulate(dw)
         return dx
     }
 }
@@ -95,11 +113,15 @@ public final class Linear<Scalar: NormScalar>: Module {
 /// cols[(c, i, j), (h, w)] = x[c, h·s + i − p, w·s + j − p]   (0 outside the image)
 /// y[n] = W[out, c·k·k] · cols + b
 /// ```
+/// W is a plain parameter or, with `weightNorm`, computed by a ``WeightParametrization``
+/// (see ``WeightSource``).
+///
 /// ## Shape
 /// `[N, C_in, H, W]` → `[N, C_out, H′, W′]`, H′ = (H + 2p − k)/s + 1.
 public final class Conv2d<Scalar: NormScalar>: Module {
-    /// W, `[out, in, k, k]`, Kaiming-normal (fan-in, ReLU gain).
-    public let weight: Parameter<Scalar>
+    /// W, `[out, in, k, k]`, Kaiming-normal (fan-in, ReLU gain): a plain parameter or a
+    /// parametrization's output.
+    public let weight: WeightSource<Scalar>
     /// b, `[out]` (nil when a normalizer follows: its β does the job).
     public let bias: Parameter<Scalar>?
     let inChannels: Int
@@ -109,11 +131,14 @@ public final class Conv2d<Scalar: NormScalar>: Module {
     let padding: Int
     var lastInput: Tensor<Scalar>?
 
-    /// Creates a convolution with Kaiming-normal weights N(0, 2/fan_in) from `generator`.
+    /// Creates a convolution with Kaiming-normal weights N(0, 2/fan_in) from `generator`,
+    /// parametrized by `weightNorm` as PyTorch's registration does (W unchanged).
     public init(
         _ inChannels: Int, _ outChannels: Int, kernel: Int, stride: Int = 1, padding: Int = 0,
         bias: Bool = true,
-        name: String = "conv", generator: inout SeededGenerator
+        name: String = "conv", weightNorm: WeightNormMethod = .none,
+        weightNormOptions: WeightNormMethod.Options = .init(),
+        generator: inout SeededGenerator
     ) throws {
         guard inChannels >= 1, outChannels >= 1, kernel >= 1, stride >= 1, padding >= 0 else {
             throw TrainingError.invalidSetting(
@@ -129,46 +154,46 @@ public final class Conv2d<Scalar: NormScalar>: Module {
         let fanIn = inChannels * kernel * kernel
         let std = (2 / Double(fanIn)).squareRoot()
         let w = (0..<(outChannels * fanIn)).map { _ in Scalar(std * generator.nextNormal()) }
-        weight = Parameter(
-            name: name + ".weight",
-            value: try Tensor(shape: [outChannels, inChannels, kernel, kernel], scalars: w))
+        weight = try WeightSource(
+            name: name,
+            initial: try Tensor(shape: [outChannels, inChannels, kernel, kernel], scalars: w),
+            method: weightNorm, options: weightNormOptions)
         self.bias =
             bias ? Parameter(name: name + ".bias", value: try Tensor(zeros: [outChannels])) : nil
     }
 
-    /// The trainable parameters.
-    public var parameters: [Parameter<Scalar>] { [weight] + (bias.map { [$0] } ?? []) }
+    /// The trainable parameters (W's raw parameters, then b).
+    public var parameters: [Parameter<Scalar>] { weight.parameters + (bias.map { [$0] } ?? []) }
+    /// Spectral Norm's u and v.
+    public var buffers: [String: Tensor<Scalar>] { weight.buffers }
+    /// Restores u and v.
+    public func loadBuffers(_ buffers: [String: Tensor<Scalar>]) throws {
+        try weight.loadBuffers(buffers)
+    }
 
     func outputSize(_ h: Int) -> Int { (h + 2 * padding - kernel) / stride + 1 }
 
-    /// cols (C·k·k × H′·W′) of one sample.
-    func im2col(_ x: UnsafePointer<Scalar>, h: Int, w: Int, into cols: UnsafeMutablePointer<Scalar>)
-    {
-        let ho = outputSize(h)
-        let wo = outputSize(w)
-        var row = 0
-        for c in 0..<inChannels {
-            for i in 0..<kernel {
-                for j in 0..<kernel {
-                    let out = cols + row * ho * wo
-                    for oh in 0..<ho {
-                        let ih = oh * stride + i - padding
-                        for ow in 0..<wo {
-                            let iw = ow * stride + j - padding
-                            out[oh * wo + ow] =
-                                (ih >= 0 && ih < h && iw >= 0 && iw < w)
-                                ? x[(c * h + ih) * w + iw] : 0
-                        }
-                    }
-                    row += 1
-                }
-            }
-        }
+    /// Samples per im2col chunk: the chunk's columns stay under 2²² elements (16 MB of Float),
+    /// so a training batch of the harness is one chunk and a 256-image evaluation batch a few.
+    func chunkSize(n: Int, columnsPerSample: Int) -> Int {
+        max(1, min(n, (1 << 22) / max(columnsPerSample, 1)))
     }
 
-    /// Adds cols back into the image gradient (the adjoint of im2col).
-    func col2im(
-        _ cols: UnsafePointer<Scalar>, h: Int, w: Int, into dx: UnsafeMutablePointer<Scalar>
+    /// The valid output columns `ow` of kernel column `j`: those with 0 ≤ ow·s + j − p < w.
+    @inline(__always)
+    func validRange(_ j: Int, w: Int, wo: Int) -> Range<Int> {
+        let shift = padding - j
+        let lo = shift > 0 ? (shift + stride - 1) / stride : 0
+        let last = w - 1 + padding - j  // ow·s ≤ last
+        let hi = last < 0 ? 0 : min(wo, last / stride + 1)
+        return lo..<max(lo, hi)
+    }
+
+    /// Writes one sample's columns (C·k·k rows of H′·W′) into `cols`, whose rows are `ld`
+    /// apart (so that several samples sit side by side for one GEMM).
+    func im2col(
+        _ x: UnsafePointer<Scalar>, h: Int, w: Int, into cols: UnsafeMutablePointer<Scalar>,
+        ld: Int
     ) {
         let ho = outputSize(h)
         let wo = outputSize(w)
@@ -176,16 +201,25 @@ public final class Conv2d<Scalar: NormScalar>: Module {
         for c in 0..<inChannels {
             for i in 0..<kernel {
                 for j in 0..<kernel {
-                    let input = cols + row * ho * wo
+                    let out = cols + row * ld
+                    let valid = validRange(j, w: w, wo: wo)
                     for oh in 0..<ho {
+                        let dst = out + oh * wo
                         let ih = oh * stride + i - padding
-                        guard ih >= 0 && ih < h else { continue }
-                        for ow in 0..<wo {
-                            let iw = ow * stride + j - padding
-                            if iw >= 0 && iw < w {
-                                dx[(c * h + ih) * w + iw] += input[oh * wo + ow]
-                            }
+                        guard ih >= 0 && ih < h, !valid.isEmpty else {
+                            dst.update(repeating: 0, count: wo)
+                            continue
                         }
+                        dst.update(repeating: 0, count: valid.lowerBound)
+                        let src = x + (c * h + ih) * w + j - padding
+                        if stride == 1 {
+                            (dst + valid.lowerBound).update(
+                                from: src + valid.lowerBound, count: valid.count)
+                        } else {
+                            for ow in valid { dst[ow] = src[ow * stride] }
+                        }
+                        (dst + valid.upperBound).update(
+                            repeating: 0, count: wo - valid.upperBound)
                     }
                     row += 1
                 }
@@ -193,7 +227,48 @@ public final class Conv2d<Scalar: NormScalar>: Module {
         }
     }
 
+    /// Adds one sample's columns back into its image gradient (the adjoint of im2col).
+    func col2im(
+        _ cols: UnsafePointer<Scalar>, ld: Int, h: Int, w: Int,
+        into dx: UnsafeMutablePointer<Scalar>
+    ) {
+        let ho = outputSize(h)
+        let wo = outputSize(w)
+        var row = 0
+        for c in 0..<inChannels {
+            for i in 0..<kernel {
+                for j in 0..<kernel {
+                    let input = cols + row * ld
+                    let valid = validRange(j, w: w, wo: wo)
+                    for oh in 0..<ho {
+                        let ih = oh * stride + i - padding
+                        guard ih >= 0 && ih < h else { continue }
+                        let src = input + oh * wo
+                        let dst = dx + (c * h + ih) * w + j - padding
+                        for ow in valid { dst[ow * stride] += src[ow] }
+                    }
+                    row += 1
+                }
+            }
+        }
+    }
+
+    /// Reused between steps: the columns of the last chunk, a GEMM output in `[out, m·H′·W′]`
+    /// order, and the column gradient.
+    var cols: [Scalar] = []
+    var product: [Scalar] = []
+    var columnGradient: [Scalar] = []
+    /// Whether ``cols`` holds the whole last forward batch (backward then skips im2col).
+    var colsHoldLastInput = false
+
+    static func reserve(_ buffer: inout [Scalar], _ count: Int) {
+        if buffer.count < count { buffer = [Scalar](repeating: 0, count: count) }
+    }
+
     /// Computes the output (see the type's documentation).
+    ///
+    /// The samples of a chunk share one GEMM, `W [out, C·k·k] · cols [C·k·k, m·H′·W′]`, whose
+    /// output is then scattered to `[N, out, H′, W′]` with the bias.
     public func forward(_ x: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
         guard x.rank == 4, x.shape[1] == inChannels else {
             throw TrainingError.shape(
@@ -206,101 +281,149 @@ public final class Conv2d<Scalar: NormScalar>: Module {
                 layer: "Conv2d", expected: "an image at least the kernel's size", actual: x.shape)
         }
         let k = inChannels * kernel * kernel
+        let plane = ho * wo
+        let chunk = chunkSize(n: n, columnsPerSample: k * plane)
+        Self.reserve(&cols, k * chunk * plane)
+        Self.reserve(&product, outChannels * chunk * plane)
+        let weightValue = try weight.weight(mode: mode)
         var y = try Tensor<Scalar>(zeros: [n, outChannels, ho, wo])
-        var cols = [Scalar](repeating: 0, count: k * ho * wo)
+        let biasValues = bias?.value.scalars
         x.withUnsafeBufferPointer { xp in
-            weight.value.withUnsafeBufferPointer { wp in
+            weightValue.withUnsafeBufferPointer { wp in
                 y.withUnsafeMutableBufferPointer { yp in
                     cols.withUnsafeMutableBufferPointer { cp in
-                        for s in 0..<n {
-                            im2col(
-                                xp.baseAddress! + s * inChannels * h * w, h: h, w: w,
-                                into: cp.baseAddress!)
-                            let out = yp.baseAddress! + s * outChannels * ho * wo
-                            BLAS.gemm(
-                                transposeA: false, transposeB: false, m: outChannels, n: ho * wo,
-                                k: k, wp.baseAddress!,
-                                lda: k, cp.baseAddress!, ldb: ho * wo, out, ldc: ho * wo)
-                            if let bias {
-                                for o in 0..<outChannels {
-                                    let b = bias.value.scalars[o]
-                                    for p in 0..<(ho * wo) { out[o * ho * wo + p] += b }
+                        product.withUnsafeMutableBufferPointer { pp in
+                            var start = 0
+                            while start < n {
+                                let m = min(chunk, n - start)
+                                let ld = m * plane
+                                for s in 0..<m {
+                                    im2col(
+                                        xp.baseAddress! + (start + s) * inChannels * h * w, h: h,
+                                        w: w, into: cp.baseAddress! + s * plane, ld: ld)
                                 }
+                                BLAS.gemm(
+                                    transposeA: false, transposeB: false, m: outChannels, n: ld,
+                                    k: k, wp.baseAddress!, lda: k, cp.baseAddress!, ldb: ld,
+                                    pp.baseAddress!, ldc: ld)
+                                for s in 0..<m {
+                                    for o in 0..<outChannels {
+                                        let src = pp.baseAddress! + o * ld + s * plane
+                                        let dst =
+                                            yp.baseAddress! + ((start + s) * outChannels + o)
+                                            * plane
+                                        if let b = biasValues?[o] {
+                                            for q in 0..<plane { dst[q] = src[q] + b }
+                                        } else {
+                                            dst.update(from: src, count: plane)
+                                        }
+                                    }
+                                }
+                                start += m
                             }
                         }
                     }
                 }
             }
         }
+        colsHoldLastInput = chunk >= n
         lastInput = x
         return y
     }
 
     /// Back-propagates dL/dy to dL/dx, adding the parameters' gradients.
+    ///
+    /// Per chunk: dy gathered to `[out, m·H′·W′]`; `dW += dy · colsᵀ`, `dcols = Wᵀ · dy`, and
+    /// col2im of dcols into dx.
     public func backward(_ dy: Tensor<Scalar>) throws -> Tensor<Scalar> {
         guard let x = lastInput else { throw TrainingError.noForward(layer: "Conv2d") }
         let (n, h, w) = (x.shape[0], x.shape[2], x.shape[3])
         let (ho, wo) = (outputSize(h), outputSize(w))
+        guard dy.shape == [n, outChannels, ho, wo] else {
+            throw TrainingError.shape(
+                layer: "Conv2d", expected: "dy [\(n), \(outChannels), \(ho), \(wo)]",
+                actual: dy.shape)
+        }
         let k = inChannels * kernel * kernel
+        let plane = ho * wo
+        let chunk = chunkSize(n: n, columnsPerSample: k * plane)
+        Self.reserve(&cols, k * chunk * plane)
+        Self.reserve(&product, outChannels * chunk * plane)
+        Self.reserve(&columnGradient, k * chunk * plane)
         var dx = try Tensor<Scalar>(zeros: x.shape)
-        var cols = [Scalar](repeating: 0, count: k * ho * wo)
-        var dcols = [Scalar](repeating: 0, count: k * ho * wo)
+        var dw = try Tensor<Scalar>(zeros: weight.current.shape)
+        var db = [Scalar](repeating: 0, count: outChannels)
+        let reuse = colsHoldLastInput && chunk >= n
         x.withUnsafeBufferPointer { xp in
             dy.withUnsafeBufferPointer { dyp in
-                weight.value.withUnsafeBufferPointer { wp in
-                    weight.gradient.withUnsafeMutableBufferPointer { dwp in
+                weight.current.withUnsafeBufferPointer { wp in
+                    dw.withUnsafeMutableBufferPointer { dwp in
                         dx.withUnsafeMutableBufferPointer { dxp in
                             cols.withUnsafeMutableBufferPointer { cp in
-                                dcols.withUnsafeMutableBufferPointer { dcp in
-                                    for s in 0..<n {
-                                        let g = dyp.baseAddress! + s * outChannels * ho * wo
-                                        im2col(
-                                            xp.baseAddress! + s * inChannels * h * w, h: h, w: w,
-                                            into: cp.baseAddress!)
-                                        // dW += dy_s · colsᵀ
-                                        BLAS.gemm(
-                                            transposeA: false, transposeB: true, m: outChannels,
-                                            n: k, k: ho * wo, g,
-                                            lda: ho * wo, cp.baseAddress!, ldb: ho * wo, beta: 1,
-                                            dwp.baseAddress!, ldc: k)
-                                        // dcols = Wᵀ · dy_s
-                                        BLAS.gemm(
-                                            transposeA: true, transposeB: false, m: k, n: ho * wo,
-                                            k: outChannels,
-                                            wp.baseAddress!, lda: k, g, ldb: ho * wo,
-                                            dcp.baseAddress!, ldc: ho * wo)
-                                        col2im(
-                                            dcp.baseAddress!, h: h, w: w,
-                                            into: dxp.baseAddress! + s * inChannels * h * w)
+                                product.withUnsafeMutableBufferPointer { gp in
+                                    columnGradient.withUnsafeMutableBufferPointer { dcp in
+                                        var start = 0
+                                        while start < n {
+                                            let m = min(chunk, n - start)
+                                            let ld = m * plane
+                                            for s in 0..<m {
+                                                if !reuse {
+                                                    im2col(
+                                                        xp.baseAddress! + (start + s) * inChannels
+                                                            * h * w,
+                                                        h: h, w: w,
+                                                        into: cp.baseAddress! + s * plane,
+                                                        ld: ld)
+                                                }
+                                                for o in 0..<outChannels {
+                                                    let src =
+                                                        dyp.baseAddress!
+                                                        + ((start + s) * outChannels + o) * plane
+                                                    let dst = gp.baseAddress! + o * ld + s * plane
+                                                    dst.update(from: src, count: plane)
+                                                    var total = Scalar(0)
+                                                    for q in 0..<plane { total += src[q] }
+                                                    db[o] += total
+                                                }
+                                            }
+                                            // dW += dy · colsᵀ
+                                            BLAS.gemm(
+                                                transposeA: false, transposeB: true, m: outChannels,
+                                                n: k, k: ld, gp.baseAddress!, lda: ld,
+                                                cp.baseAddress!, ldb: ld, beta: 1, dwp.baseAddress!,
+                                                ldc: k)
+                                            // dcols = Wᵀ · dy
+                                            BLAS.gemm(
+                                                transposeA: true, transposeB: false, m: k, n: ld,
+                                                k: outChannels, wp.baseAddress!, lda: k,
+                                                gp.baseAddress!, ldb: ld, dcp.baseAddress!, ldc: ld)
+                                            for s in 0..<m {
+                                                col2im(
+                                                    dcp.baseAddress! + s * plane, ld: ld, h: h,
+                                                    w: w,
+                                                    into: dxp.baseAddress! + (start + s)
+                                                        * inChannels * h * w)
+                                            }
+                                            start += m
+                                        }
                                     }
                                 }
                             }
                         }
                     }
                 }
-                if let bias {
-                    bias.gradient.withUnsafeMutableBufferPointer { db in
-                        for s in 0..<n {
-                            for o in 0..<outChannels {
-                                var total = Scalar(0)
-                                for p in 0..<(ho * wo) {
-                                    total += dyp[(s * outChannels + o) * ho * wo + p]
-                                }
-                                db[o] += total
-                            }
-                        }
-                    }
-                }
             }
         }
+        if let bias { bias.gradient = try bias.gradient + Tensor(db) }
+        try weight.accumulate(dw)
         return dx
     }
 }
 
 /// max(x, 0).
 public final class ReLU<Scalar: NormScalar>: Module {
-    var mask: [Bool] = []
-    var shape: [Int] = []
+    /// The last output: its positive entries are where the gradient passes.
+    var output: Tensor<Scalar>?
 
     /// Creates the activation.
     public init() {}
@@ -310,15 +433,26 @@ public final class ReLU<Scalar: NormScalar>: Module {
 
     /// Computes the output (see the type's documentation).
     public func forward(_ x: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
-        mask = x.scalars.map { $0 > 0 }
-        shape = x.shape
-        return x.map { $0 > 0 ? $0 : 0 }
+        var y = x
+        y.withUnsafeMutableBufferPointer { p in
+            for i in p.indices where !(p[i] > 0) { p[i] = 0 }
+        }
+        output = y
+        return y
     }
 
     /// Back-propagates dL/dy to dL/dx, adding the parameters' gradients.
     public func backward(_ dy: Tensor<Scalar>) throws -> Tensor<Scalar> {
-        guard dy.shape == shape else { throw TrainingError.noForward(layer: "ReLU") }
-        return try Tensor(shape: dy.shape, scalars: zip(dy.scalars, mask).map { $1 ? $0 : 0 })
+        guard let y = output, dy.shape == y.shape else {
+            throw TrainingError.noForward(layer: "ReLU")
+        }
+        var dx = dy
+        y.withUnsafeBufferPointer { yp in
+            dx.withUnsafeMutableBufferPointer { p in
+                for i in p.indices where !(yp[i] > 0) { p[i] = 0 }
+            }
+        }
+        return dx
     }
 }
 
@@ -348,52 +482,73 @@ public final class Pool2d<Scalar: NormScalar>: Module {
         }
         let (nc, h, w) = (x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
         let (ho, wo) = (h / size, w / size)
-        var out = [Scalar](repeating: 0, count: nc * ho * wo)
-        argmax = [Int](repeating: 0, count: out.count)
-        for p in 0..<nc {
-            for oh in 0..<ho {
-                for ow in 0..<wo {
-                    var best = -Scalar.infinity
-                    var bestIndex = 0
-                    var total = Scalar(0)
-                    for i in 0..<size {
-                        for j in 0..<size {
-                            let index = (p * h + oh * size + i) * w + ow * size + j
-                            let v = x.scalars[index]
-                            total += v
-                            if v > best {
-                                best = v
-                                bestIndex = index
+        var y = try Tensor<Scalar>(zeros: [x.shape[0], x.shape[1], ho, wo])
+        if argmax.count != y.count { argmax = [Int](repeating: 0, count: y.count) }
+        let isMax = kind == .max
+        let area = Scalar(size * size)
+        let size = size
+        x.withUnsafeBufferPointer { xp in
+            y.withUnsafeMutableBufferPointer { out in
+                argmax.withUnsafeMutableBufferPointer { am in
+                    for p in 0..<nc {
+                        for oh in 0..<ho {
+                            for ow in 0..<wo {
+                                let first = (p * h + oh * size) * w + ow * size
+                                var best = xp[first]
+                                var bestIndex = first
+                                var total = Scalar(0)
+                                for i in 0..<size {
+                                    for j in 0..<size {
+                                        let index = first + i * w + j
+                                        let v = xp[index]
+                                        total += v
+                                        if v > best {
+                                            best = v
+                                            bestIndex = index
+                                        }
+                                    }
+                                }
+                                let o = (p * ho + oh) * wo + ow
+                                out[o] = isMax ? best : total / area
+                                am[o] = bestIndex
                             }
                         }
                     }
-                    let o = (p * ho + oh) * wo + ow
-                    out[o] = kind == .max ? best : total / Scalar(size * size)
-                    argmax[o] = bestIndex
                 }
             }
         }
         inputShape = x.shape
-        return try Tensor(shape: [x.shape[0], x.shape[1], ho, wo], scalars: out)
+        return y
     }
 
     /// Back-propagates dL/dy to dL/dx, adding the parameters' gradients.
     public func backward(_ dy: Tensor<Scalar>) throws -> Tensor<Scalar> {
-        guard !inputShape.isEmpty else { throw TrainingError.noForward(layer: "Pool2d") }
+        guard !inputShape.isEmpty, dy.count == argmax.count else {
+            throw TrainingError.noForward(layer: "Pool2d")
+        }
         var dx = try Tensor<Scalar>(zeros: inputShape)
         let (h, w) = (inputShape[2], inputShape[3])
         let (ho, wo) = (dy.shape[2], dy.shape[3])
-        for o in 0..<dy.count {
-            if kind == .max {
-                dx[flat: argmax[o]] += dy[flat: o]
-            } else {
-                let p = o / (ho * wo)
-                let oh = (o / wo) % ho
-                let ow = o % wo
-                let share = dy[flat: o] / Scalar(size * size)
-                for i in 0..<size {
-                    for j in 0..<size {
-                        dx[flat: (p * h + oh * size + i) * w + ow * size + j] += share
+        let isMax = kind == .max
+        let size = size
+        let area = Scalar(size * size)
+        dy.withUnsafeBufferPointer { g in
+            dx.withUnsafeMutableBufferPointer { d in
+                argmax.withUnsafeBufferPointer { am in
+                    for o in 0..<g.count {
+                        if isMax {
+                            d[am[o]] += g[o]
+                        } else {
+                            let p = o / (ho * wo)
+                            let oh = (o / wo) % ho
+                            let ow = o % wo
+                            let share = g[o] / area
+                            for i in 0..<size {
+                                for j in 0..<size {
+                                    d[(p * h + oh * size + i) * w + ow * size + j] += share
+                                }
+                            }
+                        }
                     }
                 }
             }

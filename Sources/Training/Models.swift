@@ -15,7 +15,8 @@ public enum Models {
     public static func make<Scalar: NormScalar>(
         _ kind: ModelKind, normalizer: NormalizerChoice, inputShape: [Int], classes: Int,
         width: Int = 16,
-        groups: Int = 8, seed: UInt64, radiusSteps: Int = 1, as _: Scalar.Type = Scalar.self
+        groups: Int = 8, seed: UInt64, radiusSteps: Int = 1,
+        weightNorm: WeightNormMethod = .none, as _: Scalar.Type = Scalar.self
     ) throws -> Sequential<Scalar> {
         guard inputShape.count == 3, inputShape[1] >= 4, inputShape[2] >= 4 else {
             throw TrainingError.shape(
@@ -24,6 +25,10 @@ public enum Models {
         var g = SeededGenerator(seed: seed)
         let c = inputShape[0]
         let bias = normalizer == .none
+        // Every convolution takes the weight method; the classifier only Weight Norm and
+        // Spectral Norm (the WS and CWN papers standardize the hidden layers).
+        let wn = weightNorm
+        let head: WeightNormMethod = [.wn, .sn].contains(weightNorm) ? weightNorm : .none
         if normalizer == .kn && kind != .convnet {
             throw TrainingError.invalidSetting(
                 name: "normalizer", value: "kn with \(kind.rawValue)",
@@ -42,41 +47,47 @@ public enum Models {
         case .convnet:
             return Sequential(
                 try Conv2d<Scalar>(
-                    c, width, kernel: 3, padding: 1, bias: bias, name: "conv1", generator: &g
+                    c, width, kernel: 3, padding: 1, bias: bias, name: "conv1", weightNorm: wn,
+                    generator: &g
                 ).erased,
                 try norm(width, "norm1"), ReLU<Scalar>().erased,
                 try Conv2d<Scalar>(
                     width, 2 * width, kernel: 3, padding: 1, bias: bias, name: "conv2",
+                    weightNorm: wn,
                     generator: &g
                 ).erased,
                 try norm(2 * width, "norm2"), ReLU<Scalar>().erased,
                 Pool2d<Scalar>(.max, size: 2).erased,
                 try Conv2d<Scalar>(
                     2 * width, 2 * width, kernel: 3, padding: 1, bias: bias, name: "conv3",
+                    weightNorm: wn,
                     generator: &g
                 )
                 .erased,
                 try norm(2 * width, "norm3"), ReLU<Scalar>().erased,
                 GlobalAveragePool<Scalar>().erased,
-                try Linear<Scalar>(2 * width, classes, name: "fc", generator: &g).erased)
+                try Linear<Scalar>(2 * width, classes, name: "fc", weightNorm: head, generator: &g)
+                    .erased)
         case .resnet:
             return Sequential(
                 try Conv2d<Scalar>(
-                    c, width, kernel: 3, padding: 1, bias: bias, name: "stem", generator: &g
+                    c, width, kernel: 3, padding: 1, bias: bias, name: "stem", weightNorm: wn,
+                    generator: &g
                 ).erased,
                 try norm(width, "stem_norm"), ReLU<Scalar>().erased,
                 try ResidualBlock<Scalar>(
                     width, width, normalizer: normalizer, groups: groups, name: "block1",
                     generator: &g,
-                    radiusSteps: radiusSteps
+                    radiusSteps: radiusSteps, weightNorm: wn
                 ).erased,
                 try ResidualBlock<Scalar>(
                     width, 2 * width, stride: 2, normalizer: normalizer, groups: groups,
                     name: "block2", generator: &g,
-                    radiusSteps: radiusSteps
+                    radiusSteps: radiusSteps, weightNorm: wn
                 ).erased,
                 GlobalAveragePool<Scalar>().erased,
-                try Linear<Scalar>(2 * width, classes, name: "fc", generator: &g).erased)
+                try Linear<Scalar>(2 * width, classes, name: "fc", weightNorm: head, generator: &g)
+                    .erased)
         }
     }
 

@@ -1,45 +1,123 @@
 import NormKit
 
-/// The normalizers a network slot can hold, by the names the CLI and the experiments use.
-public enum NormalizerChoice: String, CaseIterable, Sendable {
+/// The normalizer of a network slot, by name: `none`, the harness's short presets (`bn`, `gn`,
+/// `ln`, `in`, `sn`, `ssn`, `brn`, `ibn`, `meta`, `kn`) or any trainable name of
+/// ``NormalizerRegistry/all`` (`batchnorm`, `dbn`, `iternorm`, …).
+public struct NormalizerChoice: RawRepresentable, Hashable, Sendable, CaseIterable,
+    CustomStringConvertible
+{
+    /// The canonical name: a preset's short name, or the registry name.
+    public let rawValue: String
+
+    /// The choice for a name, a preset, a registry name or an alias; nil when unknown.
+    ///
+    /// Registry names that have a preset resolve to it (`batchnorm` → `bn`), so the same layer
+    /// is built whichever name is used.
+    public init?(rawValue: String) {
+        let name = rawValue.lowercased()
+        if name == "none" || Self.presets.contains(name) {
+            self.rawValue = name
+            return
+        }
+        guard let entry = try? NormalizerRegistry.all.entry(named: name), entry.trainable else {
+            return nil
+        }
+        self.rawValue = Self.presetOfEntry[entry.name] ?? entry.name
+    }
+
+    private init(preset: String) { rawValue = preset }
+
+    static let presets: [String] = [
+        "bn", "gn", "ln", "in", "sn", "ssn", "brn", "ibn", "meta", "kn",
+    ]
+    static let presetOfEntry: [String: String] = [
+        "batchnorm": "bn", "groupnorm": "gn", "layernorm": "ln", "instancenorm": "in",
+        "switchnorm": "sn", "sparseswitchnorm": "ssn", "batchrenorm": "brn", "ibn": "ibn",
+        "metanorm": "meta", "kalmannorm": "kn",
+    ]
+
     /// Identity.
-    case none
+    public static let none = Self(preset: "none")
     /// BatchNorm.
-    case bn
-    /// GroupNorm with `groups` groups (clamped to divide the channels).
-    case gn
+    public static let bn = Self(preset: "bn")
+    /// GroupNorm with `groups` groups (reduced to a divisor of the channels).
+    public static let gn = Self(preset: "gn")
     /// LayerNorm over (C, H, W) with per-channel affine (GroupNorm with one group).
-    case ln
+    public static let ln = Self(preset: "ln")
     /// InstanceNorm with affine parameters.
-    case `in`
+    public static let `in` = Self(preset: "in")
     /// Switchable Normalization.
-    case sn
+    public static let sn = Self(preset: "sn")
     /// Sparse Switchable Normalization.
-    case ssn
-    /// Batch Renormalization.
-    case brn
+    public static let ssn = Self(preset: "ssn")
+    /// Batch Renormalization (weight of the new batch 0.1).
+    public static let brn = Self(preset: "brn")
     /// IBN-a.
-    case ibn
+    public static let ibn = Self(preset: "ibn")
     /// MetaNorm over IN, BN, LN and GN.
-    case meta
+    public static let meta = Self(preset: "meta")
     /// Kalman Normalization (a chain through the network's slots; sequential models only).
-    case kn
+    public static let kn = Self(preset: "kn")
+
+    /// `none`, the presets, then every other trainable registry name.
+    public static var allCases: [NormalizerChoice] {
+        [.none] + presets.map(Self.init(preset:))
+            + NormalizerRegistry.all.entries.filter {
+                $0.trainable && presetOfEntry[$0.name] == nil
+            }
+            .map { Self(preset: $0.name) }
+    }
+
+    /// A readable one-line description.
+    public var description: String { rawValue }
+
+    /// The registry request a preset stands for (nil for `none` and `kn`, which needs a chain).
+    func request(channels: Int, groups g: Int, radiusSteps: Int) -> (String, NormalizerRequest)? {
+        var o = NormalizerOptions()
+        var name = rawValue
+        switch rawValue {
+        case "none", "kn": return nil
+        case "bn": name = "batchnorm"
+        case "gn":
+            name = "groupnorm"
+            o.groups = g
+        case "ln":
+            name = "groupnorm"
+            o.groups = 1
+        case "in":
+            name = "instancenorm"
+            o.affine = true
+        case "sn", "ssn":
+            name = rawValue == "sn" ? "switchnorm" : "sparseswitchnorm"
+            o.values["radius-steps"] = "\(radiusSteps)"
+        case "brn":
+            name = "batchrenorm"
+            o.values["momentum"] = "0.1"
+        case "meta":
+            name = "metanorm"
+            o.groups = g
+        default:
+            o.groups = g
+        }
+        return (name, NormalizerRequest(inputShape: [2, channels, 1, 1], options: o))
+    }
 }
 
-/// A normalizer in a network slot, behind the ``Module`` interface: parameters live in
-/// ``Parameter``s (γ and β in group `"norm"`, mixture logits in group `"mixture"`) and are
-/// pushed into the wrapped layer before every forward.
+/// A normalizer in a network slot, behind the ``Module`` interface: the layer's parameters live
+/// in ``Parameter``s named `slot.key` (optimiser group `"norm"`, `"mixture"` for mixture logits,
+/// `"kalman"` for Kalman Normalization's) and are pushed into the layer before every forward.
 public final class NormSlot<Scalar: NormScalar>: Module {
     /// What the slot holds.
     public let choice: NormalizerChoice
     /// The slot's name prefix in checkpoints.
     public let name: String
-    let layer: Any?
-    var cache: Any?
-    /// The trainable parameters.
+    /// The normalizer (nil for `none`).
+    public let layer: (any Normalizing<Scalar>)?
+    /// The trainable parameters, sorted by key.
     public let parameters: [Parameter<Scalar>]
+    let keys: [String]
 
-    /// Creates the normalizer for `channels` channels.
+    /// Creates the normalizer for `channels` channels of NCHW activations.
     /// - Parameter groups: GroupNorm's G (reduced to the largest divisor of C not above it).
     public init(
         _ choice: NormalizerChoice, channels: Int, groups: Int = 8, name: String,
@@ -49,286 +127,125 @@ public final class NormSlot<Scalar: NormScalar>: Module {
         self.name = name
         var g = max(1, min(groups, channels))
         while channels % g != 0 { g -= 1 }
-        func affine(_ scale: Tensor<Scalar>?, _ offset: Tensor<Scalar>?) -> [Parameter<Scalar>] {
-            var out: [Parameter<Scalar>] = []
-            if let scale {
-                out.append(Parameter(name: name + ".weight", value: scale, group: "norm"))
-            }
-            if let offset {
-                out.append(Parameter(name: name + ".bias", value: offset, group: "norm"))
-            }
-            return out
-        }
-        switch choice {
-        case .none:
-            layer = nil
-            parameters = []
-        case .bn, .gn, .ln, .in:
-            let l: NormLayer<Scalar> =
-                switch choice {
-                case .bn: try BatchNorm<Scalar>(featureCount: channels)
-                case .gn: try GroupNorm<Scalar>(groupCount: g, channelCount: channels)
-                case .ln: try GroupNorm<Scalar>(groupCount: 1, channelCount: channels)
-                default: try InstanceNorm<Scalar>(featureCount: channels, affine: true)
-                }
-            layer = l
-            parameters = affine(l.scale, l.offset)
-        case .sn, .ssn:
-            let l = try SwitchableNorm<Scalar>(
-                channelCount: channels, weighting: choice == .sn ? .softmax : .sparsestMax,
-                radiusSteps: radiusSteps)
-            layer = l
-            parameters =
-                affine(l.scale, l.offset) + [
-                    Parameter(name: name + ".mean_weight", value: l.meanLogits, group: "mixture"),
-                    Parameter(
-                        name: name + ".var_weight", value: l.varianceLogits, group: "mixture"),
-                ]
-        case .meta:
-            let l = try MetaNorm<Scalar>(
-                channelCount: channels, aggregations: [.instance, .batchNorm, .layer, .group(g)])
-            layer = l
-            parameters =
-                affine(l.scale, l.offset) + [
-                    Parameter(name: name + ".mean_weight", value: l.meanLogits, group: "mixture"),
-                    Parameter(
-                        name: name + ".var_weight", value: l.varianceLogits, group: "mixture"),
-                ]
-        case .brn:
-            let l = try BatchRenorm<Scalar>(
-                channelCount: channels, momentum: .exponential(weightOfNew: 0.1))
-            layer = l
-            parameters = affine(l.scale, l.offset)
-        case .kn:
+        if choice == .kn {
             guard let chain else {
                 throw TrainingError.invalidSetting(
                     name: "normalizer", value: "kn",
                     requirement: "Kalman Normalization needs a chain (convnet model)")
             }
-            let l = try KalmanNorm<Scalar>(channelCount: channels, chain: chain)
-            layer = l
-            parameters =
-                affine(l.scale, l.offset) + [
-                    Parameter(name: name + ".transition", value: l.transition, group: "kalman"),
-                    Parameter(name: name + ".gain", value: l.gainLogits, group: "kalman"),
-                ]
-        case .ibn:
-            let l = try IBN<Scalar>(channelCount: max(channels, 2))
-            layer = l
-            parameters = [
-                Parameter(name: name + ".IN.weight", value: l.instance.scale!, group: "norm"),
-                Parameter(name: name + ".IN.bias", value: l.instance.offset!, group: "norm"),
-                Parameter(name: name + ".BN.weight", value: l.batch.scale!, group: "norm"),
-                Parameter(name: name + ".BN.bias", value: l.batch.offset!, group: "norm"),
-            ]
+            layer = try KalmanNorm<Scalar>(channelCount: channels, chain: chain)
+        } else if choice.rawValue == "rmsnorm" {
+            // RMSNorm of a convolutional activation: the RMS over (C, H, W) of each sample, with
+            // a per-channel gain (a configuration of the Π → Φ → Ψ engine).
+            layer = try NormLayer<Scalar>(
+                normalizer: Normalizer(
+                    partition: .layer(trailing: 3), operation: .scale,
+                    recovery: .channelAffine(channels: channels, offset: false),
+                    epsilon: Double(Float.ulpOfOne)),
+                channelCount: channels, name: "RMSNorm")
+        } else if let (entry, request) = choice.request(
+            channels: channels, groups: g, radiusSteps: radiusSteps)
+        {
+            layer = try NormalizerRegistry.all.make(entry, request, as: Scalar.self)
+        } else {
+            layer = nil
+        }
+        let built = layer
+        let values = built?.parameters ?? [:]
+        let sortedKeys = values.keys.sorted()
+        keys = sortedKeys
+        parameters = sortedKeys.map { key in
+            let group: String
+            switch built?.role(ofParameter: key) ?? .affine {
+            case .affine, .conditioning: group = "norm"
+            case .mixture: group = "mixture"
+            case .kalman: group = "kalman"
+            }
+            return Parameter(name: name + "." + key, value: values[key]!, group: group)
         }
     }
 
     /// The importance weights of a learned normalizer (nil for the others).
     public var importanceWeights: (components: [String], mean: [Double], variance: [Double])? {
-        push()
-        if let l = layer as? SwitchableNorm<Scalar> { return l.importanceWeights }
-        if let l = layer as? MetaNorm<Scalar> { return l.importanceWeights }
-        return nil
+        try? push()
+        return (layer as? any MixtureNormalizing)?.importanceWeights
     }
 
-    /// Advances Sparse SN's radius schedule (call once per training step).
-    public func advanceRadius() { (layer as? SwitchableNorm<Scalar>)?.advanceRadius() }
+    /// Advances a per-step schedule (Sparse SN's radius; call once per training step).
+    public func advanceRadius() { (layer as? any ScheduledNormalizing)?.advanceSchedule() }
 
     /// Copies parameter values into the wrapped layer.
-    func push() {
-        let v = parameters.map(\.value)
-        switch layer {
-        case let l as NormLayer<Scalar>:
-            l.scale = v[0]
-            l.offset = v[1]
-        case let l as SwitchableNorm<Scalar>:
-            l.scale = v[0]
-            l.offset = v[1]
-            l.meanLogits = v[2]
-            l.varianceLogits = v[3]
-        case let l as MetaNorm<Scalar>:
-            l.scale = v[0]
-            l.offset = v[1]
-            l.meanLogits = v[2]
-            l.varianceLogits = v[3]
-        case let l as BatchRenorm<Scalar>:
-            l.scale = v[0]
-            l.offset = v[1]
-        case let l as KalmanNorm<Scalar>:
-            l.scale = v[0]
-            l.offset = v[1]
-            l.transition = v[2]
-            l.gainLogits = v[3]
-        case let l as IBN<Scalar>:
-            l.instance.scale = v[0]
-            l.instance.offset = v[1]
-            l.batch.scale = v[2]
-            l.batch.offset = v[3]
-        default:
-            break
-        }
+    func push() throws {
+        guard let layer, !keys.isEmpty else { return }
+        var values: [String: Tensor<Scalar>] = [:]
+        for (key, p) in zip(keys, parameters) { values[key] = p.value }
+        try layer.setParameters(values)
     }
 
     /// Computes the output (see the type's documentation).
     public func forward(_ x: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
-        push()
-        switch layer {
-        case let l as NormLayer<Scalar>:
-            let (y, c) = try l.forward(x, mode: mode)
-            cache = c
-            return y
-        case let l as SwitchableNorm<Scalar>:
-            let (y, c) = try l.forward(x, mode: mode)
-            cache = c
-            // Sparse SN freezes one-hot weights by overwriting its logits: keep the parameters
-            // in step and stop the optimiser from moving them.
-            if l.isMeanFixed {
-                parameters[2].value = l.meanLogits
-                parameters[2].isFrozen = true
+        guard let layer else { return x }
+        try push()
+        let y = try layer.normalize(x, mode: mode)
+        // Sparse SN freezes one-hot weights by overwriting its logits: keep the parameters in
+        // step and stop the optimiser from moving them.
+        if let scheduled = layer as? any ScheduledNormalizing {
+            let frozen = scheduled.frozenParameterKeys
+            if !frozen.isEmpty {
+                let current = layer.parameters
+                for (key, p) in zip(keys, parameters) where frozen.contains(key) {
+                    p.value = current[key] ?? p.value
+                    p.isFrozen = true
+                }
             }
-            if l.isVarianceFixed {
-                parameters[3].value = l.varianceLogits
-                parameters[3].isFrozen = true
-            }
-            return y
-        case let l as MetaNorm<Scalar>:
-            let (y, c) = try l.forward(x, mode: mode)
-            cache = c
-            return y
-        case let l as BatchRenorm<Scalar>:
-            let (y, c) = try l.forward(x, mode: mode)
-            cache = c
-            return y
-        case let l as IBN<Scalar>:
-            let (y, c) = try l.forward(x, mode: mode)
-            cache = c
-            return y
-        case let l as KalmanNorm<Scalar>:
-            let (y, c) = try l.forward(x, mode: mode)
-            cache = c
-            return y
-        default:
-            return x
         }
-    }
-
-    func accumulate(_ grads: [Tensor<Scalar>?]) throws {
-        for (p, g) in zip(parameters, grads) {
-            guard let g else { continue }
-            p.gradient = try p.gradient + g
-        }
+        return y
     }
 
     /// Back-propagates dL/dy to dL/dx, adding the parameters' gradients.
     public func backward(_ dy: Tensor<Scalar>) throws -> Tensor<Scalar> {
-        switch (layer, cache) {
-        case (nil, _):
-            return dy
-        case (let l as NormLayer<Scalar>, let c as NormLayer<Scalar>.Cache):
-            let g = try l.backward(dy, cache: c)
-            try accumulate([g.scale, g.offset])
-            return g.input
-        case (let l as SwitchableNorm<Scalar>, let c as SwitchableNorm<Scalar>.Cache):
-            let g = try l.backward(dy, cache: c)
-            try accumulate([g.scale, g.offset, g.meanLogits, g.varianceLogits])
-            return g.input
-        case (let l as MetaNorm<Scalar>, let c as MetaNorm<Scalar>.Cache):
-            let g = try l.backward(dy, cache: c)
-            try accumulate([g.scale, g.offset, g.meanLogits, g.varianceLogits])
-            return g.input
-        case (let l as BatchRenorm<Scalar>, let c as BatchRenorm<Scalar>.Cache):
-            let g = try l.backward(dy, cache: c)
-            try accumulate([g.scale, g.offset])
-            return g.input
-        case (let l as KalmanNorm<Scalar>, let c as KalmanNorm<Scalar>.Cache):
-            let g = try l.backward(dy, cache: c)
-            try accumulate([g.scale, g.offset, g.transition, g.gainLogits])
-            return g.input
-        case (let l as IBN<Scalar>, let c as IBN<Scalar>.Cache):
-            let g = try l.backward(dy, cache: c)
-            try accumulate([g.instance.scale, g.instance.offset, g.batch.scale, g.batch.offset])
-            return g.input
-        default:
-            throw TrainingError.noForward(layer: name)
+        guard let layer else { return dy }
+        let g = try layer.backward(dy)
+        for (key, p) in zip(keys, parameters) {
+            guard let grad = g.parameters[key] else { continue }
+            p.gradient = try p.gradient + grad
         }
+        return g.input
     }
 
-    /// Running statistics and other non-trainable state.
+    /// Running statistics and other non-trainable state, under `slot.key`; integer buffers are
+    /// stored as scalars.
     public var buffers: [String: Tensor<Scalar>] {
+        guard let layer, let state = try? layer.state() else { return [:] }
         var out: [String: Tensor<Scalar>] = [:]
-        switch layer {
-        case let l as NormLayer<Scalar>:
-            if let r = l.runningStatistics {
-                out[name + ".running_mean"] = r.mean
-                out[name + ".running_var"] = r.variance
-            }
-        case let l as SwitchableNorm<Scalar>:
-            out[name + ".running_mean"] = l.runningMean
-            out[name + ".running_var"] = l.runningVariance
-            out[name + ".radius"] = Tensor([Scalar(l.radius)])
-        case let l as BatchRenorm<Scalar>:
-            out[name + ".running_mean"] = l.runningMean
-            out[name + ".running_std"] = l.runningStandardDeviation
-        case let l as IBN<Scalar>:
-            if let r = l.batch.runningStatistics {
-                out[name + ".BN.running_mean"] = r.mean
-                out[name + ".BN.running_var"] = r.variance
-            }
-        case let l as KalmanNorm<Scalar>:
-            out[name + ".running_mean"] = Tensor(l.runningMean.map { Scalar($0) })
-            out[name + ".running_var"] = Tensor(l.runningVariance.map { Scalar($0) })
-        case let l as MetaNorm<Scalar>:
-            for (k, values) in l.runningMean.enumerated() {
-                out[name + ".running_mean.\(k)"] = Tensor(values.map { Scalar($0) })
-                out[name + ".running_var.\(k)"] = Tensor(l.runningVariance[k].map { Scalar($0) })
-            }
-        default:
-            break
+        for (key, value) in state.tensors where !keys.contains(key) {
+            out[name + "." + key] = value
+        }
+        for (key, value) in state.counters {
+            out[name + "." + key] = Tensor([Scalar(value)])
         }
         return out
     }
 
     /// Restores state saved from ``buffers``.
     public func loadBuffers(_ b: [String: Tensor<Scalar>]) throws {
-        func get(_ key: String) throws -> Tensor<Scalar> {
-            guard let t = b[name + key] else {
-                throw TrainingError.checkpoint("missing \(name + key)")
+        guard let layer else { return }
+        let current = try layer.state()
+        var state = NormState<Scalar>()
+        for key in current.tensors.keys where !keys.contains(key) {
+            guard let t = b[name + "." + key] else {
+                throw TrainingError.checkpoint("missing \(name + "." + key)")
             }
-            return t
+            state.tensors[key] = t
         }
-        switch layer {
-        case let l as NormLayer<Scalar>:
-            if l.runningStatistics != nil {
-                try l.load([
-                    "running_mean": try get(".running_mean"),
-                    "running_var": try get(".running_var"),
-                ])
+        for key in current.counters.keys {
+            guard let t = b[name + "." + key], t.count == 1, let v = t.scalars.first,
+                v.isFinite, v >= 0, v < 1e15
+            else {
+                throw TrainingError.checkpoint("missing or invalid \(name + "." + key)")
             }
-        case let l as SwitchableNorm<Scalar>:
-            try l.load([
-                "running_mean": try get(".running_mean"), "running_var": try get(".running_var"),
-            ])
-            l.radius = Double(try get(".radius").scalars[0])
-        case let l as BatchRenorm<Scalar>:
-            try l.load([
-                "running_mean": try get(".running_mean"), "running_std": try get(".running_std"),
-            ])
-        case let l as IBN<Scalar>:
-            try l.load([
-                "BN.running_mean": try get(".BN.running_mean"),
-                "BN.running_var": try get(".BN.running_var"),
-            ])
-        case let l as KalmanNorm<Scalar>:
-            l.runningMean = try get(".running_mean").scalars.map(Double.init)
-            l.runningVariance = try get(".running_var").scalars.map(Double.init)
-        case let l as MetaNorm<Scalar>:
-            for k in 0..<l.runningMean.count {
-                l.runningMean[k] = try get(".running_mean.\(k)").scalars.map(Double.init)
-                l.runningVariance[k] = try get(".running_var.\(k)").scalars.map(Double.init)
-            }
-        default:
-            break
+            state.counters[key] = Int(v)
         }
+        try layer.load(state)
     }
 }

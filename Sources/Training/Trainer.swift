@@ -4,12 +4,17 @@ import NormKit
 /// Everything that defines a training run; the same configuration and thread count give the
 /// same losses.
 public struct TrainingConfig: Sendable, Hashable, Codable {
-    /// `digits` or `shapes`.
+    /// `digits`, `shapes` or `fashion-mnist`.
     public var dataset = "digits"
     /// `convnet` or `resnet`.
     public var model = "convnet"
     /// The normalizer in every slot (`bn`, `gn`, `ln`, `in`, `none`, `sn`, `ssn`, `brn`, `ibn`, `meta`).
     public var normalizer = "bn"
+    /// The weight method of every convolution, by its command-line name.
+    ///
+    /// `none`, `wn`, `cwn`, `ws`, `ws-bit` or `sn`; nil means `none` and keeps older
+    /// checkpoints readable. The classifier takes only `wn` and `sn` (see ``Models``).
+    public var weightNorm: String?
     /// Examples per step.
     public var batchSize = 32
     /// Passes over the training set.
@@ -32,11 +37,72 @@ public struct TrainingConfig: Sendable, Hashable, Codable {
     public var shapesCount = 3000
     /// Side of the shapes images.
     public var shapesSize = 16
-    /// Share of the data held out for testing.
+    /// Share of the data held out for testing (digits, shapes; Fashion-MNIST has its own split).
     public var testFraction = 0.2
+    /// Use only the first this many training examples (all when nil).
+    public var trainCount: Int?
+    /// Use only the first this many test examples (all when nil).
+    public var testCount: Int?
 
     /// Defaults.
     public init() {}
+
+    /// The largest values ``validate()`` accepts; larger ones are refused, not capped.
+    public enum Limits {
+        /// Epochs.
+        public static let epochs = 1_000_000
+        /// Examples per step.
+        public static let batchSize = 1 << 20
+        /// Channels of the first layer.
+        public static let width = 1024
+        /// Images of the shapes data set.
+        public static let shapesCount = 1_000_000
+        /// Side of the shapes images.
+        public static let shapesSize = 256
+    }
+
+    /// Checks every numeric field, so that a bad flag or a damaged checkpoint gives a typed
+    /// error rather than a trap, a hang or a silently diverging run.
+    ///
+    /// - Throws: ``TrainingError/invalidSetting(name:value:requirement:)`` naming the field.
+    public func validate() throws(TrainingError) {
+        func check(_ ok: Bool, _ name: String, _ value: Any, _ requirement: String)
+            throws(TrainingError)
+        {
+            guard ok else {
+                throw .invalidSetting(name: name, value: "\(value)", requirement: requirement)
+            }
+        }
+        try check(
+            (1...Limits.epochs).contains(epochs), "epochs", epochs,
+            "must lie in 1…\(Limits.epochs)")
+        try check(
+            (1...Limits.batchSize).contains(batchSize), "batch size", batchSize,
+            "must lie in 1…\(Limits.batchSize)")
+        try check(
+            learningRate.isFinite && learningRate > 0, "learning rate", learningRate,
+            "must be finite and > 0")
+        try check(
+            momentum.isFinite && momentum >= 0 && momentum < 1, "momentum", momentum,
+            "must be finite and in [0, 1)")
+        try check(
+            weightDecay.isFinite && weightDecay >= 0, "weight decay", weightDecay,
+            "must be finite and ≥ 0")
+        try check(
+            (1...Limits.width).contains(width), "width", width, "must lie in 1…\(Limits.width)")
+        try check(
+            groups >= 1 && groups <= width && width % groups == 0, "groups", groups,
+            "must be ≥ 1 and divide the width \(width)")
+        try check(
+            (10...Limits.shapesCount).contains(shapesCount), "shapes count", shapesCount,
+            "must lie in 10…\(Limits.shapesCount)")
+        try check(
+            (4...Limits.shapesSize).contains(shapesSize), "shapes size", shapesSize,
+            "must lie in 4…\(Limits.shapesSize)")
+        try check(
+            testFraction.isFinite && testFraction > 0 && testFraction < 1, "test fraction",
+            testFraction, "must be finite and strictly between 0 and 1")
+    }
 }
 
 /// What one epoch measured.
@@ -112,26 +178,18 @@ public final class Trainer {
                 kind: "normalizer", name: config.normalizer,
                 known: NormalizerChoice.allCases.map(\.rawValue))
         }
-        guard config.epochs >= 1, config.learningRate > 0, config.learningRate.isFinite,
-            config.batchSize >= 1
-        else {
-            throw TrainingError.invalidSetting(
-                name: "training",
-                value:
-                    "epochs \(config.epochs), lr \(config.learningRate), batch \(config.batchSize)",
-                requirement: "epochs ≥ 1, a positive finite learning rate, batch size ≥ 1")
-        }
-        let data: Dataset<Float>
-        switch config.dataset {
-        case "digits": data = try Datasets.digits()
-        case "shapes":
-            data = try Datasets.shapes(
-                count: config.shapesCount, size: config.shapesSize, seed: config.seed &+ 7)
-        default:
+        guard let weightNorm = WeightNormMethod(rawValue: config.weightNorm ?? "none") else {
             throw TrainingError.unknownName(
-                kind: "data set", name: config.dataset, known: ["digits", "shapes"])
+                kind: "weight normalization", name: config.weightNorm ?? "",
+                known: WeightNormMethod.allCases.map(\.rawValue))
         }
-        (train, test) = try data.split(testFraction: config.testFraction, seed: config.seed)
+        try config.validate()
+        (train, test) = try Datasets.split(for: config)
+        guard train.count >= 1, test.count >= 1 else {
+            throw TrainingError.invalidSetting(
+                name: "test fraction", value: "\(config.testFraction)",
+                requirement: "must leave examples in both the training and the test split")
+        }
         guard config.batchSize <= train.count else {
             throw TrainingError.invalidSetting(
                 name: "batch size", value: "\(config.batchSize)",
@@ -143,7 +201,7 @@ public final class Trainer {
             kind, normalizer: normalizer, inputShape: train.imageShape, classes: train.classCount,
             width: config.width,
             groups: config.groups, seed: config.seed, radiusSteps: max(totalSteps, 1),
-            as: Float.self)
+            weightNorm: weightNorm, as: Float.self)
         let schedule: LearningRateSchedule
         switch config.schedule {
         case "constant": schedule = .constant
@@ -252,16 +310,27 @@ public final class Trainer {
 
     /// One training step on the global batch `indices`; returns the loss of the whole batch
     /// and whether any rank asked to stop (so that every rank stops after the same step).
-    ///
-    /// Each rank runs its slice; the loss gradient is scaled by n_r/B so that the gradients
-    /// summed over the ranks are those of the mean loss over the whole batch, and ONE
-    /// all-reduce carries every parameter gradient, the loss and the stop flag.
     func step(_ indices: ArraySlice<Int>, requestStop: Bool = false) throws -> (
         loss: Double, stop: Bool
     ) {
+        let (x, labels) = try train.batch(shard(indices))
+        return try step(x, labels: labels, globalCount: indices.count, requestStop: requestStop)
+    }
+
+    /// One training step on this rank's part of a batch (`x` `[n, C, H, W]`, n labels).
+    ///
+    /// Under several processes each rank runs its slice; the loss gradient is scaled by n_r/B
+    /// (B = `globalCount`) so that the gradients summed over the ranks are those of the mean
+    /// loss over the whole batch, and ONE all-reduce carries every parameter gradient, the loss
+    /// and the stop flag.
+    /// - Returns: the loss of the whole batch and whether any rank asked to stop.
+    @discardableResult
+    public func step(
+        _ x: Tensor<Float>, labels: [Int], globalCount: Int? = nil, requestStop: Bool = false
+    ) throws -> (loss: Double, stop: Bool) {
         for slot in slots { slot.advanceRadius() }
-        let mine = shard(indices)
-        let (x, labels) = try train.batch(mine)
+        let mine = labels
+        let indices = 0..<(globalCount ?? labels.count)
         let logits = try model.forward(x, mode: .training)
         var (loss, gradient, _) = try SoftmaxCrossEntropy.evaluate(logits, labels: labels)
         var stop = requestStop
@@ -288,6 +357,28 @@ public final class Trainer {
         }
         try optimizer.update(model.parameters)
         return (loss, stop)
+    }
+
+    /// Training throughput: after `warmup` steps, times `steps` SGD steps on one fixed batch
+    /// (the first `batchSize` training examples), as `bench/train_torch.py` does for PyTorch.
+    /// The model and optimiser state move on; use a fresh trainer for training.
+    /// - Returns: examples per second and seconds per step.
+    public func benchmark(steps: Int, warmup: Int = 5) throws -> (
+        examplesPerSecond: Double, secondsPerStep: Double
+    ) {
+        guard steps >= 1, warmup >= 0 else {
+            throw TrainingError.invalidSetting(
+                name: "benchmark steps", value: "\(steps)", requirement: "at least 1")
+        }
+        let (x, labels) = try train.batch(Array(0..<config.batchSize)[...])
+        for _ in 0..<warmup { _ = try step(x, labels: labels) }
+        let clock = ContinuousClock()
+        let elapsed = try clock.measure {
+            for _ in 0..<steps { _ = try step(x, labels: labels) }
+        }
+        let seconds =
+            Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
+        return (Double(steps * config.batchSize) / seconds, seconds / Double(steps))
     }
 
     /// Loss and error rate on a data set, in inference mode.
@@ -424,32 +515,85 @@ public final class Trainer {
         let trainer = try Trainer(
             config, communicator: communicator,
             synchronizeBatchStatistics: synchronizeBatchStatistics)
+        func damaged(_ reason: String) -> TrainingError { .checkpoint("\(path): \(reason)") }
+        let names = Set(trainer.model.parameters.map(\.name))
+        for key in file.tensors.keys where key.hasPrefix("model.") {
+            guard names.contains(String(key.dropFirst(6))) else {
+                throw damaged("'\(key)' is not a parameter of this \(config.model)")
+            }
+        }
         for p in trainer.model.parameters {
             guard let stored = file.tensors["model." + p.name], stored.shape == p.value.shape else {
                 throw TrainingError.checkpoint(
                     "parameter \(p.name) is missing or has the wrong shape")
             }
-            p.value = stored.tensor(as: Float.self)
+            let value = stored.tensor(as: Float.self)
+            guard value.scalars.allSatisfy({ $0.isFinite }) else {
+                throw damaged("parameter \(p.name) holds NaN or infinite values")
+            }
+            p.value = value
         }
         var buffers: [String: Tensor<Float>] = [:]
         for (k, v) in file.tensors where k.hasPrefix("buffer.") {
             buffers[String(k.dropFirst(7))] = v.tensor(as: Float.self)
         }
         try trainer.model.loadBuffers(buffers)
+        let shapes = Dictionary(
+            uniqueKeysWithValues: trainer.model.parameters.map { ($0.name, $0.value.shape) })
         for (k, v) in file.tensors where k.hasPrefix("optimizer.velocity.") {
-            trainer.optimizer.velocity[String(k.dropFirst("optimizer.velocity.".count))] = v.tensor(
-                as: Float.self)
+            let name = String(k.dropFirst("optimizer.velocity.".count))
+            guard let shape = shapes[name] else {
+                throw damaged("optimizer velocity '\(name)' belongs to no parameter")
+            }
+            guard v.shape == shape else {
+                throw damaged(
+                    "optimizer velocity '\(name)' has shape \(v.shape), its parameter \(shape)")
+            }
+            let velocity = v.tensor(as: Float.self)
+            guard velocity.scalars.allSatisfy({ $0.isFinite }) else {
+                throw damaged("optimizer velocity '\(name)' holds NaN or infinite values")
+            }
+            trainer.optimizer.velocity[name] = velocity
         }
-        guard case .int64(_, let position)? = file.tensors["state.position"], position.count == 4,
+        guard case .int64(let positionShape, let position)? = file.tensors["state.position"],
+            positionShape == [4], position.count == 4,
             let losses = file.tensors["state.step_losses"],
             let sums = file.tensors["state.epoch_sums"]
         else { throw TrainingError.checkpoint("missing training position") }
-        trainer.epoch = Int(position[0])
-        trainer.batchInEpoch = Int(position[1])
-        trainer.optimizer.step = Int(position[2])
-        trainer.epochExamples = Int(position[3])
-        trainer.stepLosses = losses.tensor(as: Double.self).scalars
+        // The position must be one this configuration can reach: epoch ≤ epochs, a batch inside
+        // the epoch, and a step count equal to the steps taken so far (each step is one update).
+        let perEpoch = Int64(trainer.stepsPerEpoch)
+        let (epoch, batch, step, examples) = (position[0], position[1], position[2], position[3])
+        guard epoch >= 0, epoch <= Int64(config.epochs), batch >= 0,
+            batch < perEpoch || (batch == 0 && epoch == Int64(config.epochs))
+        else {
+            throw damaged(
+                "position epoch \(epoch), batch \(batch) is outside \(config.epochs) epochs of "
+                    + "\(perEpoch) batches")
+        }
+        guard step == epoch * perEpoch + batch, examples == batch * Int64(config.batchSize) else {
+            throw damaged(
+                "step \(step) and \(examples) examples do not match epoch \(epoch), batch \(batch)")
+        }
+        let stepLosses = losses.tensor(as: Double.self).scalars
+        guard losses.shape == [Int(step)], stepLosses.allSatisfy({ $0.isFinite }) else {
+            throw damaged("state.step_losses must hold \(step) finite losses")
+        }
         let s = sums.tensor(as: Double.self).scalars
+        guard sums.shape == [2], s.allSatisfy({ $0.isFinite && $0 >= 0 }) else {
+            throw damaged("state.epoch_sums must hold two finite values ≥ 0")
+        }
+        guard history.count == Int(epoch),
+            history.allSatisfy({
+                $0.trainLoss.isFinite && $0.testLoss.isFinite && $0.testError.isFinite
+                    && $0.examplesPerSecond.isFinite
+            })
+        else { throw damaged("the history must hold \(epoch) epochs of finite metrics") }
+        trainer.epoch = Int(epoch)
+        trainer.batchInEpoch = Int(batch)
+        trainer.optimizer.step = Int(step)
+        trainer.epochExamples = Int(examples)
+        trainer.stepLosses = stepLosses
         trainer.epochLossSum = s[0]
         trainer.epochSeconds = s[1]
         trainer.history = history

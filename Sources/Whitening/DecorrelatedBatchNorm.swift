@@ -28,6 +28,10 @@ import TensorCore
 /// ## References
 /// 1. Huang, Yang, Lang & Deng 2018, "Decorrelated Batch Normalization", arXiv:1804.08450.
 public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConvertible {
+    /// What the last ``normalize(_:mode:)`` call keeps for ``backward(_:)`` (the
+    /// ``Normalizing`` entry points; `forward(_:mode:)` returns its cache instead).
+    public var lastCache: Cache?
+
     /// C.
     public let channelCount: Int
     /// d (channels per group).
@@ -54,7 +58,7 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
         affine: Bool = true
     ) throws(NormError) {
         let d = groupSize ?? max(1, channelCount / 2)
-        guard channelCount >= 1, d >= 1, epsilon > 0 else {
+        guard channelCount >= 1, d >= 1, epsilon > 0, epsilon.isFinite else {
             throw .invalidHyperparameter(
                 name: "DBN", value: "C \(channelCount), group \(d), eps \(epsilon)",
                 requirement: "positive sizes and ε")
@@ -84,6 +88,8 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
         let eigenvectors: [Matrix]
         let projections: [Matrix]
         let training: Bool
+        /// The Float32 path's products (nil on the Double path).
+        var fast: FloatWhiteningCache? = nil
     }
 
     /// Gradients.
@@ -104,6 +110,13 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
     ) {
         try GroupWhitening.validate(x, channels: channelCount, layer: "DecorrelatedBatchNorm")
         let m = x.count / channelCount
+        if Scalar.self == Float.self {
+            if mode == .training && m < 2 {
+                throw NormError.singleValuePerStatistic(
+                    layer: "DecorrelatedBatchNorm", shape: x.shape)
+            }
+            return try forwardFloat(x, training: mode == .training)
+        }
         let xd = GroupWhitening.doubles(x)
         var yd = [Double](repeating: 0, count: x.count)
         var centred: [Matrix] = []
@@ -176,6 +189,7 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
         guard dy.shape == cache.input.shape else {
             throw NormError.gradientShapeMismatch(expected: cache.input.shape, actual: dy.shape)
         }
+        if let fast = cache.fast { return try backwardFloat(dy, cache: cache, fast: fast) }
         let (g, dScale, dOffset) = try GroupWhitening.affineBackward(
             dy, whitened: cache.whitened, scale: scale)
         var dxd = [Double](repeating: 0, count: dy.count)
@@ -246,6 +260,9 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
 /// 1. Huang, Zhou, Zhu, Liu & Shao 2019, "Iterative Normalization: Beyond Standardization towards
 ///    Efficient Whitening", arXiv:1904.03441.
 public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
+    /// What the last ``normalize(_:mode:)`` call keeps for ``backward(_:)``.
+    public var lastCache: Cache?
+
     /// C.
     public let channelCount: Int
     /// d.
@@ -266,16 +283,26 @@ public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
     public var runningWhitening: [Matrix]
     let groups: [Range<Int>]
 
+    /// The most Newton iterations a layer accepts (the paper uses T = 5; each iteration costs
+    /// two d×d matrix products per group, so far more is a mistake, not a setting).
+    public static var maximumIterations: Int { 1000 }
+
     /// Creates an IterNorm layer.
-    /// - Throws: ``NormError/invalidHyperparameter(name:value:requirement:)``.
+    /// - Throws: ``NormError/invalidHyperparameter(name:value:requirement:)`` for a channel or
+    ///   group count below 1, T outside 1…``maximumIterations``, or ε not finite and > 0.
     public init(
         channelCount: Int, groupSize: Int? = nil, iterations: Int = 5, epsilon: Double = 1e-5,
         momentum: Momentum = .pytorchDefault, affine: Bool = true
     ) throws(NormError) {
-        guard channelCount >= 1, iterations >= 1, epsilon > 0 else {
+        guard channelCount >= 1, epsilon > 0, epsilon.isFinite else {
             throw .invalidHyperparameter(
-                name: "IterNorm", value: "C \(channelCount), T \(iterations), eps \(epsilon)",
-                requirement: "positive sizes, T and ε")
+                name: "IterNorm", value: "C \(channelCount), eps \(epsilon)",
+                requirement: "positive sizes and a finite ε > 0")
+        }
+        try HyperparameterCheck.count(
+            iterations, limit: Self.maximumIterations, name: "IterNorm iterations")
+        if let groupSize {
+            try HyperparameterCheck.count(groupSize, limit: Int.max, name: "IterNorm group size")
         }
         try momentum.validate()
         var d = min(groupSize ?? channelCount, channelCount)
@@ -305,6 +332,8 @@ public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
         let iterates: [[Matrix]]
         let whitening: [Matrix]
         let training: Bool
+        /// The Float32 path's products (nil on the Double path).
+        var fast: FloatWhiteningCache? = nil
     }
 
     /// Gradients.
@@ -327,6 +356,7 @@ public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
         if training && x.count / channelCount < 2 {
             throw NormError.singleValuePerStatistic(layer: "IterNorm", shape: x.shape)
         }
+        if Scalar.self == Float.self { return try forwardFloat(x, training: training) }
         let xd = GroupWhitening.doubles(x)
         var yd = [Double](repeating: 0, count: x.count)
         var centred: [Matrix] = []
@@ -383,6 +413,7 @@ public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
         guard dy.shape == cache.input.shape else {
             throw NormError.gradientShapeMismatch(expected: cache.input.shape, actual: dy.shape)
         }
+        if let fast = cache.fast { return try backwardFloat(dy, cache: cache, fast: fast) }
         let (gValues, dScale, dOffset) = try GroupWhitening.affineBackward(
             dy, whitened: cache.whitened, scale: scale)
         var dxd = [Double](repeating: 0, count: dy.count)

@@ -35,6 +35,10 @@ import TensorCore
 /// 1. Pan, Zhan, Shi, Tang & Luo 2019, "Switchable Whitening for Deep Representation
 ///    Learning", arXiv:1904.09739.
 public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConvertible {
+    /// What the last ``normalize(_:mode:)`` call keeps for ``backward(_:)`` (the
+    /// ``Normalizing`` entry points; `forward(_:mode:)` returns its cache instead).
+    public var lastCache: Cache?
+
     /// C.
     public let channelCount: Int
     /// d (channels per group, `num_pergroup`).
@@ -76,10 +80,12 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
         guard d >= 1, channelCount % d == 0 else {
             throw .groupsDoNotDivideChannels(groups: d, channels: channelCount)
         }
-        guard iterations >= 1, epsilon > 0 else {
+        guard epsilon > 0, epsilon.isFinite else {
             throw .invalidHyperparameter(
-                name: "T, eps", value: "\(iterations), \(epsilon)", requirement: "positive")
+                name: "epsilon", value: "\(epsilon)", requirement: "must be finite and > 0")
         }
+        try HyperparameterCheck.count(
+            iterations, limit: IterNorm<Scalar>.maximumIterations, name: "iterations")
         try momentum.validate()
         self.channelCount = channelCount
         self.groupSize = d

@@ -63,7 +63,7 @@ struct BatchRenormTests {
         let analytic = try layer.backward(dy, cache: cache)
         // The loss with r and d frozen at this batch's values: run with the same running state.
         func loss(_ input: Tensor<Double>) throws -> Double {
-            try layer.load(saved, step: 0)
+            try layer.load(saved.tensors, step: 0)
             let y = try layer.forward(input, mode: .training).output
             return zip(y.scalars, dy.scalars).reduce(0) { $0 + $1.0 * $1.1 }
         }

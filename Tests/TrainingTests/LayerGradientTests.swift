@@ -1,6 +1,6 @@
 import NormKit
-import Studies
 import NormTestSupport
+import Studies
 import Testing
 
 @testable import Training

@@ -1,0 +1,120 @@
+import NormKit
+import NormTestSupport
+import Testing
+
+@testable import Whitening
+
+/// The Float32 BLAS path of DBN and IterNorm against the Double path (the one the fixtures and
+/// finite differences check), on awkward sizes, uneven groups, offset data, both modes.
+@Suite("Float whitening equals the Double path")
+struct FloatWhiteningTests {
+    /// Float storage with Double d × d algebra: X_c and the products carry Float rounding
+    /// (about 1e-7 relative, times the condition of the whitening on correlated channels; a
+    /// group with fewer samples than channels is singular up to ε and is not compared).
+    static let tolerance = 2e-4
+
+    struct Case: CustomStringConvertible, Sendable {
+        var shape: [Int]
+        var group: Int
+        var offset = 0.0
+        var description: String {
+            "\(shape) group \(group)\(offset != 0 ? " offset \(offset)" : "")"
+        }
+    }
+
+    static let cases: [Case] = [
+        Case(shape: [3, 1, 7], group: 1),
+        Case(shape: [7, 3, 1], group: 2),
+        Case(shape: [1, 7, 17], group: 3),
+        Case(shape: [7, 17, 3, 1], group: 8),
+        Case(shape: [2, 6, 63], group: 4),
+        Case(shape: [5, 4, 65], group: 4, offset: 1000),
+        Case(shape: [4, 16, 7, 9], group: 16, offset: 1000),
+    ]
+
+    /// Correlated channels: x_c += 0.6·x_{c−1}, plus an offset with 0.05 noise when asked;
+    /// rounded to Float so that both paths see the same input (1000 + 0.05·noise loses 6e-4 of
+    /// its spread when rounded, which is the input's error, not the kernel's).
+    static func data(_ c: Case, seed: UInt64) throws -> Tensor<Double> {
+        var x = try WhiteningTests.data(c.shape, seed: seed)
+        if c.offset != 0 { x = x.map { c.offset + 0.05 * $0 } }
+        return x.converted(to: Float.self).converted(to: Double.self)
+    }
+
+    static func expectClose<T: NormScalar>(
+        _ a: Tensor<Float>?, _ b: Tensor<T>?, _ label: String, _ c: Case
+    ) {
+        guard let a, let b else {
+            #expect(a == nil && b == nil, "\(c) \(label): presence differs")
+            return
+        }
+        let comparison = Comparison(a.scalars, b.scalars)
+        #expect(comparison.relative < tolerance, "\(c) \(label): \(comparison)")
+    }
+
+    @Test(arguments: cases)
+    func dbnFloatEqualsDouble(_ c: Case) throws {
+        let xd = try Self.data(c, seed: 11)
+        var g = SeededGenerator(seed: 12)
+        let dyd = try Tensor<Double>.randomNormal(shape: c.shape, using: &g)
+        let reference = try DecorrelatedBatchNorm<Double>(
+            channelCount: c.shape[1], groupSize: c.group)
+        let fast = try DecorrelatedBatchNorm<Float>(channelCount: c.shape[1], groupSize: c.group)
+        let gamma = (0..<c.shape[1]).map { 1 + 0.1 * Double($0 % 5) }
+        reference.scale = try Tensor(shape: [c.shape[1]], rounding: gamma)
+        fast.scale = try Tensor(shape: [c.shape[1]], rounding: gamma)
+        let xf = xd.converted(to: Float.self)
+        let dyf = dyd.converted(to: Float.self)
+        for mode in [Mode.training, .inference] {
+            let (yr, cr) = try reference.forward(xd, mode: mode)
+            let (yf, cf) = try fast.forward(xf, mode: mode)
+            #expect(cf.fast != nil, "the Float path was not taken")
+            Self.expectClose(yf, yr, "y \(mode)", c)
+            let gr = try reference.backward(dyd, cache: cr)
+            let gf = try fast.backward(dyf, cache: cf)
+            Self.expectClose(gf.input, gr.input, "dx \(mode)", c)
+            Self.expectClose(gf.scale, gr.scale, "dweight \(mode)", c)
+            Self.expectClose(gf.offset, gr.offset, "dbias \(mode)", c)
+            Self.expectClose(fast.runningMean, reference.runningMean, "running_mean", c)
+        }
+    }
+
+    @Test(arguments: cases)
+    func iterNormFloatEqualsDouble(_ c: Case) throws {
+        let xd = try Self.data(c, seed: 21)
+        var g = SeededGenerator(seed: 22)
+        let dyd = try Tensor<Double>.randomNormal(shape: c.shape, using: &g)
+        let reference = try IterNorm<Double>(channelCount: c.shape[1], groupSize: c.group)
+        let fast = try IterNorm<Float>(channelCount: c.shape[1], groupSize: c.group)
+        let xf = xd.converted(to: Float.self)
+        let dyf = dyd.converted(to: Float.self)
+        for mode in [Mode.training, .inference] {
+            let (yr, cr) = try reference.forward(xd, mode: mode)
+            let (yf, cf) = try fast.forward(xf, mode: mode)
+            #expect(cf.fast != nil, "the Float path was not taken")
+            Self.expectClose(yf, yr, "y \(mode)", c)
+            let gr = try reference.backward(dyd, cache: cr)
+            let gf = try fast.backward(dyf, cache: cf)
+            Self.expectClose(gf.input, gr.input, "dx \(mode)", c)
+            Self.expectClose(gf.scale, gr.scale, "dweight \(mode)", c)
+            Self.expectClose(gf.offset, gr.offset, "dbias \(mode)", c)
+        }
+    }
+
+    /// Results do not depend on how many threads the groups ran on.
+    @Test func floatPathIsThreadIndependent() throws {
+        let c = Case(shape: [4, 16, 7, 9], group: 4)
+        let x = try Self.data(c, seed: 31).converted(to: Float.self)
+        var outputs: [[Float]] = []
+        for threads in [1, 2] {
+            try Parallelism.$serialCutoffOverride.withValue(0) {
+                try Parallelism.$threadLimit.withValue(threads) {
+                    let layer = try IterNorm<Float>(channelCount: 16, groupSize: 4)
+                    let (y, cache) = try layer.forward(x, mode: .training)
+                    outputs.append(y.scalars + (try layer.backward(x, cache: cache)).input.scalars)
+                }
+            }
+        }
+        #expect(outputs[0] == outputs[1])
+    }
+}
