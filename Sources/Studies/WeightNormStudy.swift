@@ -243,10 +243,16 @@ public enum WeightNormStudy {
                 }
             )
         }
-        let top = series.flatMap { $0.points.map(\.1) }.max() ?? 1
-        body += Report.lineChart(
-            series: series, xLabel: "batch size", yLabel: "test error", logX: true,
-            yMax: min(1, max(top * 1.15, 0.01)))
+        var errorChart = Chart(
+            id: "ws-gn-batch-size", title: "Test error by batch size: WS + GN against BN",
+            xLabel: "batch size", yLabel: "test error", xScale: .log2,
+            series: series.map { s in
+                Chart.Series(
+                    name: s.name,
+                    points: s.points.map { Chart.Point(x: $0.0, y: $0.1, low: $0.1, high: $0.1) })
+            }, yIncludes: 0)
+        errorChart.chooseYScale()
+        body += "<figure>\n" + errorChart.svg() + "</figure>\n"
         body += "<h2>Largest singular value per layer, with and without spectral norm</h2>\n"
         var sigmaSeries: [(name: String, points: [(Double, Double)])] = []
         for sp in r.spectra {
@@ -258,8 +264,16 @@ public enum WeightNormStudy {
                     ))
             }
         }
-        body += Report.lineChart(
-            series: sigmaSeries, xLabel: "epoch", yLabel: "σ_max", logX: false)
+        var sigmaChart = Chart(
+            id: "spectral-sigma", title: "Largest singular value per layer over training",
+            xLabel: "epoch", yLabel: "σ_max",
+            series: sigmaSeries.map { s in
+                Chart.Series(
+                    name: s.name,
+                    points: s.points.map { Chart.Point(x: $0.0, y: $0.1, low: $0.1, high: $0.1) })
+            })
+        sigmaChart.chooseYScale()
+        body += "<figure>\n" + sigmaChart.svg() + "</figure>\n"
         body += "<pre>" + Report.escape(markdown(r)) + "</pre>\n"
         return body
     }

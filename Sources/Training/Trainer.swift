@@ -90,9 +90,11 @@ public struct TrainingConfig: Sendable, Hashable, Codable {
             "must be finite and ≥ 0")
         try check(
             (1...Limits.width).contains(width), "width", width, "must lie in 1…\(Limits.width)")
+        // Each slot reduces G to the largest divisor of its channel count not above it.
         try check(
-            groups >= 1 && groups <= width && width % groups == 0, "groups", groups,
-            "must be ≥ 1 and divide the width \(width)")
+            (1...Limits.width).contains(groups), "groups", groups,
+            "must lie in 1…\(Limits.width) (each slot uses the largest divisor of its channels ≤ G)"
+        )
         try check(
             (10...Limits.shapesCount).contains(shapesCount), "shapes count", shapesCount,
             "must lie in 10…\(Limits.shapesCount)")
@@ -359,6 +361,8 @@ public final class Trainer {
         return (loss, stop)
     }
 
+    /// Training throughput on one fixed batch.
+    ///
     /// Training throughput: after `warmup` steps, times `steps` SGD steps on one fixed batch
     /// (the first `batchSize` training examples), as `bench/train_torch.py` does for PyTorch.
     /// The model and optimiser state move on; use a fresh trainer for training.
