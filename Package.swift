@@ -104,7 +104,7 @@ let package = Package(
         .testTarget(name: "NormKitCLITests", dependencies: ["NormKitCLI", "NormTestSupport"]),
         /// Launches `mpirun -np 2` and `-np 3` on `normkit sync-check` and `normkit train`.
         /// (They never start MPI in the test process: an MPI singleton must not launch mpirun.)
-        .testTarget(name: "NormMPITests"),
+        .testTarget(name: "NormMPITests", dependencies: ["NormIO", "TensorCore"]),
         .testTarget(
             name: "TrainingTests",
             dependencies: ["Training", "Studies", "NormKitCLI", "NormTestSupport"]),

@@ -246,7 +246,22 @@ struct ApplyCommand: ParsableCommand {
         return o
     }
 
+    @Flag(
+        help: """
+            Under mpirun: rank r runs the r-th slice of the batch with synchronized statistics \
+            (batchnorm, switchnorm, sparseswitchnorm, batchrenorm); rank 0 writes what one \
+            process writes for the whole batch.
+            """)
+    var sync = false
+
+    @Option(help: "With --sync: samples per rank, e.g. 3,0,5 (default: as even as possible).")
+    var shardSizes: String?
+
     func run() throws {
+        if shardSizes != nil && !sync { throw ValidationError("--shard-sizes needs --sync") }
+        if sync && WeightLayerKind(rawValue: layer) != nil {
+            throw ValidationError("--sync applies to batch-statistics normalizers, not \(layer)")
+        }
         if let kind = WeightLayerKind(rawValue: layer) {
             return try weightLayer.request(
                 layer: kind, input: input, output: output, params: params, eval: eval, eps: eps,
@@ -274,7 +289,10 @@ struct ApplyCommand: ParsableCommand {
         if request.options.values["aggregations"] == nil {
             request.options.values["aggregations"] = "in,bn,ln,gn2"
         }
-        try request.run()
+        guard sync else { return try request.run() }
+        try Distributed.run { world in
+            try request.run(synchronizedOver: world, shardSizes: shardSizes)
+        }
     }
 }
 
@@ -332,17 +350,32 @@ public struct ApplyRequest: Sendable {
     /// Every output path is checked before anything is computed, and the outputs are written
     /// together at the end (all or none: an input that is also an output is never lost to a
     /// later failing write).
-    public func run() throws {
+    public func run() throws { try run(synchronizedOver: nil) }
+
+    /// Runs the request with the batch sharded over `world` (`apply --sync`): rank r computes
+    /// the r-th contiguous slice (`shardSizes` as `3,0,5`, default as even as possible) with
+    /// synchronized statistics, and rank 0 alone writes the gathered output, input gradient,
+    /// parameter gradients summed over the ranks and the updated state: the files one process
+    /// writes for the whole batch (see ``ShardedApply``).
+    public func run(synchronizedOver world: (any Communicator)?, shardSizes: String? = nil) throws {
         var outputs = try OutputSet(outputPaths)
         let x = try Numpy.read(contentsOf: input)
         let state = try params.map { try Safetensors.read(contentsOf: $0) }
+        let sharding = world.map { ($0, shardSizes) }
         switch x {
-        case .float32(let tensor): try compute(tensor, state: state, outputs: &outputs)
-        case .float64(let tensor): try compute(tensor, state: state, outputs: &outputs)
+        case .float32(let tensor):
+            try compute(tensor, state: state, sharding: sharding, outputs: &outputs)
+        case .float64(let tensor):
+            try compute(tensor, state: state, sharding: sharding, outputs: &outputs)
         case .int64: throw FileFormatError.unsupportedDType(format: "npy", dtype: "<i8")
         }
-        try outputs.commit()
+        if world?.isRoot ?? true { try outputs.commit() }
     }
+
+    /// The layers whose statistics ``ShardedApply`` can synchronize, by display name.
+    static let synchronizedLayers = [
+        "BatchNorm", "SwitchableNorm", "SparseSwitchableNorm", "BatchRenorm",
+    ]
 
     /// Every file the request writes, in a fixed order.
     var outputPaths: [String] {
@@ -355,7 +388,8 @@ public struct ApplyRequest: Sendable {
     }
 
     private func compute<T: NormScalar>(
-        _ x: Tensor<T>, state file: Safetensors.File?, outputs: inout OutputSet
+        _ x: Tensor<T>, state file: Safetensors.File?,
+        sharding: ((any Communicator), String?)?, outputs: inout OutputSet
     ) throws {
         // Integer entries (num_batches_tracked, Sparse SN's mean_fixed) are counters.
         var loaded = NormState<T>()
@@ -387,13 +421,42 @@ public struct ApplyRequest: Sendable {
             throw NormError.invalidCondition(
                 name: name, problem: "\(layer.displayName) takes no conditioning input")
         }
-        let y = try layer.normalize(x, mode: mode)
-        let auxiliary = (layer as? any ConditionalNormalizing<T>)?.auxiliaryOutputs ?? [:]
+        let y: Tensor<T>
         var gradients: NormGradients<T>?
-        if let gradOutput {
-            gradients = try layer.backward(
-                try Numpy.read(contentsOf: gradOutput).tensor(as: T.self))
+        if let (world, spec) = sharding {
+            guard Self.synchronizedLayers.contains(layer.displayName),
+                let synchronizable = layer as? any SynchronizableStatistics
+            else {
+                throw NormError.invalidHyperparameter(
+                    name: "--sync", value: self.layer,
+                    requirement: "needs one of batchnorm, switchnorm, sparseswitchnorm, batchrenorm"
+                )
+            }
+            synchronizable.communicator = world
+            let dy = try gradOutput.map { try Numpy.read(contentsOf: $0).tensor(as: T.self) }
+            let sizes = try ShardedApply.shardSizes(
+                batch: x.shape.first ?? 0, ranks: world.size, spec: spec)
+            let result = try ShardedApply.run(
+                input: x, outputGradient: dy, shardSizes: sizes, communicator: world,
+                forward: { try layer.normalize($0, mode: mode) },
+                backward: { d in
+                    let g = try layer.backward(d)
+                    return (g.input, g.parameters)
+                })
+            // Running statistics are the same on every rank; rank 0 writes.
+            guard let result else { return }
+            y = result.output
+            if let dx = result.inputGradient {
+                gradients = NormGradients(input: dx, parameters: result.parameterGradients)
+            }
+        } else {
+            y = try layer.normalize(x, mode: mode)
+            if let gradOutput {
+                gradients = try layer.backward(
+                    try Numpy.read(contentsOf: gradOutput).tensor(as: T.self))
+            }
         }
+        let auxiliary = (layer as? any ConditionalNormalizing<T>)?.auxiliaryOutputs ?? [:]
         let updated = updatedParams == nil ? nil : try layer.state()
 
         // Outputs keep the shapes the parameter file used (the official SwitchNorm2d stores γ as

@@ -78,7 +78,7 @@ public enum ShardedApply {
     ///   - forward: the layer's training forward on a slice.
     ///   - backward: the layer's backward for that call: dx and parameter gradients by key.
     /// - Returns: the gathered results on rank 0, nil on the other ranks.
-    public static func run<Scalar: NormScalar & CommunicatorScalar>(
+    public static func run<Scalar: NormScalar>(
         input: Tensor<Scalar>, outputGradient: Tensor<Scalar>?, shardSizes: [Int],
         communicator: any Communicator,
         forward: (Tensor<Scalar>) throws -> Tensor<Scalar>,
@@ -114,30 +114,31 @@ public enum ShardedApply {
     }
 
     /// Concatenates every rank's slice along the batch axis, in rank order.
-    static func gather<Scalar: NormScalar & CommunicatorScalar>(
+    static func gather<Scalar: NormScalar>(
         _ part: Tensor<Scalar>, like whole: Tensor<Scalar>, over communicator: any Communicator
     ) throws -> Tensor<Scalar> {
-        let parts = try communicator.allGather(part.scalars)
-        return try Tensor(shape: whole.shape, scalars: parts.flatMap { $0 })
+        // Exchanged as float64: exact for Float and Double alike.
+        let parts = try communicator.allGather(part.scalars.map(Double.init))
+        return try Tensor(shape: whole.shape, rounding: parts.flatMap { $0 })
     }
 
     /// Sums tensors by key over the ranks in ONE all-reduce (keys sorted; every rank must hold
     /// the same keys and shapes).
-    public static func sumOverRanks<Scalar: NormScalar & CommunicatorScalar>(
+    public static func sumOverRanks<Scalar: NormScalar>(
         _ tensors: [String: Tensor<Scalar>], over communicator: any Communicator
     ) throws -> [String: Tensor<Scalar>] {
         let keys = tensors.keys.sorted()
         try communicator.requireSameValue(
             keys.map { "\($0)\(tensors[$0]!.shape)" }.joined(separator: ";"),
             of: "parameter gradients")
-        var buffer = keys.flatMap { tensors[$0]!.scalars }
+        var buffer = keys.flatMap { tensors[$0]!.scalars.map(Double.init) }
         try communicator.allReduceSum(&buffer)
         var out: [String: Tensor<Scalar>] = [:]
         var offset = 0
         for key in keys {
             let t = tensors[key]!
             out[key] = try Tensor(
-                shape: t.shape, scalars: Array(buffer[offset..<(offset + t.count)]))
+                shape: t.shape, rounding: Array(buffer[offset..<(offset + t.count)]))
             offset += t.count
         }
         return out

@@ -1,4 +1,6 @@
 import Foundation
+import NormIO
+import TensorCore
 import Testing
 
 /// Runs `normkit` under `mpirun --oversubscribe --allow-run-as-root -np K` and checks that the
@@ -143,6 +145,51 @@ struct MPIRunTests {
             ])
         #expect(!run.timedOut && run.status != 0, "\(run.output)")
         #expect(run.output.contains("sync-check options differs between ranks"), "\(run.output)")
+    }
+
+    @Test(arguments: ["batchnorm", "switchnorm", "batchrenorm"])
+    func applyWithSyncWritesWhatOneProcessWrites(_ layer: String) throws {
+        let dir = NSTemporaryDirectory() + "normkit-mpi-apply-\(layer)-\(getpid())/"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var g = SeededGenerator(seed: 9)
+        try Numpy.write(
+            try Tensor<Double>.randomNormal(shape: [8, 3, 2, 2], mean: 5, using: &g),
+            to: dir + "x.npy")
+        try Numpy.write(
+            try Tensor<Double>.randomNormal(shape: [8, 3, 2, 2], using: &g), to: dir + "dy.npy")
+        func arguments(_ tag: String) -> [String] {
+            [
+                "apply", layer, "--input", dir + "x.npy", "--output", dir + "y\(tag).npy",
+                "--grad-output", dir + "dy.npy", "--grad-input", dir + "dx\(tag).npy",
+                "--grad-params", dir + "g\(tag).safetensors", "--updated-params",
+                dir + "u\(tag).safetensors",
+            ]
+        }
+        let single = try Self.launch([Self.normkit] + arguments("1"))
+        #expect(single.status == 0, "\(single.output)")
+        let sharded = try Self.mpirun(3, arguments("3") + ["--sync", "--shard-sizes", "3,0,5"])
+        #expect(!sharded.timedOut && sharded.status == 0, "\(sharded.output)")
+        func maxDifference(_ a: [Double], _ b: [Double]) -> Double {
+            a.count == b.count ? zip(a, b).map { abs($0 - $1) }.max() ?? 0 : .infinity
+        }
+        for name in ["y", "dx"] {
+            let a = try Numpy.read(contentsOf: dir + "\(name)1.npy").tensor(as: Double.self)
+            let b = try Numpy.read(contentsOf: dir + "\(name)3.npy").tensor(as: Double.self)
+            #expect(maxDifference(a.scalars, b.scalars) < 1e-10, "\(layer) \(name)")
+        }
+        for name in ["g", "u"] {
+            let a = try Safetensors.read(contentsOf: dir + "\(name)1.safetensors")
+            let b = try Safetensors.read(contentsOf: dir + "\(name)3.safetensors")
+            #expect(a.tensors.keys.sorted() == b.tensors.keys.sorted(), "\(layer) \(name) keys")
+            for (key, value) in a.tensors {
+                guard let other = b.tensors[key] else { continue }
+                #expect(value.shape == other.shape, "\(layer) \(name) \(key) shape")
+                let d = maxDifference(
+                    value.tensor(as: Double.self).scalars, other.tensor(as: Double.self).scalars)
+                #expect(d < 1e-10, "\(layer) \(name) \(key): \(d)")
+            }
+        }
     }
 
     @Test func withoutMPIRunItIsOneProcess() throws {
