@@ -22,7 +22,7 @@ let package = Package(
             name: "NormKit",
             dependencies: [
                 "TensorCore", "NormKernels", "Normalization", "NormIO", "LinearAlgebra",
-                "Whitening",
+                "Whitening", "Conditional",
             ]
         ),
         .executableTarget(
@@ -46,6 +46,16 @@ let package = Package(
         /// LAPACKE on Linux (Accelerate provides LAPACK on Apple platforms).
         .systemLibrary(
             name: "CLAPACKE", pkgConfig: "lapacke", providers: [.apt(["liblapacke-dev"])]),
+        /// zlib, to read gzip-compressed data sets (Fashion-MNIST) without a hand-written inflater.
+        .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
+        /// Open MPI's C API (Debian's libopenmpi-dev; only the distribution target uses it).
+        .systemLibrary(
+            name: "CMPI", pkgConfig: "ompi-c",
+            providers: [.apt(["libopenmpi-dev", "openmpi-bin"]), .brew(["open-mpi"])]),
+        /// `MPICommunicator`: synchronized statistics and data-parallel training over Open MPI;
+        /// only the command-line tool and the MPI tests depend on it, so the library builds
+        /// without MPI.
+        .target(name: "NormMPI", dependencies: ["Normalization", "CMPI"]),
         /// GEMM and the small dense matrices of the whitening algebra, over BLAS and LAPACK.
         .target(
             name: "LinearAlgebra",
@@ -58,11 +68,15 @@ let package = Package(
         .target(
             name: "Whitening",
             dependencies: ["TensorCore", "NormKernels", "Normalization", "LinearAlgebra"]),
+        /// Conditional normalizers that need GEMM (SPADE's convolutions).
+        .target(
+            name: "Conditional",
+            dependencies: ["TensorCore", "NormKernels", "Normalization", "LinearAlgebra"]),
         /// Layers for small networks, optimisers, data, checkpoints.
         .target(
             name: "Training",
-            dependencies: ["NormKit", "LinearAlgebra"],
-            exclude: ["Resources/README.md"],
+            dependencies: ["NormKit", "LinearAlgebra", "CZlib"],
+            exclude: ["Resources/README.md", "FashionMNIST.md"],
             resources: [.copy("Resources/digits.safetensors")]),
         /// Experiments and their HTML/SVG reports, above the training harness.
         .target(name: "Studies", dependencies: ["NormKit", "Training"]),
@@ -74,6 +88,7 @@ let package = Package(
                 "NormKit",
                 "Training",
                 "Studies",
+                "NormMPI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -87,6 +102,8 @@ let package = Package(
         .testTarget(name: "NormalizationTests", dependencies: ["NormKit", "NormTestSupport"]),
         .testTarget(name: "NormIOTests", dependencies: ["NormIO", "NormTestSupport"]),
         .testTarget(name: "NormKitCLITests", dependencies: ["NormKitCLI", "NormTestSupport"]),
+        /// Launches `mpirun -np 2` and `-np 3` on `normkit sync-check` and `normkit train`.
+        .testTarget(name: "NormMPITests", dependencies: ["NormMPI", "NormTestSupport"]),
         .testTarget(
             name: "TrainingTests",
             dependencies: ["Training", "Studies", "NormKitCLI", "NormTestSupport"]),

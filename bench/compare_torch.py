@@ -30,7 +30,12 @@ SHAPES = {
     "batchnorm": [(32, 64, 56, 56), (8, 256, 28, 28), (2, 64, 112, 112), (256, 512, 7, 7)],
     "groupnorm": [(32, 64, 56, 56), (8, 256, 28, 28), (2, 64, 112, 112), (256, 512, 7, 7)],
     "instancenorm": [(32, 64, 56, 56), (8, 256, 28, 28), (2, 64, 112, 112), (256, 512, 7, 7)],
+    # The LLM-era layers (issue 13): DyT and the fused residual add + RMSNorm, whose NormKit
+    # forward is the fused kernel (PyTorch eager: h = x + r, then F.rms_norm).
+    "dyt": [(4096, 4096), (8192, 1024)],
+    "addrmsnorm": [(4096, 4096), (8192, 1024)],
 }
+ROW_LAYERS = ("layernorm", "rmsnorm", "dyt", "addrmsnorm")
 
 
 def torch_call(layer, x, params, training):
@@ -46,6 +51,10 @@ def torch_call(layer, x, params, training):
         return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
     if layer == "rmsnorm":
         return F.rms_norm(x, (x.shape[-1],), w, None)
+    if layer == "dyt":  # DynamicTanh, channels-last
+        return torch.tanh(params["alpha"] * x) * w + b
+    if layer == "addrmsnorm":
+        return F.rms_norm(x + params["residual"], (x.shape[-1],), w, 1e-6)
     raise ValueError(layer)
 
 
@@ -54,10 +63,14 @@ def time_torch(layer, shape, layout, pass_, repeats):
     x = torch.randn(shape, generator=g) + 0.5
     if layout == "nhwc":
         x = x.contiguous(memory_format=torch.channels_last)
-    c = shape[1] if layer not in ("layernorm", "rmsnorm") else shape[-1]
+    c = shape[1] if layer not in ROW_LAYERS else shape[-1]
     params = {"weight": torch.ones(c, requires_grad=True)}
-    if layer != "rmsnorm":
+    if layer not in ("rmsnorm", "addrmsnorm"):
         params["bias"] = torch.zeros(c, requires_grad=True)
+    if layer == "dyt":
+        params["alpha"] = torch.full((1,), 0.5, requires_grad=True)
+    if layer == "addrmsnorm":
+        params["residual"] = torch.randn(shape, generator=g).requires_grad_(True)
     if layer == "batchnorm":
         params["running_mean"] = torch.zeros(c)
         params["running_var"] = torch.ones(c)
@@ -75,7 +88,7 @@ def time_torch(layer, shape, layout, pass_, repeats):
     elif pass_ == "backward":
         xg = x.clone().requires_grad_(True)
         y = torch_call(layer, xg, params, True)
-        inputs = [xg] + [p for k, p in params.items() if k in ("weight", "bias")]
+        inputs = [xg] + [p for k, p in params.items() if k in ("weight", "bias", "alpha", "residual")]
 
         def step():
             torch.autograd.grad(y, inputs, dy, retain_graph=True)

@@ -1,9 +1,16 @@
 import Foundation
 import TensorCore
 
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
 /// Reader and writer of NumPy's `.npy` format, versions 1.0 to 3.0.
 ///
-/// Accepted: little-endian float32 (`<f4`) and float64 (`<f8`) in C order (Fortran order is
+/// Accepted: little-endian float32 (`<f4`), float64 (`<f8`) and int64 (`<i8`: class labels) in
+/// C order (Fortran order is
 /// accepted for rank ≤ 1, where it is the same). Written: version 1.0 (2.0 when the header
 /// does not fit 65,535 bytes), header padded so the data starts on a 64-byte boundary.
 ///
@@ -27,7 +34,8 @@ public enum Numpy {
         try read(contentsOf: path).tensor(as: T.self)
     }
 
-    /// Writes a tensor to a file (replacing it atomically).
+    /// Writes a tensor to a file through ``OutputFile/write(_:to:)`` (a regular file is
+    /// replaced atomically; `/dev/null`, FIFOs and symbolic links are written through).
     public static func write<T: NormScalar>(_ tensor: Tensor<T>, to path: String)
         throws(FileFormatError)
     {
@@ -77,7 +85,7 @@ public enum Numpy {
         let itemSize: Int
         switch header.descr {
         case "<f4": itemSize = 4
-        case "<f8": itemSize = 8
+        case "<f8", "<i8": itemSize = 8
         default: throw .unsupportedDType(format: format, dtype: header.descr)
         }
         if header.fortranOrder && header.shape.filter({ $0 > 1 }).count > 1 {
@@ -85,14 +93,22 @@ public enum Numpy {
                 format: format, reason: "Fortran-order arrays are not supported; save in C order")
         }
         let (needed, overflow) = count.multipliedReportingOverflow(by: itemSize)
+        guard !overflow else {
+            throw .malformedHeader(
+                format: format, reason: "shape \(header.shape) has more bytes than memory can hold")
+        }
         let available = bytes.count - dataStart
-        guard !overflow, needed == available else {
+        guard needed == available else {
             throw .sizeMismatch(
-                format: format, name: "array \(header.shape)",
-                expectedBytes: overflow ? Int.max : needed,
+                format: format, name: "array \(header.shape)", expectedBytes: needed,
                 actualBytes: available)
         }
         return bytes.withUnsafeBytes { raw in
+            if header.descr == "<i8" {
+                return .int64(
+                    shape: header.shape, values: ByteReader.int64s(raw, at: dataStart, count: count)
+                )
+            }
             if itemSize == 4 {
                 return .float32(
                     Tensor(
@@ -165,11 +181,14 @@ struct NumpyHeader: Equatable {
         var descr: String?
         var fortran: Bool?
         var shape: [Int]?
+        var seen = Set<String>()
         guard scanner.consume("{") else { throw fail("the header is not a dict literal") }
         while true {
             if scanner.consume("}") { break }
             guard let key = scanner.string() else { throw fail("expected a quoted key") }
             guard scanner.consume(":") else { throw fail("expected ':' after '\(key)'") }
+            guard !seen.contains(key) else { throw fail("the key '\(key)' appears twice") }
+            seen.insert(key)
             switch key {
             case "descr":
                 guard let value = scanner.string() else { throw fail("'descr' must be a string") }
@@ -194,6 +213,8 @@ struct NumpyHeader: Equatable {
             guard scanner.consume("}") else { throw fail("expected ',' or '}'") }
             break
         }
+        // NumPy pads the dict with spaces and ends it with a newline; anything else is junk.
+        guard scanner.isAtEnd else { throw fail("unexpected text after the header dict") }
         guard let descr, let fortran, let shape else {
             throw fail("the header must have 'descr', 'fortran_order' and 'shape'")
         }
@@ -210,6 +231,14 @@ struct LiteralScanner {
 
     private mutating func skipSpace() {
         while position < scalars.count, scalars[position].properties.isWhitespace { position += 1 }
+    }
+
+    /// True when only whitespace is left.
+    var isAtEnd: Bool {
+        mutating get {
+            skipSpace()
+            return position == scalars.count
+        }
     }
 
     mutating func consume(_ token: String) -> Bool {
@@ -267,23 +296,31 @@ struct LiteralScanner {
     }
 }
 
-/// Whole-file reads and atomic writes.
+/// Whole-file reads, and writes through ``OutputFile``.
 enum FileBytes {
     static func read(_ path: String) throws(FileFormatError) -> [UInt8] {
+        var info = stat()
+        if stat(path, &info) == 0, info.st_mode & S_IFMT == S_IFDIR {
+            throw .io(path: path, reason: "it is a directory, not a file")
+        }
         do {
             return [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
         } catch {
-            let reason =
-                FileManager.default.fileExists(atPath: path) ? "it cannot be read" : "no such file"
-            throw .io(path: path, reason: reason)
+            guard FileManager.default.fileExists(atPath: path) else {
+                // Arguments that were not valid UTF-8 reach Swift with U+FFFD in place of the
+                // bad bytes, so the name no longer matches the file on disk.
+                throw .io(
+                    path: path,
+                    reason: path.unicodeScalars.contains("\u{FFFD}")
+                        ? "no such file (its name contains U+FFFD; a file name that is not valid "
+                            + "UTF-8 cannot be passed to NormKit, rename the file)"
+                        : "no such file")
+            }
+            throw .io(path: path, reason: "it cannot be read")
         }
     }
 
     static func write(_ bytes: [UInt8], to path: String) throws(FileFormatError) {
-        do {
-            try Data(bytes).write(to: URL(fileURLWithPath: path), options: .atomic)
-        } catch {
-            throw .io(path: path, reason: "it cannot be written (\(error.localizedDescription))")
-        }
+        try OutputFile.write(bytes, to: path)
     }
 }

@@ -4,7 +4,8 @@ import TensorCore
 /// Reader and writer of the safetensors format: an 8-byte little-endian header length, a JSON
 /// header `{name: {"dtype", "shape", "data_offsets"}, "__metadata__": {…}}`, then the data.
 ///
-/// Accepted dtypes: `F32`, `F64`, `I64`. The reader checks that the header fits the file, that
+/// Accepted dtypes: `F32`, `F64`, `I64`. The reader checks that the header is strict JSON (no
+/// key twice: the reference implementation refuses duplicates too), that it fits the file, that
 /// every tensor's byte range lies inside the data section, matches its shape and dtype, and
 /// overlaps no other tensor, before it allocates anything.
 public enum Safetensors {
@@ -41,7 +42,8 @@ public enum Safetensors {
         try decode(try FileBytes.read(path))
     }
 
-    /// Writes a file (replacing it atomically).
+    /// Writes a file through ``OutputFile/write(_:to:)`` (a regular file is replaced
+    /// atomically; `/dev/null`, FIFOs and symbolic links are written through).
     public static func write(_ file: File, to path: String) throws(FileFormatError) {
         try FileBytes.write(encode(file), to: path)
     }
@@ -63,46 +65,57 @@ public enum Safetensors {
                 reason: "the header length \(declared) exceeds the file size \(bytes.count)")
         }
         let headerLength = Int(declared)
-        let json: Any
+        let json: StrictJSON
         do {
-            json = try JSONSerialization.jsonObject(with: Data(bytes[8..<(8 + headerLength)]))
+            json = try StrictJSON.parse(bytes[8..<(8 + headerLength)])
         } catch {
-            throw fail("the header is not valid JSON")
+            throw fail("the header is not valid JSON: \(error.reason) at byte \(error.offset)")
         }
-        guard let object = json as? [String: Any] else {
+        guard case .object(let members) = json else {
             throw fail("the header is not a JSON object")
         }
         let dataStart = 8 + headerLength
         let dataLength = bytes.count - dataStart
         var result = File()
         var ranges: [(Int, Int, String)] = []
-        for (name, value) in object {
+        for (name, value) in members {
             if name == "__metadata__" {
-                guard let metadata = value as? [String: Any] else {
+                guard case .object(let metadata) = value else {
                     throw fail("__metadata__ is not an object")
                 }
                 for (key, item) in metadata {
-                    guard let text = item as? String else {
+                    guard case .string(let text) = item else {
                         throw fail("__metadata__['\(key)'] is not a string")
                     }
                     result.metadata[key] = text
                 }
                 continue
             }
-            guard let entry = value as? [String: Any], let dtype = entry["dtype"] as? String,
-                let shapeValues = entry["shape"] as? [Any],
-                let offsetValues = entry["data_offsets"] as? [Any]
+            guard case .object(let fields) = value,
+                case .string(let dtype)? = fields.first(where: { $0.key == "dtype" })?.value,
+                case .array(let shapeValues)? = fields.first(where: { $0.key == "shape" })?.value,
+                case .array(let offsetValues)? = fields.first(where: { $0.key == "data_offsets" })?
+                    .value
             else { throw fail("tensor '\(name)' needs dtype, shape and data_offsets") }
-            guard let shape = integers(shapeValues), shape.allSatisfy({ $0 >= 0 }) else {
+            let shape = shapeValues.compactMap(\.integer)
+            guard shape.count == shapeValues.count, shape.allSatisfy({ $0 >= 0 }) else {
                 throw fail(
                     "tensor '\(name)' has a shape that is not a list of non-negative integers")
             }
-            guard let offsets = integers(offsetValues), offsets.count == 2, offsets[0] >= 0,
-                offsets[0] <= offsets[1], offsets[1] <= dataLength
-            else {
-                throw FileFormatError.sizeMismatch(
-                    format: format, name: name, expectedBytes: (integers(offsetValues)?.last) ?? -1,
-                    actualBytes: dataLength)
+            let offsets = offsetValues.compactMap(\.integer)
+            guard offsets.count == 2, offsetValues.count == 2 else {
+                throw fail("tensor '\(name)': data_offsets must be two integers [begin, end]")
+            }
+            guard offsets[0] >= 0, offsets[0] <= offsets[1] else {
+                throw fail(
+                    "tensor '\(name)': data_offsets [\(offsets[0]), \(offsets[1])] must satisfy "
+                        + "0 ≤ begin ≤ end")
+            }
+            guard offsets[1] <= dataLength else {
+                throw fail(
+                    "tensor '\(name)': data_offsets [\(offsets[0]), \(offsets[1])] end past the "
+                        + "\(dataLength)-byte data section (the file is truncated or its header lies)"
+                )
             }
             let itemSize: Int
             switch dtype {
@@ -115,9 +128,12 @@ public enum Safetensors {
                 throw fail("tensor '\(name)': \(error)")
             }
             let (needed, overflow) = count.multipliedReportingOverflow(by: itemSize)
-            guard !overflow, needed == offsets[1] - offsets[0] else {
+            guard !overflow else {
+                throw fail("tensor '\(name)': shape \(shape) has more bytes than memory can hold")
+            }
+            guard needed == offsets[1] - offsets[0] else {
                 throw .sizeMismatch(
-                    format: format, name: name, expectedBytes: overflow ? Int.max : needed,
+                    format: format, name: name, expectedBytes: needed,
                     actualBytes: offsets[1] - offsets[0])
             }
             ranges.append((offsets[0], offsets[1], name))
@@ -185,18 +201,6 @@ public enum Safetensors {
         out += header
         out += data
         return out
-    }
-
-    /// Integers out of JSON numbers; nil when any is not a whole number.
-    private static func integers(_ values: [Any]) -> [Int]? {
-        var result: [Int] = []
-        for value in values {
-            guard let number = value as? NSNumber else { return nil }
-            let double = number.doubleValue
-            guard double.rounded() == double, abs(double) < 9e15 else { return nil }
-            result.append(number.intValue)
-        }
-        return result
     }
 
     private static func jsonString(_ text: String) -> String {

@@ -39,6 +39,11 @@ extension FastNormKernel {
             chunkCount = (setCount + setsPerChunk - 1) / setsPerChunk
         }
 
+        /// Groups of consecutive sets for the passes that keep partial parameter gradients: one
+        /// per 32K elements, at most 64 (parenthesised: `>>` binds tighter than `*` in Swift, and
+        /// `rows * length >> 15` once put every row backward on one thread).
+        var gradientGroups: Int { max(1, min(setCount, 64, (rows * length) >> 15)) }
+
         /// Sets of group k when the sets are cut into `groups` groups of consecutive sets.
         func group(_ k: Int, of groups: Int) -> Range<Int> {
             let lower = k * setCount / groups
@@ -179,9 +184,9 @@ extension FastNormKernel {
         gamma: UnsafePointer<Float>?,
         dx: UnsafeMutablePointer<Float>, dgamma: inout [Double], dbeta: inout [Double]
     ) {
-        // Groups of consecutive sets, one per 64K elements and at most 64, fixed by the sizes
-        // alone: each keeps partial parameter gradients, merged in group order afterwards.
-        let chunks = max(1, min(plan.setCount, 64, plan.rows * plan.length >> 16))
+        // Groups of consecutive sets, fixed by the sizes alone: each keeps partial parameter
+        // gradients, merged in group order afterwards.
+        let chunks = plan.gradientGroups
         let hasGamma = gamma != nil
         let parameterCount = dgamma.count
         var partialGamma = [Double](repeating: 0, count: hasGamma ? chunks * parameterCount : 0)
@@ -339,7 +344,7 @@ extension FastNormKernel {
         _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: RowPlan, mean: [Double],
         rstd: [Double], gamma: UnsafePointer<Float>?, parameterCount: Int
     ) -> GradientSums {
-        let chunks = max(1, min(plan.setCount, 64, plan.rows * plan.length >> 16))
+        let chunks = plan.gradientGroups
         let hasGamma = gamma != nil
         var result = GradientSums(
             sumG: [Double](repeating: 0, count: plan.setCount),

@@ -95,6 +95,9 @@ public enum Benchmark {
         let entry = try NormalizerRegistry.all.entry(named: name)
         let layer = try entry.builder.make(
             NormalizerRequest(inputShape: shape, options: options), as: Float.self)
+        if let conditional = layer as? any ConditionalNormalizing<Float> {
+            try conditional.setConditions(syntheticConditions(conditional, shape: shape, using: &g))
+        }
         let call: () throws -> Float
         if let standard = layer as? NormLayer<Float> {
             call = try standardPass(standard, x: x, dy: dy, pass: pass, kernels: kernels)
@@ -126,6 +129,39 @@ public enum Benchmark {
             repeats: repeats, medianMilliseconds: median * 1e3, minimumMilliseconds: times[0] * 1e3,
             effectiveGBps: bytes / median / 1e9, bandwidthGBps: copyBandwidth(threads: threads),
             kernels: kernels)
+    }
+
+    /// Random conditioning inputs of the shapes a conditional layer reads, for timing it.
+    static func syntheticConditions(
+        _ layer: any ConditionalNormalizing<Float>, shape: [Int], using g: inout SeededGenerator
+    ) throws -> [String: Tensor<Float>] {
+        let n = shape.first ?? 1
+        switch layer {
+        case is AdaIN<Float>:
+            return ["style": try .randomNormal(shape: shape, using: &g)]
+        case let cbn as ConditionalBatchNorm<Float>:
+            switch cbn.source {
+            case .embedding(let classes):
+                return ["labels": Tensor((0..<n).map { Float($0 % classes) })]
+            case .linear(let d, _):
+                return ["condition": try .randomNormal(shape: [n, d], using: &g)]
+            }
+        case let spade as SPADE<Float>:
+            var segmap = shape
+            segmap[1] = spade.labelCount
+            return ["segmap": try .randomNormal(shape: segmap, using: &g)]
+        case let adaln as AdaLN<Float>:
+            return [
+                "condition": try .randomNormal(shape: [n, adaln.conditionDimension], using: &g)
+            ]
+        default:
+            // Fused add + RMSNorm and any other layer whose conditions have the input's shape.
+            var out: [String: Tensor<Float>] = [:]
+            for name in layer.conditionNames {
+                out[name] = try .randomNormal(shape: shape, using: &g)
+            }
+            return out
+        }
     }
 
     /// One pass of a standard layer into reused buffers.

@@ -4,5 +4,5 @@ extension NormalizerRegistry {
     ///
     /// Adding a normalizer: write the layer (conforming to `Normalizing`) and a
     /// `NormalizerBuilder` in one file, then add its `NormalizerEntry` to the list here.
-    public static let all = NormalizerRegistry(builtin + whitening)
+    public static let all = NormalizerRegistry(builtin + whitening + conditional + spatial)
 }

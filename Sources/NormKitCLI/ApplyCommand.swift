@@ -52,8 +52,10 @@ struct ApplyCommand: ParsableCommand {
     )
     var normalizedDims: Int?
 
-    @Option(help: "Channel axis position: nchw (default) or nhwc.")
-    var layout: String = "nchw"
+    @Option(
+        help:
+            "Channel axis position: nchw (default; dyt: nhwc below rank 4) or nhwc.")
+    var layout: String?
 
     @Option(help: "Affine parameters: true or false (default: PyTorch's default for the layer).")
     var affine: Bool?
@@ -95,6 +97,69 @@ struct ApplyCommand: ParsableCommand {
     @Option(help: "switchwhiten: 2, 3 or 5 components.")
     var swType: Int = 5
 
+    @Option(help: "adain: the style tensor (.npy, [N, C, spatial…]).")
+    var style: String?
+
+    @Option(help: "adain: where to write dL/dstyle (.npy).")
+    var gradStyle: String?
+
+    @Option(help: "adain: content–style interpolation α (default 1); dyt: α's initial value.")
+    var alpha: Double?
+
+    @Option(
+        help:
+            "adain: true for the PyTorch port's unbiased statistics with ε (default), false for the original Torch code's."
+    )
+    var unbiased: Bool?
+
+    @Option(help: "conditionalbn: class labels (.npy, int64 [N]).")
+    var labels: String?
+
+    @Option(help: "conditionalbn: number of classes K (default: rows of weights.weight).")
+    var classes: Int?
+
+    @Option(help: "conditionalbn, adaln: conditioning vectors (.npy, [N, D]).")
+    var condition: String?
+
+    @Option(help: "conditionalbn, adaln: where to write dL/dcondition (.npy).")
+    var gradCondition: String?
+
+    @Option(help: "spade: segmentation map (.npy, [N, labels, H, W]).")
+    var segmap: String?
+
+    @Option(help: "spade: where to write dL/dsegmap (.npy).")
+    var gradSegmap: String?
+
+    @Option(help: "spade: configuration, spadebatch3x3 (default), spadeinstance3x3, …")
+    var spadeConfig: String?
+
+    @Option(help: "spade: hidden width (default 128, or from mlp_shared.0.weight).")
+    var hidden: Int?
+
+    @Option(help: "addrmsnorm: the residual r (.npy, the input's shape).")
+    var residual: String?
+
+    @Option(help: "addrmsnorm: where to write the new residual x + r (.npy).")
+    var residualOutput: String?
+
+    @Option(help: "addrmsnorm: where to write dL/dr (.npy).")
+    var gradResidual: String?
+
+    @Option(
+        help:
+            "conditionalbn: γ = 1 + Linear(e) (BigGAN); addrmsnorm, qknorm: γ = 1 + w. true or false (default)."
+    )
+    var unitOffset: Bool?
+
+    @Option(help: "adaln: predict a gate as well as shift and scale (default true).")
+    var gate: Bool?
+
+    @Flag(help: "adaln: FiLM, no LayerNorm and no SiLU.")
+    var film = false
+
+    @Option(help: "dyt: learn the offset b (default true, or whether --params has bias).")
+    var bias: Bool?
+
     @Option(help: "Output gradient dL/dy (.npy); needs --grad-input.")
     var gradOutput: String?
 
@@ -111,15 +176,22 @@ struct ApplyCommand: ParsableCommand {
         if WeightLayerKind(rawValue: layer) == nil {
             _ = try NormalizerRegistry.all.entry(named: layer)
         }
-        guard Layout(rawValue: layout.lowercased()) != nil else {
+        if let layout, Layout(rawValue: layout.lowercased()) == nil {
             throw ValidationError("unknown layout '\(layout)'; expected nchw or nhwc")
         }
-        if gradOutput != nil && gradInput == nil && gradParams == nil {
+        let conditionGradients = [gradStyle, gradCondition, gradSegmap, gradResidual]
+        if gradOutput != nil && gradInput == nil && gradParams == nil
+            && conditionGradients.allSatisfy({ $0 == nil })
+        {
             throw ValidationError(
                 "--grad-output needs --grad-input or --grad-params to say where gradients go")
         }
-        if (gradInput != nil || gradParams != nil) && gradOutput == nil {
-            throw ValidationError("--grad-input and --grad-params need --grad-output (dL/dy)")
+        if (gradInput != nil || gradParams != nil || conditionGradients.contains { $0 != nil })
+            && gradOutput == nil
+        {
+            throw ValidationError(
+                "--grad-input, --grad-params and the --grad-<condition> options need "
+                    + "--grad-output (dL/dy)")
         }
         _ = try parsedMomentum()
     }
@@ -142,7 +214,7 @@ struct ApplyCommand: ParsableCommand {
         o.momentum = try parsedMomentum()
         o.groups = groups
         o.normalizedDims = normalizedDims
-        o.layout = Layout(rawValue: layout.lowercased()) ?? .channelsFirst
+        o.layout = layout.flatMap { Layout(rawValue: $0.lowercased()) } ?? .channelsFirst
         o.affine = affine
         o.trackRunningStatistics = trackRunningStats
         var v: [String: String] = [:]
@@ -159,6 +231,17 @@ struct ApplyCommand: ParsableCommand {
         v["group-size"] = groupSize.map { "\($0)" }
         v["iterations"] = "\(iterations)"
         v["sw-type"] = "\(swType)"
+        // Conditional and LLM-era layers (given only when set, so builders see their defaults).
+        v["layout"] = layout
+        v["alpha"] = alpha.map { "\($0)" }
+        v["unbiased"] = unbiased.map { "\($0)" }
+        v["classes"] = classes.map { "\($0)" }
+        v["config"] = spadeConfig
+        v["hidden"] = hidden.map { "\($0)" }
+        v["unit-offset"] = unitOffset.map { "\($0)" }
+        v["gate"] = gate.map { "\($0)" }
+        v["film"] = film ? "true" : nil
+        v["bias"] = bias.map { "\($0)" }
         o.values = v.compactMapValues { $0 }
         return o
     }
@@ -176,6 +259,17 @@ struct ApplyCommand: ParsableCommand {
             mode: eval ? .inference : .training, options: try normalizerOptions(),
             gradOutput: gradOutput, gradInput: gradInput, gradParams: gradParams,
             updatedParams: updatedParams)
+        // Conditioning inputs by the names the layers read, and where their gradients go.
+        let conditionFlags: [(String, String?, String?)] = [
+            ("style", style, gradStyle), ("labels", labels, nil),
+            ("condition", condition, gradCondition), ("segmap", segmap, gradSegmap),
+            ("residual", residual, gradResidual),
+        ]
+        for (name, path, gradient) in conditionFlags {
+            if let path { request.conditions[name] = path }
+            if let gradient { request.conditionGradients[name] = gradient }
+        }
+        if let residualOutput { request.auxiliaryOutputs["residual"] = residualOutput }
         // MetaNorm's default aggregation list is the CLI's documented default.
         if request.options.values["aggregations"] == nil {
             request.options.values["aggregations"] = "in,bn,ln,gn2"
@@ -293,15 +387,15 @@ public struct ApplyRequest: Sendable {
             }
             return StoredArray(r)
         }
+        for name in auxiliaryOutputs.keys.sorted() where auxiliary[name] == nil {
+            throw NormError.invalidCondition(name: name, problem: "the layer has no such output")
+        }
+        for name in conditionGradients.keys.sorted() where gradients?.conditions[name] == nil {
+            throw NormError.invalidCondition(name: name, problem: "no gradient flows into it")
+        }
         // Every computation succeeded: now write the outputs.
         try Numpy.write(y, to: output)
-        for (name, path) in auxiliaryOutputs {
-            guard let t = auxiliary[name] else {
-                throw NormError.invalidCondition(
-                    name: name, problem: "the layer has no such output")
-            }
-            try Numpy.write(t, to: path)
-        }
+        for (name, path) in auxiliaryOutputs { try Numpy.write(auxiliary[name]!, to: path) }
         if let gradients {
             if let gradInput { try Numpy.write(gradients.input, to: gradInput) }
             for (name, path) in conditionGradients {

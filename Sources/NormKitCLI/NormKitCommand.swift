@@ -8,7 +8,7 @@ public struct NormKitCommand: ParsableCommand {
         abstract: "Normalization layers for deep learning: apply, check and explore them.",
         subcommands: [
             DemoCommand.self, TrainCommand.self, ApplyCommand.self, TourCommand.self,
-            BenchCommand.self, WeightsCommand.self,
+            BenchCommand.self, WeightsCommand.self, StudyCommand.self,
         ]
     )
 

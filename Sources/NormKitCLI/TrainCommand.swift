@@ -18,7 +18,12 @@ struct TrainCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "train", abstract: "Train a small network with any normalizer in every slot.")
 
-    @Option(help: "digits (shipped UCI digits) or shapes (procedural).") var dataset = "digits"
+    @Option(
+        help:
+            "digits (shipped UCI digits), shapes (procedural) or fashion-mnist (Debian's dataset-fashion-mnist)."
+    ) var dataset = "digits"
+    @Option(help: "Use only the first N training examples.") var trainCount: Int?
+    @Option(help: "Use only the first N test examples.") var testCount: Int?
     @Option(help: "convnet or resnet.") var model = "convnet"
     @Option(
         help:
@@ -40,6 +45,10 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "Checkpoint file written at the end and on Ctrl-C.") var checkpoint =
         "normkit-checkpoint.safetensors"
     @Option(help: "Continue from this checkpoint (its configuration wins).") var resume: String?
+    @Option(
+        help:
+            "Time N SGD steps on one fixed batch after 5 warm-up steps, print one JSON line (examples_per_s) and exit."
+    ) var benchmarkSteps: Int?
 
     func run() throws {
         if listNormalizers {
@@ -53,6 +62,8 @@ struct TrainCommand: ParsableCommand {
             Parallelism.maximumThreads = threads
             BLAS.setThreads(threads)
         }
+        // The outputs are checked before training: a run must not end in an unwritable path.
+        _ = try OutputSet([checkpoint] + (metrics.map { [$0] } ?? []))
         let trainer: Trainer
         if let resume {
             trainer = try Trainer.resume(from: resume)
@@ -69,9 +80,15 @@ struct TrainCommand: ParsableCommand {
             c.weightDecay = weightDecay
             c.schedule = schedule
             c.seed = seed
+            c.trainCount = trainCount
+            c.testCount = testCount
             trainer = try Trainer(c)
         }
         let c = trainer.config
+        if let benchmarkSteps {
+            try printBenchmark(trainer, steps: benchmarkSteps, threads: threads)
+            return
+        }
         print(
             "training \(c.model) with \(c.normalizer) on \(c.dataset): \(trainer.train.count) train / \(trainer.test.count) test, batch \(c.batchSize), \(c.epochs) epochs, lr \(c.learningRate)"
         )
@@ -122,6 +139,24 @@ struct TrainCommand: ParsableCommand {
     }
 }
 
+extension TrainCommand {
+    /// `--benchmark-steps`: one JSON line, keys as `bench/train_torch.py` prints them.
+    func printBenchmark(_ trainer: Trainer, steps: Int, threads: Int?) throws {
+        guard steps >= 1 else { throw ValidationError("--benchmark-steps must be at least 1") }
+        let (rate, perStep) = try trainer.benchmark(steps: steps)
+        let c = trainer.config
+        let fields: [(String, String)] = [
+            ("framework", "\"normkit\""), ("model", "\"\(c.model)\""),
+            ("dataset", "\"\(c.dataset)\""), ("normalizer", "\"\(c.normalizer)\""),
+            ("input_shape", "\(trainer.train.imageShape)"), ("batch_size", "\(c.batchSize)"),
+            ("threads", "\(threads ?? Parallelism.maximumThreads)"), ("steps", "\(steps)"),
+            ("ms_per_step", String(format: "%.3f", perStep * 1000)),
+            ("examples_per_s", String(format: "%.1f", rate)),
+        ]
+        print("{" + fields.map { "\"\($0.0)\": \($0.1)" }.joined(separator: ", ") + "}")
+    }
+}
+
 /// Per-epoch metrics as CSV or JSON.
 enum MetricsFile {
     static func write(_ history: [EpochMetrics], to path: String) throws {
@@ -138,9 +173,7 @@ enum MetricsFile {
                 }
                 .joined(separator: "\n") + "\n"
         }
-        do { try text.write(toFile: path, atomically: true, encoding: .utf8) } catch {
-            throw FileFormatError.io(path: path, reason: "it cannot be written")
-        }
+        try OutputFile.write(text, to: path)
     }
 }
 
@@ -165,23 +198,46 @@ struct DemoCommand: ParsableCommand {
             Parallelism.maximumThreads = threads
         }
         BLAS.setThreads(1)  // small GEMMs: OpenBLAS's threads cost more than they give here
+        // The report folder is checked before the run, which takes minutes.
+        try Self.checkReportFolder(output)
         let plan: Experiments.Plan = quick ? .quick : .full
         let results = weightNormOnly ? nil : try Experiments.run(plan, seed: seed) { print($0) }
         let weights = try WeightNormStudy.run(quick ? .quick : .full, seed: seed) { print($0) }
-        try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
+        do {
+            try FileManager.default.createDirectory(
+                atPath: output, withIntermediateDirectories: true)
+        } catch { throw FileFormatError.io(path: output, reason: "the folder cannot be created") }
         let markdown =
             (results.map { Report.markdown($0) + "\n" } ?? "") + WeightNormStudy.markdown(weights)
-        let page =
-            results.map {
-                Report.html($0).replacingOccurrences(
-                    of: "</body></html>",
-                    with: WeightNormStudy.htmlSection(weights) + "</body></html>")
-            } ?? WeightNormStudy.html(weights)
-        do {
-            try page.write(toFile: output + "/index.html", atomically: true, encoding: .utf8)
-            try markdown.write(toFile: output + "/summary.md", atomically: true, encoding: .utf8)
-        } catch { throw FileFormatError.io(path: output, reason: "the report cannot be written") }
+        let page = WeightNormStudy.insert(weights, into: results.map { Report.html($0) })
+        var files = try OutputSet([output + "/index.html", output + "/summary.md"])
+        files.stage(page, to: output + "/index.html")
+        files.stage(markdown, to: output + "/summary.md")
+        try files.commit()
         print("\n" + markdown)
         print("report written to \(output)/index.html")
+    }
+
+    /// Refuses a report folder that is an existing file or cannot be created.
+    static func checkReportFolder(_ output: String) throws {
+        var isDirectory: ObjCBool = false
+        if FileManager.default.fileExists(atPath: output, isDirectory: &isDirectory) {
+            guard isDirectory.boolValue else {
+                throw FileFormatError.io(
+                    path: output, reason: "it is a file; --output names the report's folder")
+            }
+            try OutputFile.checkWritable(output + "/index.html")
+        } else {
+            // The folder is created with its parents; the nearest existing one must be writable.
+            var parent = output
+            repeat {
+                parent = parent.contains("/") ? String(parent[..<parent.lastIndex(of: "/")!]) : "."
+                if parent.isEmpty { parent = "/" }
+            } while !FileManager.default.fileExists(atPath: parent, isDirectory: &isDirectory)
+            guard isDirectory.boolValue, FileManager.default.isWritableFile(atPath: parent) else {
+                throw FileFormatError.io(
+                    path: output, reason: "its folder cannot be created under '\(parent)'")
+            }
+        }
     }
 }

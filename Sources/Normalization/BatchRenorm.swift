@@ -81,6 +81,11 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
     public var step = 0
     /// Kernels.
     public var kernels = KernelChoice.automatic
+    /// Synchronizes the batch statistics over these processes in training: μ_B and σ_B of the
+    /// batch formed by every rank's batch (all-gathered (count, μ, M2), merged with Chan's
+    /// formula), and one all-reduce of the 2·C gradient sums in backward; r, d and the moving
+    /// statistics are then the same on every rank.
+    public var communicator: (any Communicator)?
 
     /// Creates a Batch Renormalization layer.
     /// - Parameters:
@@ -130,6 +135,8 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
         /// d per channel (0 in inference).
         public let d: [Double]
         let isTraining: Bool
+        /// Values per channel behind μ_B, σ_B (every rank's when synchronized).
+        var count = 0
     }
 
     /// Normalizes `x`; in training mode corrects by r, d and moves the running statistics.
@@ -138,18 +145,42 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
     public func forward(_ x: Tensor<Scalar>, mode: Mode) throws(NormError) -> (
         output: Tensor<Scalar>, cache: Cache
     ) {
-        let plan = try validatedPlan(x)
+        let synchronizing = mode == .training ? communicator : nil
+        let validated = Result { () throws(NormError) in
+            try validatedPlan(x, allowingEmptyBatch: synchronizing != nil)
+        }
+        if case .failure(let error) = validated, let synchronizing {
+            // The other ranks are about to exchange statistics: tell them, then fail.
+            _ = try? Moments.allGathered(.failure(error), over: synchronizing)
+        }
+        let plan = try validated.get()
         let indexing = parameterIndexing(x.shape)
         let c = channelCount
         var mean = [Double](repeating: 0, count: c)
         var rstd = [Double](repeating: 0, count: c)
         var cache: Cache
         if mode == .training {
-            guard plan.setSize > 1 else {
-                throw .singleValuePerStatistic(layer: "BatchRenorm", shape: x.shape)
-            }
             let op = ReferenceNormKernel.Operation(centers: true, scales: true, epsilon: epsilon)
-            let m = kernels.moments(x, plan: plan, operation: op, indexing: indexing)
+            let zero = [Double](repeating: 0, count: c)
+            var m =
+                x.count > 0
+                ? kernels.moments(x, plan: plan, operation: op, indexing: indexing)
+                : FastNormKernel.Statistics(
+                    mean: zero, variance: zero, biasedVariance: zero, rstd: zero)
+            var count = plan.setSize
+            if let synchronizing {
+                let local = Moments(
+                    mean: m.mean, biasedVariance: m.biasedVariance, count: plan.setSize)
+                let global = try Moments.allGathered(.success(local), over: synchronizing)
+                count = global.count.first ?? 0
+                m.mean = global.mean
+                m.biasedVariance = global.biasedVariance
+            }
+            guard count > 1 else {
+                throw count == 0
+                    ? .emptyTensor(layer: "BatchRenorm", shape: x.shape)
+                    : .singleValuePerStatistic(layer: "BatchRenorm", shape: x.shape)
+            }
             guard m.mean.allSatisfy(\.isFinite), m.biasedVariance.allSatisfy(\.isFinite) else {
                 throw .nonFiniteStatistics(layer: "BatchRenorm")
             }
@@ -169,9 +200,9 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
             }
             cache = Cache(
                 input: x, plan: plan, batchMean: m.mean, batchStandardDeviation: sigmaB, r: r, d: d,
-                isTraining: true)
+                isTraining: true, count: count)
             // Moving statistics with the pre-update values already used above.
-            let f = momentum.weightOfNew(batchesTracked: step + 1)
+            let f = momentum.weightOfNew(batchesTracked: step.addingSaturated(1))
             var newMean = runningMean.scalars.map(Double.init)
             var newSigma = runningStandardDeviation.scalars.map(Double.init)
             for j in 0..<c {
@@ -182,7 +213,7 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
                 runningMean = try Tensor(shape: [c], rounding: newMean)
                 runningStandardDeviation = try Tensor(shape: [c], rounding: newSigma)
             } catch { throw .tensor(error) }
-            step += 1
+            step = step.addingSaturated(1)
         } else {
             for j in 0..<c {
                 mean[j] = Double(runningMean.scalars[j])
@@ -195,10 +226,12 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
         }
         var y: Tensor<Scalar>
         do { y = try Tensor(zeros: x.shape) } catch { throw .tensor(error) }
-        y.withUnsafeMutableBufferPointer { yb in
-            kernels.forward(
-                x, plan: plan, mean: mean, rstd: rstd, scale: scale, offset: offset,
-                indexing: indexing, into: yb)
+        if x.count > 0 {
+            y.withUnsafeMutableBufferPointer { yb in
+                kernels.forward(
+                    x, plan: plan, mean: mean, rstd: rstd, scale: scale, offset: offset,
+                    indexing: indexing, into: yb)
+            }
         }
         return (y, cache)
     }
@@ -227,11 +260,20 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
         let indexing = parameterIndexing(x.shape)
         let c = channelCount
         let sigma = cache.batchStandardDeviation
-        let sums = kernels.gradientSums(
+        var sums = kernels.gradientSums(
             x, outputGradient: dy, plan: cache.plan, mean: cache.batchMean,
             rstd: sigma.map { 1 / $0 }, scale: scale,
             indexing: indexing)
-        let m = Double(cache.plan.setSize)
+        var m = Double(cache.plan.setSize)
+        if cache.isTraining, let communicator {
+            // Σg and Σg·(x − μ_B) over every rank; dγ and dβ stay local.
+            let all = try Collective.allReduceSum(
+                .success(sums.sumG + sums.sumGD), length: 2 * c,
+                operation: "BatchRenorm backward", over: communicator)
+            sums.sumG = Array(all[0..<c])
+            sums.sumGD = Array(all[c...])
+            m = Double(cache.count)
+        }
         var a = [Double](repeating: 0, count: c)
         var b = a
         var cc = a
@@ -251,11 +293,12 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
         }
         var dx: Tensor<Scalar>
         do { dx = try Tensor(zeros: x.shape) } catch { throw .tensor(error) }
-        dx.withUnsafeMutableBufferPointer { dxb in
-            kernels.applyGradient(
-                x, outputGradient: dy, plan: cache.plan, mean: cache.batchMean, a: a, b: b, c: cc,
-                scale: scale,
-                indexing: indexing, into: dxb)
+        if x.count > 0 {
+            dx.withUnsafeMutableBufferPointer { dxb in
+                kernels.applyGradient(
+                    x, outputGradient: dy, plan: cache.plan, mean: cache.batchMean, a: a, b: b,
+                    c: cc, scale: scale, indexing: indexing, into: dxb)
+            }
         }
         do {
             return Gradients(
@@ -275,6 +318,13 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
     /// Loads parameters and buffers by name.
     /// - Throws: ``NormError/parameterShapeMismatch(name:expected:actual:)``; nothing is loaded then.
     public func load(_ tensors: [String: Tensor<Scalar>], step: Int? = nil) throws(NormError) {
+        if let step, step < 0 {
+            throw .invalidHyperparameter(
+                name: "num_batches_tracked", value: "\(step)", requirement: "must be ≥ 0")
+        }
+        if let std = tensors["running_std"] {
+            try HyperparameterCheck.runningVariance(std, name: "running_std")
+        }
         for (key, value) in tensors {
             guard ["weight", "bias", "running_mean", "running_std"].contains(key),
                 value.shape == [channelCount]
@@ -290,8 +340,15 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
         if let step { self.step = step }
     }
 
-    func validatedPlan(_ x: Tensor<Scalar>) throws(NormError) -> ReductionPlan {
-        guard x.count > 0 else { throw .emptyTensor(layer: "BatchRenorm", shape: x.shape) }
+    func validatedPlan(_ x: Tensor<Scalar>, allowingEmptyBatch: Bool = false) throws(NormError)
+        -> ReductionPlan
+    {
+        // A synchronized rank may hold no samples; every other axis must be non-empty.
+        guard
+            x.count > 0
+                || (allowingEmptyBatch && x.rank >= 2 && x.shape[0] == 0
+                    && x.shape.dropFirst().allSatisfy({ $0 > 0 }))
+        else { throw .emptyTensor(layer: "BatchRenorm", shape: x.shape) }
         guard x.rank >= 2 else {
             throw .invalidRank(layer: "BatchRenorm", expected: "rank ≥ 2 (N, C, …)", shape: x.shape)
         }

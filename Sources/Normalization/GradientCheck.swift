@@ -22,63 +22,71 @@ public enum GradientCheck {
         }
     }
 
-    /// Compares the analytic gradients of `layer` at `x` with central differences.
+    /// Compares the analytic gradients of any normalizer at `x` with central differences: the
+    /// input, every parameter, and every conditioning input of a conditional layer.
+    ///
+    /// The layer's whole state (parameters, running statistics, counters, schedules that live
+    /// in its state) is saved first and restored before every evaluation and at the end, so
+    /// layers whose training output depends on running estimates (Batch Renorm) are checked at
+    /// one fixed state and the layer is left as it was found.
     /// - Parameters:
+    ///   - conditions: the conditioning inputs of a ``ConditionalNormalizing`` layer.
     ///   - step: h.
-    /// - Returns: one result for the input and one per affine parameter.
+    /// - Returns: one result for `x`, one per parameter (named by key) and one per condition.
     public static func run(
-        _ layer: NormLayer<Double>, input x: Tensor<Double>, outputGradient dy: Tensor<Double>,
-        mode: Mode, step: Double = 1e-5
-    ) throws(NormError) -> [Result] {
-        let saved = layer.runningStatistics
-        defer { layer.runningStatistics = saved }
-        let (_, cache) = try layer.forward(x, mode: mode)
-        let analytic = try layer.backward(dy, cache: cache)
-        layer.runningStatistics = saved
+        _ layer: any Normalizing<Double>, input x: Tensor<Double>,
+        outputGradient dy: Tensor<Double>,
+        mode: Mode, conditions: [String: Tensor<Double>] = [:], step: Double = 1e-5
+    ) throws -> [Result] {
+        let saved = try layer.state()
+        defer { try? layer.load(saved) }
+        let conditional = layer as? any ConditionalNormalizing<Double>
+        try conditional?.setConditions(conditions)
+        _ = try layer.normalize(x, mode: mode)
+        let analytic = try layer.backward(dy)
 
-        func loss(_ input: Tensor<Double>) throws(NormError) -> Double {
-            let y = try layer.forward(input, mode: mode).output
-            layer.runningStatistics = saved
+        func loss(
+            _ input: Tensor<Double>, parameters: [String: Tensor<Double>] = [:],
+            conditions changed: [String: Tensor<Double>] = [:]
+        ) throws -> Double {
+            try layer.load(saved)
+            if !parameters.isEmpty { try layer.setParameters(parameters) }
+            try conditional?.setConditions(conditions.merging(changed) { _, new in new })
+            let y = try layer.normalize(input, mode: mode)
             return zip(y.scalars, dy.scalars).reduce(0) { $0 + $1.0 * $1.1 }
         }
-
-        var results: [Result] = []
-        // Input.
-        var numeric = [Double](repeating: 0, count: x.count)
-        var probe = x
-        for i in 0..<x.count {
-            let original = probe.scalars[i]
-            probe[flat: i] = original + step
-            let plus = try loss(probe)
-            probe[flat: i] = original - step
-            let minus = try loss(probe)
-            probe[flat: i] = original
-            numeric[i] = (plus - minus) / (2 * step)
-        }
-        results.append(compare("x", analytic.input.scalars, numeric))
-
-        // Affine parameters.
-        for (name, analyticGradient) in [("weight", analytic.scale), ("bias", analytic.offset)] {
-            guard let analyticGradient else { continue }
-            let isScale = name == "weight"
-            guard let parameter = isScale ? layer.scale : layer.offset else { continue }
-            var numeric = [Double](repeating: 0, count: parameter.count)
-            for i in 0..<parameter.count {
-                let original = parameter.scalars[i]
-                func set(_ value: Double) {
-                    var updated = parameter
-                    updated[flat: i] = value
-                    if isScale { layer.scale = updated } else { layer.offset = updated }
-                }
-                set(original + step)
-                let plus = try loss(x)
-                set(original - step)
-                let minus = try loss(x)
-                set(original)
-                numeric[i] = (plus - minus) / (2 * step)
+        /// Central differences of the loss over every element of one tensor.
+        func numeric(_ t: Tensor<Double>, _ evaluate: (Tensor<Double>) throws -> Double) throws
+            -> [Double]
+        {
+            var probe = t
+            var out = [Double](repeating: 0, count: t.count)
+            for i in 0..<t.count {
+                let original = probe.scalars[i]
+                probe[flat: i] = original + step
+                let plus = try evaluate(probe)
+                probe[flat: i] = original - step
+                let minus = try evaluate(probe)
+                probe[flat: i] = original
+                out[i] = (plus - minus) / (2 * step)
             }
-            results.append(compare(name, analyticGradient.scalars, numeric))
+            return out
         }
+
+        var results = [compare("x", analytic.input.scalars, try numeric(x) { try loss($0) })]
+        let parameters = saved.tensors.filter { layer.parameters[$0.key] != nil }
+        for (key, value) in parameters.sorted(by: { $0.key < $1.key }) {
+            guard let g = analytic.parameters[key] else { continue }
+            let n = try numeric(value) { try loss(x, parameters: [key: $0]) }
+            results.append(compare(key, g.scalars, n))
+        }
+        for (key, value) in conditions.sorted(by: { $0.key < $1.key }) {
+            guard let g = analytic.conditions[key] else { continue }
+            let n = try numeric(value) { try loss(x, conditions: [key: $0]) }
+            results.append(compare(key, g.scalars, n))
+        }
+        try layer.load(saved)
+        try conditional?.setConditions(conditions)
         return results
     }
 

@@ -46,6 +46,8 @@ public final class IBN<Scalar: NormScalar>: CustomStringConvertible {
     )
         throws(NormError)
     {
+        try HyperparameterCheck.fraction(ratio, name: "IBN ratio")
+        try HyperparameterCheck.epsilon(epsilon)
         let h = Int(Double(channelCount) * ratio)
         guard h >= 1, h < channelCount else {
             throw .invalidHyperparameter(

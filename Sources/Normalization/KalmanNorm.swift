@@ -76,6 +76,7 @@ public final class KalmanNorm<Scalar: NormScalar> {
 
     /// Creates the next layer of `chain`.
     public init(channelCount: Int, chain: KalmanChain<Scalar>, epsilon: Double = 1e-5) throws {
+        try HyperparameterCheck.epsilon(epsilon)
         self.channelCount = channelCount
         self.previousChannels = chain.channels.last ?? 0
         self.epsilon = epsilon

@@ -21,20 +21,72 @@ public enum KernelChoice: String, Sendable, Hashable {
         return FastNormKernel.geometry(for: plan, parameters: indexing)
     }
 
+    /// Training forward: statistics and output.
+    ///
+    /// The fast or reference kernel runs as always;
+    /// sets whose sums overflowed or underflowed (|x| near the type's limits, or ε = 0 with a
+    /// constant set) are then recomputed on rescaled data
+    /// (``ReferenceNormKernel/rescaleSets(_:setIndex:setCount:flags:operation:scale:offset:parameterIndexing:mean:variance:biasedVariance:rstd:into:)``).
+    /// - Returns: the statistics, and whether any set was rescaled (backward then runs the
+    ///   reference kernel, which works in Double throughout).
     func forwardTraining<Scalar: NormScalar>(
         _ x: Tensor<Scalar>, plan: ReductionPlan, operation op: ReferenceNormKernel.Operation,
         scale: Tensor<Scalar>?, offset: Tensor<Scalar>?, indexing: ParameterIndexing?,
         into yb: UnsafeMutableBufferPointer<Scalar>
-    ) -> FastNormKernel.Statistics {
+    ) -> (statistics: FastNormKernel.Statistics, rescaled: Bool) {
+        var statistics: FastNormKernel.Statistics
+        let tiny: Double
         if let geometry = fastGeometry(Scalar.self, plan: plan, indexing: indexing) {
-            return x.withUnsafeBufferPointer { xb in
+            statistics = x.withUnsafeBufferPointer { xb in
                 withOptionalBuffers(scale, offset) { sb, ob in
                     FastNormKernel.forwardTraining(
                         xb.asFloat, geometry: geometry, operation: op, scale: sb?.asFloat,
                         offset: ob?.asFloat, into: yb.asFloat)
                 }
             }
+            tiny = 1e-30  // Float accumulators
+        } else {
+            statistics = referenceForwardTraining(
+                x, plan: plan, operation: op, scale: scale, offset: offset, indexing: indexing,
+                into: yb)
+            tiny = 1e-290  // Double accumulators
         }
+        guard
+            let flags = ReferenceNormKernel.setsNeedingRescale(
+                mean: statistics.mean, variance: statistics.variance, rstd: statistics.rstd,
+                operation: op, tinyVariance: tiny)
+        else { return (statistics, false) }
+        rescale(
+            x, plan: plan, flags: flags, operation: op, scale: scale, offset: offset,
+            indexing: indexing, statistics: &statistics, into: yb)
+        return (statistics, true)
+    }
+
+    /// The rare path of ``forwardTraining(_:plan:operation:scale:offset:indexing:into:)``.
+    @inline(never)
+    func rescale<Scalar: NormScalar>(
+        _ x: Tensor<Scalar>, plan: ReductionPlan, flags: [Bool],
+        operation op: ReferenceNormKernel.Operation, scale: Tensor<Scalar>?,
+        offset: Tensor<Scalar>?, indexing: ParameterIndexing?,
+        statistics: inout FastNormKernel.Statistics, into yb: UnsafeMutableBufferPointer<Scalar>
+    ) {
+        let setIndex = plan.setIndices()
+        x.withUnsafeBufferPointer { xb in
+            withOptionalBuffers(scale, offset) { sb, ob in
+                ReferenceNormKernel.rescaleSets(
+                    xb, setIndex: setIndex, setCount: plan.setCount, flags: flags, operation: op,
+                    scale: sb, offset: ob, parameterIndexing: indexing, mean: &statistics.mean,
+                    variance: &statistics.variance, biasedVariance: &statistics.biasedVariance,
+                    rstd: &statistics.rstd, into: yb)
+            }
+        }
+    }
+
+    private func referenceForwardTraining<Scalar: NormScalar>(
+        _ x: Tensor<Scalar>, plan: ReductionPlan, operation op: ReferenceNormKernel.Operation,
+        scale: Tensor<Scalar>?, offset: Tensor<Scalar>?, indexing: ParameterIndexing?,
+        into yb: UnsafeMutableBufferPointer<Scalar>
+    ) -> FastNormKernel.Statistics {
         let setIndex = plan.setIndices()
         let moments = x.withUnsafeBufferPointer {
             ReferenceNormKernel.moments(

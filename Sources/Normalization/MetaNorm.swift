@@ -87,6 +87,7 @@ public final class MetaNorm<Scalar: NormScalar>: CustomStringConvertible {
                 throw .groupsDoNotDivideChannels(groups: g, channels: channelCount)
             }
         }
+        try HyperparameterCheck.epsilon(epsilon)
         try momentum.validate()
         self.channelCount = channelCount
         self.aggregations = aggregations

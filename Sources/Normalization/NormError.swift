@@ -15,7 +15,8 @@ public enum NormError: Error, Equatable, CustomStringConvertible {
     case groupsDoNotDivideChannels(groups: Int, channels: Int)
     /// A training-mode statistic would be computed over a single value.
     case singleValuePerStatistic(layer: String, shape: [Int])
-    /// The input has no elements.
+    /// The input has no elements: a zero-size dimension that would be reduced over with no
+    /// elements, or an empty batch given to a layer that does not accept one.
     case emptyTensor(layer: String, shape: [Int])
     /// A parameter or buffer has the wrong shape.
     case parameterShapeMismatch(name: String, expected: [Int], actual: [Int])
@@ -29,6 +30,9 @@ public enum NormError: Error, Equatable, CustomStringConvertible {
     case gradientShapeMismatch(expected: [Int], actual: [Int])
     /// Batch statistics are NaN or infinite; running statistics were left unchanged.
     case nonFiniteStatistics(layer: String)
+    /// The input is finite, but its batch statistics (or the running estimates they would
+    /// update) do not fit the scalar type; running statistics were left unchanged.
+    case statisticsOutOfRange(layer: String)
     /// Running statistics were requested from a layer that does not track them.
     case runningStatisticsUnavailable(layer: String)
     /// A parameter, buffer or state key the layer does not have.
@@ -39,6 +43,8 @@ public enum NormError: Error, Equatable, CustomStringConvertible {
     case noForwardCall(layer: String)
     /// A tensor could not be built.
     case tensor(TensorError)
+    /// Synchronized statistics could not be exchanged between processes (see ``Communicator``).
+    case communication(CommunicatorError)
 
     /// A readable one-line description.
     public var description: String {
@@ -61,7 +67,12 @@ public enum NormError: Error, Equatable, CustomStringConvertible {
                 + "(input shape \(shape)); use a larger batch, inference mode, or another "
                 + "single-value policy"
         case .emptyTensor(let layer, let shape):
-            return "\(layer) got an empty input of shape \(shape)"
+            if shape.first == 0 {
+                return
+                    "\(layer) got an empty batch (N = 0, shape \(shape)), which it does not accept"
+            }
+            return "\(layer) got an input of shape \(shape): a dimension it would reduce over has "
+                + "size 0 (only an empty batch, N = 0, gives an empty output)"
         case .parameterShapeMismatch(let name, let expected, let actual):
             return "parameter '\(name)' must have shape \(expected), got \(actual)"
         case .invalidHyperparameter(let name, let value, let requirement):
@@ -75,6 +86,10 @@ public enum NormError: Error, Equatable, CustomStringConvertible {
         case .nonFiniteStatistics(let layer):
             return "\(layer) computed NaN or infinite batch statistics (is there a NaN or inf in "
                 + "the input?); running statistics were left unchanged"
+        case .statisticsOutOfRange(let layer):
+            return "\(layer): the input is finite, but its batch variance does not fit the "
+                + "running statistics' type (values near the largest finite number); running "
+                + "statistics were left unchanged"
         case .runningStatisticsUnavailable(let layer):
             return "\(layer) does not track running statistics, so they cannot be used here"
         case .unknownParameter(let layer, let key, let known):
@@ -85,6 +100,8 @@ public enum NormError: Error, Equatable, CustomStringConvertible {
         case .noForwardCall(let layer):
             return "\(layer): backward needs a forward call first"
         case .tensor(let error):
+            return error.description
+        case .communication(let error):
             return error.description
         }
     }

@@ -64,6 +64,10 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
     /// Which kernels compute the layer (`.automatic`: the fast Float kernels where the
     /// partition's memory shape allows, the reference kernel otherwise).
     public var kernels = KernelChoice.automatic
+    /// Synchronizes training statistics over these processes when the partition reduces the
+    /// batch axis (BatchNorm becomes SyncBatchNorm; see `NormLayer+Synchronized.swift`); nil or
+    /// a partition that keeps the batch axis computes them locally.
+    public var communicator: (any Communicator)?
     /// The momentum of lazily created running statistics (layers whose statistic shape is only
     /// known from the first input).
     let lazyRunningMomentum: Momentum?
@@ -92,11 +96,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         requiresMultipleValues: Bool = false, singleValuePolicy: SingleValuePolicy = .throwError,
         countsEveryBatch: Bool = true, name: String = "NormLayer"
     ) throws(NormError) {
-        guard normalizer.epsilon >= 0, normalizer.epsilon.isFinite else {
-            throw .invalidHyperparameter(
-                name: "epsilon", value: "\(normalizer.epsilon)",
-                requirement: "must be finite and ≥ 0")
-        }
+        try HyperparameterCheck.epsilon(normalizer.epsilon)
         if let channelCount, channelCount < 1 {
             throw .invalidHyperparameter(
                 name: "channel count", value: "\(channelCount)", requirement: "must be ≥ 1")
@@ -142,6 +142,12 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         public let rstd: [Double]
         /// True when the statistics came from running estimates: no gradient flows through them.
         public let statisticsAreConstant: Bool
+        /// True when some set was recomputed on rescaled data (values near the type's limits);
+        /// backward then runs the reference kernel, in Double throughout.
+        var rescaled = false
+        /// Elements per statistic over every rank, when the statistics were synchronized
+        /// (backward then all-reduces its sums and divides by this count).
+        public var synchronizedCount: Int? = nil
     }
 
     /// Normalizes `x`; in training mode updates running statistics.
@@ -164,6 +170,12 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
     public func forward(_ x: Tensor<Scalar>, mode: Mode, into output: inout Tensor<Scalar>)
         throws(NormError) -> Cache
     {
+        // Synchronized statistics first: a rank with an empty batch still takes part in the
+        // collective calls.
+        if mode == .training, let communicator, synchronizesStatistics {
+            return try synchronizedForward(x, over: communicator, into: &output)
+        }
+        if x.count == 0 { return try forwardEmptyBatch(x, mode: mode, into: &output) }
         var plan = try validatedPlan(for: x)
         let op = normalizer.kernelOperation
         let runningPlan = plan.reducing([0])
@@ -216,19 +228,50 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
                     indexing: indexing, into: yb)
             }
         } else {
-            let statistics = output.withUnsafeMutableBufferPointer { yb in
+            let (statistics, rescaled) = output.withUnsafeMutableBufferPointer { yb in
                 kernels.forwardTraining(
                     x, plan: plan, operation: op, scale: scale, offset: offset, indexing: indexing,
                     into: yb)
             }
             if updateRunning {
-                try updateRunningStatistics(statistics, plan: plan, runningPlan: runningPlan)
+                try updateRunningStatistics(statistics, plan: plan, runningPlan: runningPlan, x: x)
             }
-            mean = statistics.mean
-            rstd = statistics.rstd
+            return Cache(
+                input: x, plan: plan, mean: statistics.mean, rstd: statistics.rstd,
+                statisticsAreConstant: false, rescaled: rescaled)
         }
         return Cache(
             input: x, plan: plan, mean: mean, rstd: rstd, statisticsAreConstant: useRunning)
+    }
+
+    /// An empty batch (N = 0), or an input whose kept axes leave no statistic set.
+    ///
+    /// As PyTorch: an empty output of the same shape, running statistics untouched, and in
+    /// training the batch counted where a non-empty batch would be (PyTorch's BatchNorm module
+    /// increments `num_batches_tracked` for it too). A zero-size axis that would be reduced
+    /// over while its sets exist (LayerNorm's normalized axes, an empty spatial extent) is
+    /// refused with ``NormError/emptyTensor(layer:shape:)``.
+    private func forwardEmptyBatch(
+        _ x: Tensor<Scalar>, mode: Mode, into output: inout Tensor<Scalar>
+    ) throws(NormError) -> Cache {
+        try validateShape(of: x)
+        let plan = try normalizer.partition.plan(for: x.shape, layout: layout)
+        // Empty batch, or no statistic sets at all (a kept axis of size 0): nothing to compute.
+        guard x.rank >= 1, x.shape[0] == 0 || plan.setCount == 0 else {
+            throw .emptyTensor(layer: name, shape: x.shape)
+        }
+        if mode == .training, var running = runningStatistics,
+            countsEveryBatch || running.momentum == .cumulative
+        {
+            running.batchesTracked = running.batchesTracked.addingSaturated(1)
+            runningStatistics = running
+        }
+        output = try zeros(x.shape)
+        return Cache(
+            input: x,
+            plan: ReductionPlan(
+                viewShape: x.shape, reduced: [Bool](repeating: false, count: x.rank)),
+            mean: [], rstd: [], statisticsAreConstant: true)
     }
 
     // MARK: - Fused residual add
@@ -288,7 +331,13 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
                         }
                     }
                 }
-                if let statistics {
+                // Sums that overflowed or underflowed: the unfused path rescales those sets.
+                if let statistics,
+                    ReferenceNormKernel.setsNeedingRescale(
+                        mean: statistics.mean, variance: statistics.variance,
+                        rstd: statistics.rstd, operation: normalizer.kernelOperation,
+                        tinyVariance: 1e-30) == nil
+                {
                     return Cache(
                         input: h, plan: plan, mean: statistics.mean, rstd: statistics.rstd,
                         statisticsAreConstant: false)
@@ -335,16 +384,35 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         throws(NormError)
     {
         let x = cache.input
+        if let count = cache.synchronizedCount, !cache.statisticsAreConstant {
+            guard let communicator else {
+                throw .communication(
+                    .failedOnSomeRank(operation: "backward without the communicator of forward"))
+            }
+            return try synchronizedBackward(
+                dy, cache: cache, globalCount: count, over: communicator, into: &gradients)
+        }
         guard dy.shape == x.shape else {
             throw .gradientShapeMismatch(expected: x.shape, actual: dy.shape)
         }
         try validateParameters()
+        if x.count == 0 {
+            // An empty batch: an empty dx and zero parameter gradients, as PyTorch.
+            gradients.input = try zeros(x.shape)
+            gradients.scale = try normalizer.recovery.parameterShape.map { (s) throws(NormError) in
+                try zeros(s)
+            }
+            gradients.offset =
+                normalizer.recovery.hasOffset ? try zeros(normalizer.recovery.parameterShape!) : nil
+            return
+        }
         let indexing = parameterIndexing(for: x.shape)
         if gradients.input.shape != x.shape {
             gradients.input = try zeros(x.shape)
         }
         var dScale: [Double] = []
         var dOffset: [Double] = []
+        let kernels = cache.rescaled ? KernelChoice.reference : kernels
         gradients.input.withUnsafeMutableBufferPointer { dxb in
             kernels.backward(
                 x, outputGradient: dy, plan: cache.plan, mean: cache.mean, rstd: cache.rstd,
@@ -401,6 +469,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
                 newRunning?.mean = value
             case .runningVariance? where runningStatistics != nil:
                 try checkShape(key, value.shape, runningStatistics!.variance.shape)
+                try HyperparameterCheck.runningVariance(value, name: key)
                 newRunning?.variance = value
             default:
                 throw .parameterShapeMismatch(name: key, expected: [], actual: value.shape)
@@ -421,8 +490,15 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
 
     // MARK: - Validation and helpers
 
-    private func validatedPlan(for x: Tensor<Scalar>) throws(NormError) -> ReductionPlan {
+    func validatedPlan(for x: Tensor<Scalar>) throws(NormError) -> ReductionPlan {
         guard x.count > 0 else { throw .emptyTensor(layer: name, shape: x.shape) }
+        try validateShape(of: x)
+        let plan = try normalizer.partition.plan(for: x.shape, layout: layout)
+        return plan
+    }
+
+    /// The channel count, trailing shape and parameter shapes an input must match.
+    private func validateShape(of x: Tensor<Scalar>) throws(NormError) {
         if let channelCount {
             guard x.rank >= 2 else {
                 throw .invalidRank(layer: name, expected: "rank ≥ 2 (N, C, …)", shape: x.shape)
@@ -440,12 +516,10 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
                 throw .normalizedShapeMismatch(layer: name, expected: trailingShape, shape: x.shape)
             }
         }
-        let plan = try normalizer.partition.plan(for: x.shape, layout: layout)
         try validateParameters(inputShape: x.shape)
-        return plan
     }
 
-    private func validateParameters(inputShape: [Int]? = nil) throws(NormError) {
+    func validateParameters(inputShape: [Int]? = nil) throws(NormError) {
         guard let shape = normalizer.recovery.parameterShape else { return }
         if let scale { try checkShape(ParameterKey.scale.rawValue, scale.shape, shape) }
         if let offset { try checkShape(ParameterKey.offset.rawValue, offset.shape, shape) }
@@ -467,7 +541,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         }
     }
 
-    private func validateRunningShape(_ runningPlan: ReductionPlan) throws(NormError) {
+    func validateRunningShape(_ runningPlan: ReductionPlan) throws(NormError) {
         guard let running = runningStatistics else { return }
         let expected = runningPlan.statisticShape
         let count = runningPlan.setCount
@@ -489,12 +563,16 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         }
     }
 
-    /// Applies one training batch to the running statistics (all-or-nothing).
-    private func updateRunningStatistics(
-        _ moments: FastNormKernel.Statistics, plan: ReductionPlan, runningPlan: ReductionPlan
+    /// Applies one training batch to the running statistics (all-or-nothing); `setSize` is the
+    /// number of elements per statistic (the global count for synchronized statistics).
+    func updateRunningStatistics(
+        _ moments: FastNormKernel.Statistics, plan: ReductionPlan, runningPlan: ReductionPlan,
+        x: Tensor<Scalar>, setSize: Int? = nil
     ) throws(NormError) {
         guard moments.mean.allSatisfy(\.isFinite), moments.biasedVariance.allSatisfy(\.isFinite)
         else {
+            // Finite input whose variance exceeds Double's range is not the input's fault.
+            if x.scalars.allSatisfy(\.isFinite) { throw .statisticsOutOfRange(layer: name) }
             throw .nonFiniteStatistics(layer: name)
         }
         var running: RunningStatistics<Scalar>
@@ -504,7 +582,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             running = try RunningStatistics(
                 shape: runningPlan.statisticShape, momentum: lazyRunningMomentum!)
         }
-        let m = Double(plan.setSize)
+        let m = Double(setSize ?? plan.setSize)
         let slots = runningPlan.setCount
         // Sets are numbered row-major over the kept view axes; when the batch axis is kept it is
         // the outermost, so set s belongs to running slot s % slots (averaged over the batch).
@@ -517,7 +595,10 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             batchMean[s % slots] += moments.mean[s] / perSlot
             batchVariance[s % slots] += variance / perSlot
         }
-        if countsEveryBatch || running.momentum == .cumulative { running.batchesTracked += 1 }
+        // Saturates at Int64.max (PyTorch's int64 counter wraps to Int64.min instead).
+        if countsEveryBatch || running.momentum == .cumulative {
+            running.batchesTracked = running.batchesTracked.addingSaturated(1)
+        }
         let f = running.momentum.weightOfNew(batchesTracked: running.batchesTracked)
         let oldMean = running.mean.scalars
         let oldVariance = running.variance.scalars
@@ -525,12 +606,15 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         let newVariance = (0..<slots).map {
             Scalar((1 - f) * Double(oldVariance[$0]) + f * batchVariance[$0])
         }
+        guard newMean.allSatisfy(\.isFinite), newVariance.allSatisfy(\.isFinite) else {
+            throw .statisticsOutOfRange(layer: name)
+        }
         running.mean = try tensor(shape: running.mean.shape, scalars: newMean)
         running.variance = try tensor(shape: running.variance.shape, scalars: newVariance)
         runningStatistics = running
     }
 
-    private func parameterIndexing(for shape: [Int]) -> ParameterIndexing? {
+    func parameterIndexing(for shape: [Int]) -> ParameterIndexing? {
         switch normalizer.recovery {
         case .none:
             return nil
@@ -542,11 +626,11 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         }
     }
 
-    private func rounded(_ shape: [Int], _ values: [Double]) throws(NormError) -> Tensor<Scalar> {
+    func rounded(_ shape: [Int], _ values: [Double]) throws(NormError) -> Tensor<Scalar> {
         do { return try Tensor(shape: shape, rounding: values) } catch { throw .tensor(error) }
     }
 
-    private func zeros(_ shape: [Int]) throws(NormError) -> Tensor<Scalar> {
+    func zeros(_ shape: [Int]) throws(NormError) -> Tensor<Scalar> {
         do { return try Tensor(zeros: shape) } catch { throw .tensor(error) }
     }
 

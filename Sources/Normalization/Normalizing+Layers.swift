@@ -317,3 +317,8 @@ extension SwitchableNorm: MixtureNormalizing, ScheduledNormalizing {
 }
 
 extension MetaNorm: MixtureNormalizing {}
+
+extension NormLayer: KernelSelectable {}
+extension SwitchableNorm: KernelSelectable {}
+extension MetaNorm: KernelSelectable {}
+extension BatchRenorm: KernelSelectable {}

@@ -152,3 +152,10 @@ public protocol ScheduledNormalizing {
     /// Parameters the layer has frozen; an optimiser must stop moving them.
     var frozenParameterKeys: Set<String> { get }
 }
+
+/// A normalizer whose kernels can be chosen (fast or reference), so that the two can be checked
+/// against each other.
+public protocol KernelSelectable: AnyObject {
+    /// Which kernels compute the layer.
+    var kernels: KernelChoice { get set }
+}

@@ -109,6 +109,12 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
     public private(set) var isVarianceFixed = false
     /// Which kernels run the passes over the data.
     public var kernels = KernelChoice.automatic
+    /// Synchronizes the BN branch over these processes in training (the official "Sync SN",
+    /// `syncsn_layer.py`): μ_BN and σ²_BN span every rank's samples, merged exactly with
+    /// Chan's formula (``Moments``) so that uneven batches and empty ranks work, and backward
+    /// all-reduces Σ_n dμ and Σ_n dσ² (one 2·C buffer). IN and LN statistics are per sample and
+    /// stay local; parameter gradients stay local (data-parallel training sums them).
+    public var communicator: (any Communicator)?
 
     /// Creates a Switchable (or Sparse Switchable) Normalization layer.
     ///
@@ -133,10 +139,7 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
             throw .invalidHyperparameter(
                 name: "channel count", value: "\(channelCount)", requirement: "must be ≥ 1")
         }
-        guard epsilon >= 0, epsilon.isFinite else {
-            throw .invalidHyperparameter(
-                name: "epsilon", value: "\(epsilon)", requirement: "must be finite and ≥ 0")
-        }
+        try HyperparameterCheck.epsilon(epsilon)
         guard radiusSteps >= 1 else {
             throw .invalidHyperparameter(
                 name: "radius steps", value: "\(radiusSteps)", requirement: "must be ≥ 1")
@@ -255,6 +258,8 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
         let varLN: [Double]
         let muBN: [Double]
         let varBN: [Double]
+        /// Samples behind μ_BN, σ²_BN: the local N, or every rank's when synchronized.
+        let batchCount: Int
         let meanWeights: [Double]
         let varianceWeights: [Double]
         let meanJacobian: [[Double]]
@@ -282,12 +287,21 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
     public func forward(_ x: Tensor<Scalar>, mode: Mode) throws(NormError) -> (
         output: Tensor<Scalar>, cache: Cache
     ) {
-        let (plan, n, c, spatial) = try validatedPlan(x)
-        let k = usesBatchNorm ? 3 : 2
-        for (label, t) in [("mean_weight", meanLogits), ("var_weight", varianceLogits)]
-        where t.count != k {
-            throw .parameterShapeMismatch(name: label, expected: [k], actual: t.shape)
+        let synchronizing = mode == .training && usesBatchNorm ? communicator : nil
+        let validated = Result { () throws(NormError) in
+            let result = try validatedPlan(x, allowingEmptyBatch: synchronizing != nil)
+            let k = usesBatchNorm ? 3 : 2
+            for (label, t) in [("mean_weight", meanLogits), ("var_weight", varianceLogits)]
+            where t.count != k {
+                throw .parameterShapeMismatch(name: label, expected: [k], actual: t.shape)
+            }
+            return result
         }
+        if case .failure(let error) = validated, let synchronizing {
+            // The other ranks are about to exchange BN statistics: tell them, then fail.
+            _ = try? Moments.allGathered(.failure(error), over: synchronizing)
+        }
+        let (plan, n, c, spatial) = try validated.get()
         let op = ReferenceNormKernel.Operation(
             centers: true, scales: true, unbiased: false, epsilon: 0)
         let moments = kernels.moments(
@@ -315,6 +329,7 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
         let batchIsConstant = mode.usesRunningStatistics
         var muBN = [Double](repeating: 0, count: c)
         var varBN = [Double](repeating: 0, count: c)
+        var batchCount = n
         if usesBatchNorm {
             if batchIsConstant {
                 if runningEstimate == .batchAverage && !finalized {
@@ -324,7 +339,10 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
                     varBN = runningVariance.scalars.map(Double.init)
                 }
             } else {
-                for j in 0..<c {
+                // Per channel over the batch: count n, mean μ_BN and "M2" = Σ_n (σ²_IN + (μ_IN −
+                // μ_BN)²), so that σ²_BN = M2/n and ranks merge exactly with Chan's formula.
+                var local = Moments(setCount: c)
+                for j in 0..<c where n > 0 {
                     var m = 0.0
                     for i in 0..<n { m += muIn[i * c + j] }
                     m /= Double(n)
@@ -333,8 +351,22 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
                         let d = muIn[i * c + j] - m
                         v += varIn[i * c + j] + d * d
                     }
-                    muBN[j] = m
-                    varBN[j] = v / Double(n)
+                    local.count[j] = n
+                    local.mean[j] = m
+                    local.m2[j] = v
+                }
+                var merged = local
+                if let synchronizing {
+                    merged = try Moments.allGathered(.success(local), over: synchronizing)
+                }
+                batchCount = merged.count.first ?? 0
+                guard batchCount > 0 else { throw .emptyTensor(layer: name, shape: x.shape) }
+                guard merged.mean.allSatisfy(\.isFinite), merged.m2.allSatisfy(\.isFinite) else {
+                    throw .nonFiniteStatistics(layer: name)
+                }
+                for j in 0..<c {
+                    muBN[j] = merged.mean[j]
+                    varBN[j] = merged.m2[j] / Double(batchCount)
                 }
             }
         }
@@ -360,11 +392,13 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
         }
         var y = try zeros(x.shape)
         let parameterIndexing = indexing(for: x.shape)
-        y.withUnsafeMutableBufferPointer { yb in
-            kernels.forward(
-                x, plan: plan, mean: mu, rstd: rstd, scale: scale, offset: offset,
-                indexing: parameterIndexing,
-                into: yb)
+        if x.count > 0 {
+            y.withUnsafeMutableBufferPointer { yb in
+                kernels.forward(
+                    x, plan: plan, mean: mu, rstd: rstd, scale: scale, offset: offset,
+                    indexing: parameterIndexing,
+                    into: yb)
+            }
         }
         // Running statistics (training only, all-or-nothing after every check).
         if mode == .training && usesBatchNorm {
@@ -374,7 +408,8 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
         let cache = Cache(
             input: x, plan: plan, n: n, c: c, spatial: spatial, muIn: muIn, varIn: varIn, mu: mu,
             rstd: rstd,
-            muLN: muLN, varLN: varLN, muBN: muBN, varBN: varBN, meanWeights: w, varianceWeights: wv,
+            muLN: muLN, varLN: varLN, muBN: muBN, varBN: varBN, batchCount: batchCount,
+            meanWeights: w, varianceWeights: wv,
             meanJacobian: jw, varianceJacobian: jwv,
             batchIsConstant: batchIsConstant || !usesBatchNorm)
         return (y, cache)
@@ -496,20 +531,28 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
             }
         }
         if usesBatchNorm && !cache.batchIsConstant {
+            // Σ_n dμ and Σ_n dσ² per channel, over every rank when synchronized.
+            var batchSums = [Double](repeating: 0, count: 2 * c)
             for j in 0..<c {
-                var dmuBN = 0.0
-                var dvarBN = 0.0
                 for i in 0..<n {
-                    dmuBN += dmu[i * c + j]
-                    dvarBN += dvar[i * c + j]
+                    batchSums[j] += dmu[i * c + j]
+                    batchSums[c + j] += dvar[i * c + j]
                 }
-                dmuBN *= w[2]
-                dvarBN *= wv[2]
+            }
+            if let communicator {
+                batchSums = try Collective.allReduceSum(
+                    .success(batchSums), length: 2 * c, operation: "\(name) backward",
+                    over: communicator)
+            }
+            let count = Double(cache.batchCount)
+            for j in 0..<c {
+                var dmuBN = w[2] * batchSums[j]
+                let dvarBN = wv[2] * batchSums[c + j]
                 dmuBN += -2 * cache.muBN[j] * dvarBN
                 for i in 0..<n {
                     let s = i * c + j
-                    dvarIn[s] += dvarBN / Double(n)
-                    dmuIn[s] += 2 * cache.muIn[s] * dvarBN / Double(n) + dmuBN / Double(n)
+                    dvarIn[s] += dvarBN / count
+                    dmuIn[s] += 2 * cache.muIn[s] * dvarBN / count + dmuBN / count
                 }
             }
         }
@@ -519,11 +562,13 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
         let b = dvarIn.map { spatial > 1 ? 2 * $0 / (l - 1) : 0 }
         let cc = dmuIn.map { $0 / l }
         var dx = try zeros(x.shape)
-        dx.withUnsafeMutableBufferPointer { dxb in
-            kernels.applyGradient(
-                x, outputGradient: dy, plan: cache.plan, mean: cache.muIn, a: a, b: b, c: cc,
-                scale: scale,
-                indexing: parameterIndexing, into: dxb)
+        if x.count > 0 {
+            dx.withUnsafeMutableBufferPointer { dxb in
+                kernels.applyGradient(
+                    x, outputGradient: dy, plan: cache.plan, mean: cache.muIn, a: a, b: b, c: cc,
+                    scale: scale,
+                    indexing: parameterIndexing, into: dxb)
+            }
         }
         do {
             return Gradients(
@@ -588,8 +633,15 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
 
     // MARK: - Helpers
 
-    func validatedPlan(_ x: Tensor<Scalar>) throws(NormError) -> (ReductionPlan, Int, Int, Int) {
-        guard x.count > 0 else { throw .emptyTensor(layer: name, shape: x.shape) }
+    func validatedPlan(_ x: Tensor<Scalar>, allowingEmptyBatch: Bool = false) throws(NormError)
+        -> (ReductionPlan, Int, Int, Int)
+    {
+        // A synchronized rank may hold no samples; every other axis must be non-empty.
+        guard
+            x.count > 0
+                || (allowingEmptyBatch && x.rank >= 2 && x.shape[0] == 0
+                    && x.shape.dropFirst().allSatisfy({ $0 > 0 }))
+        else { throw .emptyTensor(layer: name, shape: x.shape) }
         guard x.rank >= 2 else {
             throw .invalidRank(layer: name, expected: "rank ≥ 2 (N, C, …)", shape: x.shape)
         }
@@ -610,7 +662,7 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
         let plan = ReductionPlan(
             viewShape: x.shape, reduced: (0..<x.rank).map { spatialAxes.contains($0) })
         let n = x.shape[0]
-        return (plan, n, channelCount, x.count / (n * channelCount))
+        return (plan, n, channelCount, spatialAxes.reduce(1) { $0 * x.shape[$1] })
     }
 
     func indexing(for shape: [Int]) -> ParameterIndexing {

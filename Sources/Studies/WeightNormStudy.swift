@@ -232,48 +232,75 @@ public enum WeightNormStudy {
         return s
     }
 
-    /// The charts and tables as an HTML fragment.
-    public static func htmlSection(_ r: Results) -> String {
-        var body = "<h2>Weight Standardization + GroupNorm against BatchNorm</h2>\n"
-        let series = r.plan.setups.map { setup in
-            (
+    /// The two charts: test error by batch size, and σ_max per layer over training.
+    public static func charts(_ r: Results) -> [Chart] {
+        let errors = r.plan.setups.map { setup in
+            Chart.Series(
                 name: setup.label,
                 points: r.runs.filter { $0.label == setup.label }.map {
-                    (Double($0.batchSize), $0.testError)
-                }
-            )
+                    Chart.Point(
+                        x: Double($0.batchSize), y: $0.testError, low: $0.testError,
+                        high: $0.testError)
+                })
         }
-        let top = series.flatMap { $0.points.map(\.1) }.max() ?? 1
-        body += Report.lineChart(
-            series: series, xLabel: "batch size", yLabel: "test error", logX: true,
-            yMax: min(1, max(top * 1.15, 0.01)))
-        body += "<h2>Largest singular value per layer, with and without spectral norm</h2>\n"
-        var sigmaSeries: [(name: String, points: [(Double, Double)])] = []
+        var sigmas: [Chart.Series] = []
         for sp in r.spectra {
             for (i, layer) in sp.layers.enumerated() {
-                sigmaSeries.append(
-                    (
+                sigmas.append(
+                    Chart.Series(
                         name: "\(sp.weightNorm) \(layer)",
-                        points: sp.sigmas.enumerated().map { (Double($0.offset), $0.element[i]) }
-                    ))
+                        points: sp.sigmas.enumerated().map {
+                            Chart.Point(
+                                x: Double($0.offset), y: $0.element[i], low: $0.element[i],
+                                high: $0.element[i])
+                        }, dashed: sp.weightNorm == "sn"))
             }
         }
-        body += Report.lineChart(
-            series: sigmaSeries, xLabel: "epoch", yLabel: "σ_max", logX: false)
-        body += "<pre>" + Report.escape(markdown(r)) + "</pre>\n"
-        return body
+        return [
+            Chart(
+                id: "weightnorm-batch", title: "WS + GN against BN: test error by batch size",
+                xLabel: "batch size", yLabel: "test error", xScale: .log, series: errors,
+                yIncludes: 0),
+            Chart(
+                id: "weightnorm-sigma",
+                title: "Largest singular value of each layer's weight, with (dashed) and without "
+                    + "spectral norm",
+                xLabel: "epoch", yLabel: "σ_max", series: sigmas, yIncludes: 0),
+        ]
+    }
+
+    /// The charts and tables as an HTML fragment.
+    public static func htmlSection(_ r: Results) -> String {
+        var body = "<h2>Weight-space normalizers</h2>\n"
+        for c in charts(r) {
+            body +=
+                "<figure>\n" + c.svg()
+                + "<figcaption>\(Chart.escape(c.title))</figcaption></figure>\n"
+        }
+        return body + "<pre>" + Chart.escape(markdown(r)) + "</pre>\n"
+    }
+
+    /// Adds the section to a report page (the demo's, or an empty studies page when nil),
+    /// keeping the page's announced chart count right.
+    public static func insert(_ r: Results, into page: String?) -> String {
+        var page = page ?? StudyReport.html([])
+        let added = charts(r).count
+        if let match = page.range(
+            of: #"<meta name="normkit-charts" content="\d+">"#, options: .regularExpression)
+        {
+            let text = page[match]
+            let digits = text.filter(\.isNumber)
+            page.replaceSubrange(
+                match,
+                with: "<meta name=\"normkit-charts\" content=\"\((Int(digits) ?? 0) + added)\">")
+        }
+        guard let end = page.range(of: "</body></html>", options: .backwards) else {
+            return page + htmlSection(r)
+        }
+        page.replaceSubrange(end, with: htmlSection(r) + "</body></html>")
+        return page
     }
 
     /// A stand-alone HTML page.
-    public static func html(_ r: Results) -> String {
-        """
-        <!DOCTYPE html>
-        <html lang="en"><head><meta charset="utf-8"><title>NormKit weight normalization</title>
-        <style>body{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}
-        svg{background:#fff;border:1px solid #ddd}text{font-size:12px}pre{background:#f6f6f6;padding:1em;overflow:auto}</style>
-        </head><body>
-        <h1>Weight-space normalizers</h1>
-        \(htmlSection(r))</body></html>
-        """
-    }
+    public static func html(_ r: Results) -> String { insert(r, into: nil) }
 }

@@ -4,7 +4,7 @@ import NormKit
 /// Everything that defines a training run; the same configuration and thread count give the
 /// same losses.
 public struct TrainingConfig: Sendable, Hashable, Codable {
-    /// `digits` or `shapes`.
+    /// `digits`, `shapes` or `fashion-mnist`.
     public var dataset = "digits"
     /// `convnet` or `resnet`.
     public var model = "convnet"
@@ -37,8 +37,12 @@ public struct TrainingConfig: Sendable, Hashable, Codable {
     public var shapesCount = 3000
     /// Side of the shapes images.
     public var shapesSize = 16
-    /// Share of the data held out for testing.
+    /// Share of the data held out for testing (digits, shapes; Fashion-MNIST has its own split).
     public var testFraction = 0.2
+    /// Use only the first this many training examples (all when nil).
+    public var trainCount: Int?
+    /// Use only the first this many test examples (all when nil).
+    public var testCount: Int?
 
     /// Defaults.
     public init() {}
@@ -112,17 +116,7 @@ public final class Trainer {
                     "epochs \(config.epochs), lr \(config.learningRate), batch \(config.batchSize)",
                 requirement: "epochs ≥ 1, a positive finite learning rate, batch size ≥ 1")
         }
-        let data: Dataset<Float>
-        switch config.dataset {
-        case "digits": data = try Datasets.digits()
-        case "shapes":
-            data = try Datasets.shapes(
-                count: config.shapesCount, size: config.shapesSize, seed: config.seed &+ 7)
-        default:
-            throw TrainingError.unknownName(
-                kind: "data set", name: config.dataset, known: ["digits", "shapes"])
-        }
-        (train, test) = try data.split(testFraction: config.testFraction, seed: config.seed)
+        (train, test) = try Datasets.split(for: config)
         guard config.batchSize <= train.count else {
             throw TrainingError.invalidSetting(
                 name: "batch size", value: "\(config.batchSize)",
@@ -172,13 +166,40 @@ public final class Trainer {
 
     /// One training step on the batch `indices`; returns the loss.
     func step(_ indices: ArraySlice<Int>) throws -> Double {
-        for slot in slots { slot.advanceRadius() }
         let (x, labels) = try train.batch(indices)
+        return try step(x, labels: labels)
+    }
+
+    /// One training step on a batch (`x` `[N, C, H, W]`, N labels); returns the loss.
+    public func step(_ x: Tensor<Float>, labels: [Int]) throws -> Double {
+        for slot in slots { slot.advanceRadius() }
         let logits = try model.forward(x, mode: .training)
         let (loss, gradient, _) = try SoftmaxCrossEntropy.evaluate(logits, labels: labels)
         _ = try model.backward(gradient)
         try optimizer.update(model.parameters)
         return loss
+    }
+
+    /// Training throughput: after `warmup` steps, times `steps` SGD steps on one fixed batch
+    /// (the first `batchSize` training examples), as `bench/train_torch.py` does for PyTorch.
+    /// The model and optimiser state move on; use a fresh trainer for training.
+    /// - Returns: examples per second and seconds per step.
+    public func benchmark(steps: Int, warmup: Int = 5) throws -> (
+        examplesPerSecond: Double, secondsPerStep: Double
+    ) {
+        guard steps >= 1, warmup >= 0 else {
+            throw TrainingError.invalidSetting(
+                name: "benchmark steps", value: "\(steps)", requirement: "at least 1")
+        }
+        let (x, labels) = try train.batch(Array(0..<config.batchSize)[...])
+        for _ in 0..<warmup { _ = try step(x, labels: labels) }
+        let clock = ContinuousClock()
+        let elapsed = try clock.measure {
+            for _ in 0..<steps { _ = try step(x, labels: labels) }
+        }
+        let seconds =
+            Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
+        return (Double(steps * config.batchSize) / seconds, seconds / Double(steps))
     }
 
     /// Loss and error rate on a data set, in inference mode.

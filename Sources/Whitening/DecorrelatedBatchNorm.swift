@@ -58,7 +58,7 @@ public final class DecorrelatedBatchNorm<Scalar: NormScalar>: CustomStringConver
         affine: Bool = true
     ) throws(NormError) {
         let d = groupSize ?? max(1, channelCount / 2)
-        guard channelCount >= 1, d >= 1, epsilon > 0 else {
+        guard channelCount >= 1, d >= 1, epsilon > 0, epsilon.isFinite else {
             throw .invalidHyperparameter(
                 name: "DBN", value: "C \(channelCount), group \(d), eps \(epsilon)",
                 requirement: "positive sizes and ε")
@@ -273,16 +273,26 @@ public final class IterNorm<Scalar: NormScalar>: CustomStringConvertible {
     public var runningWhitening: [Matrix]
     let groups: [Range<Int>]
 
+    /// The most Newton iterations a layer accepts (the paper uses T = 5; each iteration costs
+    /// two d×d matrix products per group, so far more is a mistake, not a setting).
+    public static var maximumIterations: Int { 1000 }
+
     /// Creates an IterNorm layer.
-    /// - Throws: ``NormError/invalidHyperparameter(name:value:requirement:)``.
+    /// - Throws: ``NormError/invalidHyperparameter(name:value:requirement:)`` for a channel or
+    ///   group count below 1, T outside 1…``maximumIterations``, or ε not finite and > 0.
     public init(
         channelCount: Int, groupSize: Int? = nil, iterations: Int = 5, epsilon: Double = 1e-5,
         momentum: Momentum = .pytorchDefault, affine: Bool = true
     ) throws(NormError) {
-        guard channelCount >= 1, iterations >= 1, epsilon > 0 else {
+        guard channelCount >= 1, epsilon > 0, epsilon.isFinite else {
             throw .invalidHyperparameter(
-                name: "IterNorm", value: "C \(channelCount), T \(iterations), eps \(epsilon)",
-                requirement: "positive sizes, T and ε")
+                name: "IterNorm", value: "C \(channelCount), eps \(epsilon)",
+                requirement: "positive sizes and a finite ε > 0")
+        }
+        try HyperparameterCheck.count(
+            iterations, limit: Self.maximumIterations, name: "IterNorm iterations")
+        if let groupSize {
+            try HyperparameterCheck.count(groupSize, limit: Int.max, name: "IterNorm group size")
         }
         try momentum.validate()
         var d = min(groupSize ?? channelCount, channelCount)

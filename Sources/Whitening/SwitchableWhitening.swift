@@ -80,10 +80,12 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
         guard d >= 1, channelCount % d == 0 else {
             throw .groupsDoNotDivideChannels(groups: d, channels: channelCount)
         }
-        guard iterations >= 1, epsilon > 0 else {
+        guard epsilon > 0, epsilon.isFinite else {
             throw .invalidHyperparameter(
-                name: "T, eps", value: "\(iterations), \(epsilon)", requirement: "positive")
+                name: "epsilon", value: "\(epsilon)", requirement: "must be finite and > 0")
         }
+        try HyperparameterCheck.count(
+            iterations, limit: IterNorm<Scalar>.maximumIterations, name: "iterations")
         try momentum.validate()
         self.channelCount = channelCount
         self.groupSize = d

@@ -3,16 +3,19 @@ import NormKernels
 import Normalization
 import TensorCore
 
-/// Packs per-group d × d matrices into one `[G, d, d]` tensor (equal group sizes) and back.
+/// Packs per-group d × d matrices into one `[G, d, d]` tensor and back.
+///
+/// Groups of unequal
+/// sizes (a last, smaller group; the official code has none) pack as one flat vector of the
+/// concatenated row-major blocks.
 enum GroupMatrices {
     static func pack<S: NormScalar>(_ matrices: [Matrix]) throws -> Tensor<S> {
         let d = matrices.first?.rows ?? 0
+        let values = matrices.flatMap(\.values)
         guard matrices.allSatisfy({ $0.rows == d }) else {
-            throw NormError.invalidHyperparameter(
-                name: "groups", value: "unequal sizes",
-                requirement: "checkpoints need equal group sizes")
+            return try Tensor(shape: [values.count], rounding: values)
         }
-        return try Tensor(shape: [matrices.count, d, d], rounding: matrices.flatMap(\.values))
+        return try Tensor(shape: [matrices.count, d, d], rounding: values)
     }
 
     static func unpack<S: NormScalar>(_ t: Tensor<S>, like matrices: [Matrix], name: String) throws

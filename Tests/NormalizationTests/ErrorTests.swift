@@ -116,15 +116,24 @@ struct ErrorTests {
         }
     }
 
-    @Test func emptyTensors() throws {
+    @Test func zeroSizeReducedAxesAreRefused() throws {
         let ln = try LayerNorm<Double>(normalizedShape: [3])
-        Self.expectError(.emptyTensor(layer: "LayerNorm", shape: [0, 3]), layer: ln) {
-            _ = try ln.forward(try Tensor(zeros: [0, 3]), mode: .training)
+        Self.expectError(
+            .normalizedShapeMismatch(layer: "LayerNorm", expected: [3], shape: [2, 0]), layer: ln
+        ) {
+            _ = try ln.forward(try Tensor(zeros: [2, 0]), mode: .training)
         }
         let bn = try BatchNorm<Double>(featureCount: 2)
-        Self.expectError(.emptyTensor(layer: "BatchNorm", shape: [0, 2, 4]), layer: bn) {
-            _ = try bn.forward(try Tensor(zeros: [0, 2, 4]), mode: .training)
+        Self.expectError(.emptyTensor(layer: "BatchNorm", shape: [3, 2, 0]), layer: bn) {
+            _ = try bn.forward(try Tensor(zeros: [3, 2, 0]), mode: .training)
         }
+        let inorm = try InstanceNorm<Double>(featureCount: 2)
+        Self.expectError(.emptyTensor(layer: "InstanceNorm", shape: [3, 2, 0]), layer: inorm) {
+            _ = try inorm.forward(try Tensor(zeros: [3, 2, 0]), mode: .inference)
+        }
+        #expect(
+            NormError.emptyTensor(layer: "BatchNorm", shape: [3, 2, 0]).description.contains(
+                "size 0"))
     }
 
     @Test func parameterShapesThatDoNotMatch() throws {

@@ -149,6 +149,35 @@ struct FastKernelParityTests {
         #expect(results[0] == results[1] && results[1] == results[2])
     }
 
+    /// Catches a work split that silently collapses to one chunk (as `rows * length >> 16` once
+    /// did: `>>` binds tighter than `*`): a backward of a few hundred thousand elements must be
+    /// cut into at least two chunks and be allowed two threads, in every geometry.
+    @Test(arguments: [
+        Case(layer: .layernorm, shape: [512, 768]),
+        Case(layer: .rmsnorm, shape: [512, 768]),
+        Case(layer: .batchnorm, shape: [8, 64, 28, 28]),
+        Case(layer: .batchnorm, shape: [8, 28, 28, 64], layout: .channelsLast),
+        Case(layer: .groupnorm, shape: [8, 64, 28, 28], groups: 32),
+        Case(layer: .groupnorm, shape: [8, 28, 28, 64], layout: .channelsLast, groups: 32),
+        Case(layer: .instancenorm, shape: [8, 64, 28, 28]),
+    ])
+    func largeBackwardSplitsItsWork(_ c: Case) throws {
+        var g = SeededGenerator(seed: 3)
+        let x = try Tensor<Float>.randomNormal(shape: c.shape, using: &g)
+        let dy = try Tensor<Float>.randomNormal(shape: c.shape, using: &g)
+        try Parallelism.$threadLimit.withValue(2) {
+            let layer = try Self.make(c, kernels: .automatic)
+            let (_, cache) = try layer.forward(x, mode: .training)
+            let observer = SplitObserver()
+            _ = try Parallelism.$observer.withValue(observer) {
+                try layer.backward(dy, cache: cache)
+            }
+            #expect(observer.calls >= 1, "\(c): backward never reached the fast kernels")
+            #expect(observer.maximumChunks >= 2, "\(c): \(observer.maximumChunks) chunks")
+            #expect(observer.maximumThreads == 2, "\(c): \(observer.maximumThreads) threads")
+        }
+    }
+
     @Test(arguments: [
         StandardLayer.batchnorm, .layernorm, .instancenorm, .groupnorm, .rmsnorm, .layernorm2d,
     ])

@@ -86,55 +86,12 @@ struct MetaNormTests {
     @Test func gradientsMatchFiniteDifferences() throws {
         var g = SeededGenerator(seed: 6)
         let x = try Tensor<Double>.randomNormal(shape: [2, 4, 3], mean: 1, using: &g)
-        let dy = try Tensor<Double>.randomNormal(shape: [2, 4, 3], using: &g)
         let layer = try MetaNorm<Double>(
             channelCount: 4, aggregations: [.instance, .batchNorm, .layer, .group(2)])
         layer.meanLogits = Tensor([0.3, -0.2, 0.5, 0.1])
         layer.varianceLogits = Tensor([-0.4, 0.2, 0.0, 0.3])
         layer.scale = Tensor([1.5, 0.5, -1, 2])
-        let (_, cache) = try layer.forward(x, mode: .training)
-        let analytic = try layer.backward(dy, cache: cache)
-        func loss() throws -> Double {
-            zip(try layer.forward(x, mode: .training).output.scalars, dy.scalars).reduce(0) {
-                $0 + $1.0 * $1.1
-            }
-        }
-        func lossAt(_ input: Tensor<Double>) throws -> Double {
-            zip(try layer.forward(input, mode: .training).output.scalars, dy.scalars).reduce(0) {
-                $0 + $1.0 * $1.1
-            }
-        }
-        let h = 1e-6
-        var probe = x
-        for i in 0..<x.count {
-            let v = probe[flat: i]
-            probe[flat: i] = v + h
-            let plus = try lossAt(probe)
-            probe[flat: i] = v - h
-            let minus = try lossAt(probe)
-            probe[flat: i] = v
-            #expect(abs((plus - minus) / (2 * h) - analytic.input[flat: i]) < 1e-6, "dx[\(i)]")
-        }
-        for i in 0..<4 {
-            for (label, analyticValue, apply) in [
-                (
-                    "mean logit", analytic.meanLogits[flat: i],
-                    { (d: Double) in layer.meanLogits[flat: i] += d }
-                ),
-                (
-                    "variance logit", analytic.varianceLogits[flat: i],
-                    { (d: Double) in layer.varianceLogits[flat: i] += d }
-                ),
-                ("γ", analytic.scale[flat: i], { (d: Double) in layer.scale[flat: i] += d }),
-            ] {
-                apply(h)
-                let plus = try loss()
-                apply(-2 * h)
-                let minus = try loss()
-                apply(h)
-                #expect(abs((plus - minus) / (2 * h) - analyticValue) < 1e-6, "\(label) \(i)")
-            }
-        }
+        try Conformance.checkGradients(layer, input: x, mode: .training, tolerance: 1e-6)
     }
 
     @Test func groupsThatDoNotDivideAreRefused() {

@@ -97,72 +97,7 @@ struct SwitchableNormPropertyTests {
     static func finiteDifferenceCheck(
         _ layer: SwitchableNorm<Double>, x: Tensor<Double>, mode: Mode
     ) throws {
-        let dy = try random(x.shape, seed: 99)
-        let saved = layer.state()
-        let (_, cache) = try layer.forward(x, mode: mode)
-        let analytic = try layer.backward(dy, cache: cache)
-        try layer.load(saved)
-        func loss() throws -> Double {
-            let y = try layer.forward(x, mode: mode).output
-            try layer.load([
-                "running_mean": saved["running_mean"]!, "running_var": saved["running_var"]!,
-            ])
-            return zip(y.scalars, dy.scalars).reduce(0) { $0 + $1.0 * $1.1 }
-        }
-        let h = 1e-5
-        func check(
-            _ label: String, _ count: Int, _ analytic: [Double],
-            _ perturb: (Int, Double) throws -> Void
-        ) throws {
-            var worst = 0.0
-            var scale = 1e-12
-            for i in 0..<count {
-                try perturb(i, h)
-                let plus = try loss()
-                try perturb(i, -2 * h)
-                let minus = try loss()
-                try perturb(i, h)
-                let numeric = (plus - minus) / (2 * h)
-                worst = max(worst, abs(numeric - analytic[i]))
-                scale = max(scale, abs(numeric))
-            }
-            #expect(worst / scale < 1e-6, "\(label): worst \(worst) at scale \(scale)")
-        }
-        var probe = x
-        func lossAt(_ input: Tensor<Double>) throws -> Double {
-            let y = try layer.forward(input, mode: mode).output
-            try layer.load([
-                "running_mean": saved["running_mean"]!, "running_var": saved["running_var"]!,
-            ])
-            return zip(y.scalars, dy.scalars).reduce(0) { $0 + $1.0 * $1.1 }
-        }
-        var worst = 0.0
-        var scale = 1e-12
-        for i in 0..<x.count {
-            let v = probe[flat: i]
-            probe[flat: i] = v + h
-            let plus = try lossAt(probe)
-            probe[flat: i] = v - h
-            let minus = try lossAt(probe)
-            probe[flat: i] = v
-            let numeric = (plus - minus) / (2 * h)
-            worst = max(worst, abs(numeric - analytic.input[flat: i]))
-            scale = max(scale, abs(numeric))
-        }
-        #expect(worst / scale < 1e-6, "dx: worst \(worst) at scale \(scale)")
-        try check("dγ", layer.channelCount, analytic.scale.scalars) { i, d in
-            layer.scale[flat: i] += d
-        }
-        try check("dβ", layer.channelCount, analytic.offset.scalars) { i, d in
-            layer.offset[flat: i] += d
-        }
-        try check("d mean logits", layer.meanLogits.count, analytic.meanLogits.scalars) { i, d in
-            layer.meanLogits[flat: i] += d
-        }
-        try check("d variance logits", layer.varianceLogits.count, analytic.varianceLogits.scalars)
-        { i, d in
-            layer.varianceLogits[flat: i] += d
-        }
+        try Conformance.checkGradients(layer, input: x, mode: mode, tolerance: 1e-6)
     }
 
     static func configured(_ layer: SwitchableNorm<Double>, seed: UInt64) -> SwitchableNorm<Double>

@@ -128,6 +128,37 @@ struct TrainerTests {
         #expect(summary.contains("| bn |"))
     }
 
+    @Test func unwritableOutputsAreRefusedBeforeTheRun() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "outputs-\(UUID().uuidString)"
+        ).path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let clock = ContinuousClock()
+        // An epoch count that would take hours shows that the refusal comes first.
+        var train = try NormKitCommand.parseAsRoot([
+            "train", "--epochs", "100000", "--checkpoint", dir + "/missing/c.safetensors",
+        ])
+        let elapsed = try clock.measure {
+            #expect(throws: FileFormatError.self) { try train.run() }
+        }
+        #expect(elapsed < .seconds(5))
+        var metrics = try NormKitCommand.parseAsRoot([
+            "train", "--epochs", "100000", "--checkpoint", dir + "/c.safetensors", "--metrics",
+            dir,
+        ])
+        #expect(throws: FileFormatError.self) { try metrics.run() }
+        try Data([1]).write(to: URL(fileURLWithPath: dir + "/file"))
+        var demo = try NormKitCommand.parseAsRoot(["demo", "--output", dir + "/file"])
+        #expect(
+            throws: FileFormatError.io(
+                path: dir + "/file", reason: "it is a file; --output names the report's folder")
+        ) { try demo.run() }
+        var nested = try NormKitCommand.parseAsRoot(["demo", "--output", dir + "/file/report"])
+        #expect(throws: FileFormatError.self) { try nested.run() }
+        #expect(!FileManager.default.fileExists(atPath: dir + "/c.safetensors"))
+    }
+
     @Test func trainCommandWritesMetricsAndCheckpoint() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
             "train-\(UUID().uuidString)"

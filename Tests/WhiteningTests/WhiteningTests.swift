@@ -25,53 +25,22 @@ struct WhiteningTests {
         return x
     }
 
-    static func finiteDifferences(
-        _ forward: (Tensor<Double>) throws -> Tensor<Double>, _ analytic: Tensor<Double>,
-        x: Tensor<Double>,
-        dy: Tensor<Double>
-    ) throws -> Double {
-        var worst = 0.0
-        var scale = 1e-12
-        var probe = x
-        for i in 0..<x.count {
-            let v = probe[flat: i]
-            probe[flat: i] = v + 1e-6
-            let plus = zip(try forward(probe).scalars, dy.scalars).reduce(0) { $0 + $1.0 * $1.1 }
-            probe[flat: i] = v - 1e-6
-            let minus = zip(try forward(probe).scalars, dy.scalars).reduce(0) { $0 + $1.0 * $1.1 }
-            probe[flat: i] = v
-            let numeric = (plus - minus) / 2e-6
-            worst = max(worst, abs(numeric - analytic[flat: i]))
-            scale = max(scale, abs(numeric))
-        }
-        return worst / scale
-    }
-
     @Test(arguments: [([6, 4, 3], 2), ([5, 3, 2, 2], 3), ([8, 5], 3)])
     func dbnGradientsMatchFiniteDifferences(_ shape: [Int], _ group: Int) throws {
         let x = try Self.data(shape, seed: 1)
         var g = SeededGenerator(seed: 2)
-        let dy = try Tensor<Double>.randomNormal(shape: shape, using: &g)
         let layer = try DecorrelatedBatchNorm<Double>(channelCount: shape[1], groupSize: group)
         layer.scale = layer.scale!.map { _ in 1 + 0.3 * g.nextNormal() }
-        let (_, cache) = try layer.forward(x, mode: .training)
-        let grads = try layer.backward(dy, cache: cache)
-        let error = try Self.finiteDifferences(
-            { try layer.forward($0, mode: .training).output }, grads.input, x: x, dy: dy)
-        #expect(error < 1e-5, "relative error \(error)")
+        try Conformance.checkGradients(
+            layer, input: x, mode: .training, tolerance: 1e-5, seed: 2, step: 1e-6)
     }
 
     @Test(arguments: [([6, 4, 3], 4, 5), ([5, 6, 2, 2], 3, 3), ([8, 4], 2, 7)])
     func iterNormGradientsMatchFiniteDifferences(_ shape: [Int], _ group: Int, _ t: Int) throws {
         let x = try Self.data(shape, seed: 3)
-        var g = SeededGenerator(seed: 4)
-        let dy = try Tensor<Double>.randomNormal(shape: shape, using: &g)
         let layer = try IterNorm<Double>(channelCount: shape[1], groupSize: group, iterations: t)
-        let (_, cache) = try layer.forward(x, mode: .training)
-        let grads = try layer.backward(dy, cache: cache)
-        let error = try Self.finiteDifferences(
-            { try layer.forward($0, mode: .training).output }, grads.input, x: x, dy: dy)
-        #expect(error < 1e-6, "relative error \(error)")
+        try Conformance.checkGradients(
+            layer, input: x, mode: .training, tolerance: 1e-6, seed: 4, step: 1e-6)
     }
 
     /// The whitened covariance of each group (over the batch) is the identity, up to ε.
@@ -114,15 +83,11 @@ struct WhiteningTests {
         let x = try Self.data([16, 3, 2], seed: 7)
         let train = try layer.forward(x, mode: .training).output
         // With weight of new 1 the running estimates are this batch's: inference reproduces it.
-        let (inference, cache) = try layer.forward(x, mode: .inference)
+        let inference = try layer.forward(x, mode: .inference).output
         #expect(Comparison(inference.scalars, train.scalars).maxAbsolute < 1e-10)
         // Inference is affine: its gradient is Wᵀ dy.
-        var g = SeededGenerator(seed: 8)
-        let dy = try Tensor<Double>.randomNormal(shape: x.shape, using: &g)
-        let grads = try layer.backward(dy, cache: cache)
-        let error = try Self.finiteDifferences(
-            { try layer.forward($0, mode: .inference).output }, grads.input, x: x, dy: dy)
-        #expect(error < 1e-8)
+        try Conformance.checkGradients(
+            layer, input: x, mode: .inference, tolerance: 1e-8, seed: 8, step: 1e-6)
     }
 
     @Test func badInputIsRefused() throws {
@@ -144,43 +109,13 @@ struct SwitchableWhiteningTests {
     func gradientsMatchFiniteDifferences(_ type: Int, _ shape: [Int]) throws {
         let x = try WhiteningTests.data(shape, seed: UInt64(10 + type))
         var g = SeededGenerator(seed: 11)
-        let dy = try Tensor<Double>.randomNormal(shape: shape, using: &g)
         let layer = try SwitchableWhitening<Double>(
             channelCount: shape[1], groupSize: shape[1] == 6 ? 3 : 2, type: type, iterations: 4)
         layer.meanLogits = layer.meanLogits.map { _ in g.nextNormal() }
         layer.varianceLogits = layer.varianceLogits.map { _ in g.nextNormal() }
         for mode in [Mode.training, .inference] {
-            let (_, cache) = try layer.forward(x, mode: mode)
-            let grads = try layer.backward(dy, cache: cache)
-            func loss() throws -> Double {
-                zip(try layer.forward(x, mode: mode).output.scalars, dy.scalars).reduce(0) {
-                    $0 + $1.0 * $1.1
-                }
-            }
-            let error = try WhiteningTests.finiteDifferences(
-                { try layer.forward($0, mode: mode).output }, grads.input, x: x, dy: dy)
-            #expect(error < 1e-6, "type \(type) \(mode) dx: \(error)")
-            for i in 0..<type {
-                for (label, analytic, perturb) in [
-                    (
-                        "mean", grads.meanLogits[flat: i],
-                        { (h: Double) in layer.meanLogits[flat: i] += h }
-                    ),
-                    (
-                        "variance", grads.varianceLogits[flat: i],
-                        { (h: Double) in layer.varianceLogits[flat: i] += h }
-                    ),
-                ] {
-                    perturb(1e-6)
-                    let plus = try loss()
-                    perturb(-2e-6)
-                    let minus = try loss()
-                    perturb(1e-6)
-                    #expect(
-                        abs((plus - minus) / 2e-6 - analytic) < 1e-6 * max(1, abs(analytic)),
-                        "type \(type) \(mode) \(label) logit \(i)")
-                }
-            }
+            try Conformance.checkGradients(
+                layer, input: x, mode: mode, tolerance: 1e-6, seed: 11, step: 1e-6)
         }
     }
 
