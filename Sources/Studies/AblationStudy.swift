@@ -2,7 +2,7 @@ import Foundation
 import NormKit
 import Training
 
-/// The channel-ablation study.
+/// Channel ablation in trained networks.
 ///
 /// Channel ablation (Morcos et al. 2018, arXiv:1803.06959, §3.4 and figure 6): in trained
 /// networks, zero a growing random fraction of the channels of every normalized layer and

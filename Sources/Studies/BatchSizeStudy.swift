@@ -13,10 +13,9 @@ public enum BatchSizeStudy {
         ("gn", [32, 16, 8, 4, 2], [24.1, 24.2, 24.0, 24.2, 24.1]),
     ]
 
-    /// The compared normalizers.
+    /// The compared normalizers, by harness preset name.
     ///
-    /// Registry names (through the harness presets) of the compared normalizers; `ws+gn` is
-    /// GroupNorm after convolutions with weight standardization (Qiao et al. 2019).
+    /// `ws+gn` is GroupNorm after convolutions with weight standardization (Qiao et al. 2019).
     public static let normalizers = ["bn", "gn", "ln", "in", "sn", "ssn", "brn", "ws+gn"]
 
     /// Runs the study.

@@ -2,7 +2,7 @@ import Foundation
 import NormKit
 import Training
 
-/// The loss-landscape study.
+/// Loss-landscape smoothness with and without BatchNorm, and trainability.
 ///
 /// Loss-landscape smoothness with and without BatchNorm (Santurkar et al. 2018,
 /// arXiv:1805.11604, §3.1 and figure 4), and trainability over a sweep of learning rates.

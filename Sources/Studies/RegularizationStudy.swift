@@ -73,7 +73,7 @@ public enum RegularizationStudy {
         if o.isQuick && o.dataset == "fashion-mnist" && o.trainCount == nil {
             quickOptions.trainCount = 1000
         }
-        let epochs = o.epochs ?? (o.isQuick ? 3 : 10)
+        let epochs = o.epochs ?? (o.isQuick ? 2 : 10)
         var results: [String: [Int: [Outcome]]] = [:]
         var diverged = 0
         var runs: [[String]] = [

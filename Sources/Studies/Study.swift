@@ -49,7 +49,7 @@ public struct StudyOptions: Sendable, Hashable, Codable {
         c.batchSize = batchSize
         c.learningRate = learningRate
         c.seed = UInt64(seed)
-        c.epochs = epochs ?? (isQuick ? 1 : 3)
+        c.epochs = epochs ?? (isQuick ? 2 : 3)
         c.width = isQuick ? 8 : 16
         c.shapesCount = isQuick ? 1000 : 3000
         if dataset == "fashion-mnist" {

@@ -2,7 +2,7 @@ import Foundation
 import NormKit
 import Training
 
-/// The Switchable Normalization study.
+/// What Switchable and Sparse Switchable Normalization learn.
 ///
 /// What Switchable Normalization learns (Luo et al. 2019, arXiv:1806.10779; Sparse SN, Shao et
 /// al. 2019, arXiv:1903.03793): the per-layer importance of IN, LN and BN for the mean and the

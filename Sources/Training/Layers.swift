@@ -245,7 +245,11 @@ public final class Conv2d<Scalar: NormScalar>: Module {
                         guard ih >= 0 && ih < h else { continue }
                         let src = input + oh * wo
                         let dst = dx + (c * h + ih) * w + j - padding
-                        for ow in valid { dst[ow * stride] += src[ow] }
+                        if stride == 1 {
+                            for ow in valid { dst[ow] += src[ow] }
+                        } else {
+                            for ow in valid { dst[ow * stride] += src[ow] }
+                        }
                     }
                     row += 1
                 }
@@ -435,7 +439,8 @@ public final class ReLU<Scalar: NormScalar>: Module {
     public func forward(_ x: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
         var y = x
         y.withUnsafeMutableBufferPointer { p in
-            for i in p.indices where !(p[i] > 0) { p[i] = 0 }
+            // max(x, 0) as a select (vectorizes); NaN becomes 0 as before.
+            for i in p.indices { p[i] = p[i] > 0 ? p[i] : 0 }
         }
         output = y
         return y
@@ -449,7 +454,7 @@ public final class ReLU<Scalar: NormScalar>: Module {
         var dx = dy
         y.withUnsafeBufferPointer { yp in
             dx.withUnsafeMutableBufferPointer { p in
-                for i in p.indices where !(yp[i] > 0) { p[i] = 0 }
+                for i in p.indices { p[i] = yp[i] > 0 ? p[i] : 0 }
             }
         }
         return dx

@@ -363,8 +363,8 @@ public final class Trainer {
 
     /// Training throughput on one fixed batch.
     ///
-    /// Training throughput: after `warmup` steps, times `steps` SGD steps on one fixed batch
-    /// (the first `batchSize` training examples), as `bench/train_torch.py` does for PyTorch.
+    /// After `warmup` steps, times `steps` SGD steps on the first `batchSize` training
+    /// examples, as `bench/train_torch.py` does for PyTorch.
     /// The model and optimiser state move on; use a fresh trainer for training.
     /// - Returns: examples per second and seconds per step.
     public func benchmark(steps: Int, warmup: Int = 5) throws -> (
