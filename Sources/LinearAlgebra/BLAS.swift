@@ -11,15 +11,32 @@ import TensorCore
 /// Row-major `C ← α·op(A)·op(B) + β·C` with `op` the identity or the transpose; NormKit writes no
 /// GEMM of its own.
 public enum BLAS {
-    /// Limits the BLAS library's own threads (OpenBLAS keeps a pool).
-    public static func setThreads(_ count: Int) {
+    /// OpenBLAS starts single-threaded in NormKit.
+    ///
+    /// Its products are small next to the work NormKit splits over its own threads, and a thread count that changes while another thread
+    /// is inside a GEMM (the setting is global) is a race. Set once, on first use.
+    private static let startsSingleThreaded: Bool = {
         #if !canImport(Accelerate)
-            openblas_set_num_threads(Int32(max(1, count)))
+            openblas_set_num_threads(1)
+        #endif
+        return true
+    }()
+
+    /// Limits the BLAS library's own threads (OpenBLAS keeps a pool); the default is 1.
+    ///
+    /// The setting is process-wide: call it before work starts (`normkit train --threads`),
+    /// not while other threads multiply matrices.
+    public static func setThreads(_ count: Int) {
+        _ = startsSingleThreaded
+        #if !canImport(Accelerate)
+            let wanted = Int32(max(1, count))
+            if openblas_get_num_threads() != wanted { openblas_set_num_threads(wanted) }
         #endif
     }
 
     /// The BLAS library's thread count (1 where the library has no pool of its own).
     public static var threadCount: Int {
+        _ = startsSingleThreaded
         #if canImport(Accelerate)
             return 1
         #else
@@ -27,14 +44,14 @@ public enum BLAS {
         #endif
     }
 
-    /// Runs `body` with BLAS limited to the calling thread, then restores the previous count.
+    /// Runs `body` with BLAS limited to the calling thread.
     ///
     /// Callers that already split their work over NormKit's own threads use this: OpenBLAS's
-    /// threads would otherwise spin (`sched_yield`) against them.
+    /// threads would otherwise spin (`sched_yield`) against them. BLAS is single-threaded by
+    /// default, so this changes nothing unless someone raised the count; it then lowers it to 1
+    /// for good rather than toggling the process-wide setting on every call.
     public static func singleThreaded<R>(_ body: () throws -> R) rethrows -> R {
-        let previous = threadCount
-        if previous != 1 { setThreads(1) }
-        defer { if previous != 1 { setThreads(previous) } }
+        if threadCount != 1 { setThreads(1) }
         return try body()
     }
 
@@ -45,6 +62,7 @@ public enum BLAS {
         _ a: UnsafePointer<Float>, lda: Int, _ b: UnsafePointer<Float>, ldb: Int, beta: Float = 0,
         _ c: UnsafeMutablePointer<Float>, ldc: Int
     ) {
+        _ = startsSingleThreaded
         cblas_sgemm(
             CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans,
             transposeB ? CblasTrans : CblasNoTrans, Int32(m), Int32(n), Int32(k), alpha, a,
@@ -57,6 +75,7 @@ public enum BLAS {
         n: Int, k: Int, alpha: Float = 1, _ a: UnsafePointer<Float>, lda: Int, beta: Float = 0,
         _ c: UnsafeMutablePointer<Float>, ldc: Int
     ) {
+        _ = startsSingleThreaded
         cblas_ssyrk(
             CblasRowMajor, CblasUpper, CblasNoTrans, Int32(n), Int32(k), alpha, a, Int32(lda),
             beta, c, Int32(ldc))
@@ -68,6 +87,7 @@ public enum BLAS {
         _ a: UnsafePointer<T>, lda: Int, _ b: UnsafePointer<T>, ldb: Int, beta: T = 0,
         _ c: UnsafeMutablePointer<T>, ldc: Int
     ) {
+        _ = startsSingleThreaded
         let ta = transposeA ? CblasTrans : CblasNoTrans
         let tb = transposeB ? CblasTrans : CblasNoTrans
         if T.self == Float.self {

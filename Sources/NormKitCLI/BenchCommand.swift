@@ -53,14 +53,16 @@ struct BenchCommand: ParsableCommand {
     var json = false
 
     func run() throws {
-        let dims = shape.split(separator: ",").compactMap {
-            Int($0.trimmingCharacters(in: .whitespaces))
-        }
-        guard !dims.isEmpty, dims.count == shape.split(separator: ",").count,
-            dims.allSatisfy({ $0 >= 1 })
-        else {
+        // Sizes are checked (overflow-safe, against the documented SizeLimits) before anything
+        // is allocated; the benchmark keeps a few tensors of this shape.
+        let dims: [Int]
+        do {
+            dims = try SizeLimits.parseShape(shape, maximumElements: SizeLimits.maximumElements / 4)
+        } catch { throw ValidationError(error.description) }
+        guard `repeat` <= SizeLimits.maximumRepeats else {
             throw ValidationError(
-                "--shape must be positive integers separated by commas, got '\(shape)'")
+                "--repeat \(`repeat`) is refused: at most \(SizeLimits.maximumRepeats) (SizeLimits)"
+            )
         }
         let entry: NormalizerEntry
         do { entry = try NormalizerRegistry.all.entry(named: layer) } catch {
