@@ -177,30 +177,6 @@ struct ConditionalGradientTests {
     /// Relative error allowed: central differences with h = 1e-5 are exact to about 1e-9 here.
     static let tolerance = 1e-6
 
-    static func loss(_ layer: any Normalizing<Double>, _ x: Tensor<Double>, _ dy: Tensor<Double>)
-        throws -> Double
-    {
-        let y = try layer.normalize(x, mode: .training)
-        return zip(y.scalars, dy.scalars).reduce(0) { $0 + $1.0 * $1.1 }
-    }
-
-    static func numeric(
-        _ t: Tensor<Double>, step: Double = 1e-5, _ evaluate: (Tensor<Double>) throws -> Double
-    ) rethrows -> [Double] {
-        var probe = t
-        var out = [Double](repeating: 0, count: t.count)
-        for i in 0..<t.count {
-            let v = probe[flat: i]
-            probe[flat: i] = v + step
-            let plus = try evaluate(probe)
-            probe[flat: i] = v - step
-            let minus = try evaluate(probe)
-            probe[flat: i] = v
-            out[i] = (plus - minus) / (2 * step)
-        }
-        return out
-    }
-
     @Test(
         arguments: ConditionalFixtureTests.cases.filter {
             !$0.contains("offset") && !$0.contains("hidden128")
@@ -211,32 +187,14 @@ struct ConditionalGradientTests {
         let layer = built.layer
         let x: Tensor<Double> = f.tensor("x")
         let dy: Tensor<Double> = f.tensor("dy")
-        _ = try layer.normalize(x, mode: .training)
-        let analytic = try layer.backward(dy)
-        var results = [
-            GradientCheck.compare(
-                "x", analytic.input.scalars, try Self.numeric(x) { try Self.loss(layer, $0, dy) })
-        ]
-        let conditional = layer as? any ConditionalNormalizing<Double>
-        for (name, value) in built.conditions where name != "labels" {
-            let numeric = try Self.numeric(value) { probe in
-                var c = built.conditions
-                c[name] = probe
-                try conditional!.setConditions(c)
-                return try Self.loss(layer, x, dy)
-            }
-            try conditional!.setConditions(built.conditions)
-            results.append(
-                GradientCheck.compare(name, analytic.conditions[name]!.scalars, numeric))
-        }
-        for (key, value) in layer.parameters.sorted(by: { $0.key < $1.key }) {
-            let numeric = try Self.numeric(value) { probe in
-                try layer.setParameters([key: probe])
-                return try Self.loss(layer, x, dy)
-            }
-            try layer.setParameters([key: value])
-            results.append(GradientCheck.compare(key, analytic.parameters[key]!.scalars, numeric))
-        }
+        // Every input but the integer labels has a gradient, and every parameter does.
+        let conditions = built.conditions.filter { $0.key != "labels" }
+        let results = try GradientCheck.run(
+            layer, input: x, outputGradient: dy, mode: .training, conditions: built.conditions)
+        #expect(
+            Set(results.map(\.name))
+                == Set(["x"] + Array(layer.parameters.keys) + Array(conditions.keys)),
+            "\(name): \(results.map(\.name))")
         for r in results {
             #expect(r.relativeError <= Self.tolerance, "\(name) \(r)")
         }
