@@ -331,7 +331,8 @@ public final class MetaNorm<Scalar: NormScalar>: CustomStringConvertible {
 
     /// Parameters by name (`weight`, `bias`, `mean_weight`, `var_weight`).
     func stateDictionary() -> [String: Tensor<Scalar>] {
-        ["weight": scale, "bias": offset, "mean_weight": meanLogits, "var_weight": varianceLogits]
+        mixtureParameters(
+            scale: scale, offset: offset, meanLogits: meanLogits, varianceLogits: varianceLogits)
     }
 
     /// Loads parameters by name.

@@ -88,23 +88,21 @@ extension SwitchableNorm: Normalizing, CachingNormalizer {
 
     /// The trainable parameters by `state_dict` key.
     public var parameters: [String: Tensor<Scalar>] {
-        ["weight": scale, "bias": offset, "mean_weight": meanLogits, "var_weight": varianceLogits]
+        mixtureParameters(
+            scale: scale, offset: offset, meanLogits: meanLogits, varianceLogits: varianceLogits)
     }
 
     /// The gradients under the parameters' `state_dict` keys.
     public func keyed(_ g: Gradients) -> NormGradients<Scalar> {
         NormGradients(
             input: g.input,
-            parameters: [
-                "weight": g.scale, "bias": g.offset, "mean_weight": g.meanLogits,
-                "var_weight": g.varianceLogits,
-            ])
+            parameters: mixtureParameters(
+                scale: g.scale, offset: g.offset, meanLogits: g.meanLogits,
+                varianceLogits: g.varianceLogits))
     }
 
     /// Mixture and Kalman parameters get their own optimiser group.
-    public func role(ofParameter key: String) -> ParameterRole {
-        key.hasSuffix("_weight") ? .mixture : .affine
-    }
+    public func role(ofParameter key: String) -> ParameterRole { mixtureRole(ofParameter: key) }
 
     /// Sparse SN's `mean_fixed` / `var_fixed` flags are counters (int64 buffers officially).
     public func state() -> NormState<Scalar> {
@@ -138,16 +136,13 @@ extension MetaNorm: Normalizing, CachingNormalizer {
     public func keyed(_ g: Gradients) -> NormGradients<Scalar> {
         NormGradients(
             input: g.input,
-            parameters: [
-                "weight": g.scale, "bias": g.offset, "mean_weight": g.meanLogits,
-                "var_weight": g.varianceLogits,
-            ])
+            parameters: mixtureParameters(
+                scale: g.scale, offset: g.offset, meanLogits: g.meanLogits,
+                varianceLogits: g.varianceLogits))
     }
 
     /// Mixture and Kalman parameters get their own optimiser group.
-    public func role(ofParameter key: String) -> ParameterRole {
-        key.hasSuffix("_weight") ? .mixture : .affine
-    }
+    public func role(ofParameter key: String) -> ParameterRole { mixtureRole(ofParameter: key) }
 
     /// The parameters, and the running estimates of every aggregation as `running_mean.k` /
     /// `running_var.k` (`[C]` each).

@@ -153,6 +153,27 @@ public protocol ScheduledNormalizing {
     var frozenParameterKeys: Set<String> { get }
 }
 
+/// γ, β and the two mixture-logit vectors of a learned normalizer, by official key.
+///
+/// SN, Sparse SN, MetaNorm and Switchable Whitening use `weight`, `bias`, `<prefix>mean_weight`
+/// and `<prefix>var_weight` (Switchable Whitening's prefix is `sw_`). Used for the parameters
+/// and, with the gradient tensors, for the gradients.
+public func mixtureParameters<Scalar: NormScalar>(
+    scale: Tensor<Scalar>, offset: Tensor<Scalar>, meanLogits: Tensor<Scalar>,
+    varianceLogits: Tensor<Scalar>, logitPrefix: String = ""
+) -> [String: Tensor<Scalar>] {
+    [
+        "weight": scale, "bias": offset, logitPrefix + "mean_weight": meanLogits,
+        logitPrefix + "var_weight": varianceLogits,
+    ]
+}
+
+/// The optimiser role of a mixture layer's parameter: the logits (keys ending in `_weight`)
+/// are ``ParameterRole/mixture``, γ and β ``ParameterRole/affine``.
+public func mixtureRole(ofParameter key: String) -> ParameterRole {
+    key.hasSuffix("_weight") ? .mixture : .affine
+}
+
 /// A normalizer whose kernels can be chosen (fast or reference), so that the two can be checked
 /// against each other.
 public protocol KernelSelectable: AnyObject {

@@ -44,24 +44,20 @@ extension SwitchableWhitening: Normalizing, CachingNormalizer {
     public var displayName: String { "SwitchableWhitening" }
     /// The trainable parameters by `state_dict` key.
     public var parameters: [String: Tensor<Scalar>] {
-        [
-            "weight": scale, "bias": offset, "sw_mean_weight": meanLogits,
-            "sw_var_weight": varianceLogits,
-        ]
+        mixtureParameters(
+            scale: scale, offset: offset, meanLogits: meanLogits, varianceLogits: varianceLogits,
+            logitPrefix: "sw_")
     }
     /// The gradients under the parameters' `state_dict` keys.
     public func keyed(_ g: Gradients) -> NormGradients<Scalar> {
         NormGradients(
             input: g.input,
-            parameters: [
-                "weight": g.scale, "bias": g.offset, "sw_mean_weight": g.meanLogits,
-                "sw_var_weight": g.varianceLogits,
-            ])
+            parameters: mixtureParameters(
+                scale: g.scale, offset: g.offset, meanLogits: g.meanLogits,
+                varianceLogits: g.varianceLogits, logitPrefix: "sw_"))
     }
     /// Mixture and Kalman parameters get their own optimiser group.
-    public func role(ofParameter key: String) -> ParameterRole {
-        key.hasPrefix("sw_") ? .mixture : .affine
-    }
+    public func role(ofParameter key: String) -> ParameterRole { mixtureRole(ofParameter: key) }
     /// Parameters, buffers and counters under their `state_dict` keys.
     public func state() throws -> NormState<Scalar> { NormState(tensors: try stateDictionary()) }
     /// Restores a state: keys and shapes checked, all or nothing.
