@@ -1,4 +1,5 @@
 import NormKit
+import NormTestSupport
 import Testing
 
 /// An empty batch behaves as in PyTorch 2.15 (checked with torch.nn modules): an empty output
@@ -81,5 +82,153 @@ struct EmptyBatchTests {
         #expect(ya == yb)
         #expect(a.runningStatistics?.mean == b.runningStatistics?.mean)
         #expect(a.runningStatistics?.batchesTracked == 2)
+    }
+}
+
+/// Every `NormalizerRegistry.all` entry, through the `Normalizing` protocol, on an empty batch.
+@Suite("Empty batches: every registry normalizer")
+struct RegistryEmptyBatchTests {
+    /// Entries whose empty-batch support is being written on another branch.
+    ///
+    /// h10m: the switchable norms and MetaNorm; h10w: the whitening layers. Their failures are
+    /// expected here (`withKnownIssue`), and the test fails once one of them passes: the lead
+    /// empties this set when merging those branches.
+    static let pendingEmptyBatch: Set<String> = [
+        "switchnorm", "sparseswitchnorm", "metanorm", "dbn", "iternorm", "switchwhiten",
+    ]
+
+    static let names = NormalizerRegistry.all.names
+
+    /// `[N, 4, 2, 3]`, or the conditioning input called `name` for a batch of N.
+    static func tensor<T: NormScalar>(_ name: String, batch: Int, as _: T.Type) throws -> Tensor<T>
+    {
+        let shapes = [
+            "x": [batch, 4, 2, 3], "residual": [batch, 4, 2, 3], "style": [batch, 4, 3, 3],
+            "segmap": [batch, 3, 2, 3], "condition": [batch, 5], "labels": [batch],
+        ]
+        let shape = try #require(shapes[name], "no test shape for the condition '\(name)'")
+        // Class labels must be valid indices; everything else is ordinary data.
+        if name == "labels" { return try Tensor(zeros: shape) }
+        var g = SeededGenerator(seed: 11)
+        return try Tensor<T>.randomNormal(shape: shape, mean: 0.5, standardDeviation: 2, using: &g)
+    }
+
+    /// Builds the layer for an empty input, as `normkit apply` does from the input's shape.
+    static func layer<T: NormScalar>(_ name: String, as _: T.Type) throws -> any Normalizing<T> {
+        let entry = try NormalizerRegistry.all.entry(named: name)
+        var options = NormalizerOptions()
+        options.values["classes"] = "3"
+        var conditionShapes: [String: [Int]] = [:]
+        if let first = entry.conditions.first {
+            conditionShapes[first] = try tensor(first, batch: 0, as: T.self).shape
+        }
+        return try NormalizerRegistry.all.make(
+            name,
+            NormalizerRequest(
+                inputShape: [0, 4, 2, 3], options: options, conditionShapes: conditionShapes),
+            as: T.self)
+    }
+
+    /// Normalizes a batch of `batch` samples, with conditioning inputs of the same batch.
+    static func normalize<T: NormScalar>(
+        _ layer: any Normalizing<T>, batch: Int, mode: Mode
+    ) throws -> Tensor<T> {
+        if let conditional = layer as? any ConditionalNormalizing<T> {
+            var conditions: [String: Tensor<T>] = [:]
+            for name in conditional.conditionNames {
+                conditions[name] = try tensor(name, batch: batch, as: T.self)
+            }
+            try conditional.setConditions(conditions)
+        }
+        return try layer.normalize(try tensor("x", batch: batch, as: T.self), mode: mode)
+    }
+
+    @Test(arguments: names)
+    func everyRegistryNormalizerTakesAnEmptyBatchAsPyTorch(_ name: String) throws {
+        if Self.pendingEmptyBatch.contains(name) {
+            withKnownIssue("empty batches for \(name) are fixed on another branch") {
+                try Self.check(name, as: Double.self)
+            }
+        } else {
+            try Self.check(name, as: Double.self)
+            try Self.check(name, as: Float.self)
+        }
+    }
+
+    /// After a real training batch (so the running statistics are not their initial values):
+    /// for every mode, an empty batch gives an empty output of its shape, leaves every tensor
+    /// of the state unchanged, counts `num_batches_tracked` in training only (PyTorch's
+    /// BatchNorm module increments it before it looks at the batch), and backward gives an
+    /// empty dx, zero parameter gradients and empty conditioning gradients.
+    static func check<T: NormScalar>(_ name: String, as _: T.Type) throws {
+        let layer = try Self.layer(name, as: T.self)
+        _ = try normalize(layer, batch: 2, mode: .training)
+        for mode in Mode.allCases {
+            let before = try layer.state()
+            let y = try normalize(layer, batch: 0, mode: mode)
+            #expect(y.shape == [0, 4, 2, 3], "\(name) \(mode): output shape")
+            let after = try layer.state()
+            #expect(after.tensors == before.tensors, "\(name) \(mode): a buffer changed")
+            var counters = before.counters
+            for key in counters.keys where key.hasSuffix("num_batches_tracked") && mode == .training
+            {
+                counters[key]! += 1
+            }
+            #expect(after.counters == counters, "\(name) \(mode): counters")
+
+            let grads = try layer.backward(try Tensor<T>(zeros: [0, 4, 2, 3]))
+            #expect(grads.input.shape == [0, 4, 2, 3], "\(name) \(mode): dx shape")
+            for (key, parameter) in layer.parameters {
+                let g = try #require(
+                    grads.parameters[key], "\(name) \(mode): no gradient of \(key)")
+                #expect(g.shape == parameter.shape, "\(name) \(mode): gradient shape of \(key)")
+                #expect(g.scalars.allSatisfy { $0 == 0 }, "\(name) \(mode): \(key) gradient ≠ 0")
+            }
+            for (key, g) in grads.conditions {
+                #expect(g.count == 0, "\(name) \(mode): the gradient of \(key) is not empty")
+            }
+        }
+    }
+}
+
+extension EmptyBatchTests {
+    /// N > 0 with an empty spatial axis has statistic sets of no values: a clear error, not an
+    /// empty output (PyTorch's BatchNorm returns one; the issue asks for the error).
+    @Test func anEmptySpatialAxisWithSamplesIsRefused() throws {
+        let x = try Tensor<Double>(zeros: [2, 4, 0])
+        let layers: [any Normalizing<Double>] = [
+            try BatchRenorm<Double>(channelCount: 4), try IBN<Double>(channelCount: 4),
+            try KalmanNorm<Double>(channelCount: 4, chain: KalmanChain()),
+        ]
+        for layer in layers {
+            for mode in [Mode.training, .inference] {
+                #expect(throws: NormError.emptyTensor(layer: layer.displayName, shape: [2, 4, 0])) {
+                    _ = try layer.normalize(x, mode: mode)
+                }
+            }
+        }
+    }
+
+    @Test func kalmanNormChecksTheGradientShape() throws {
+        let layer = try KalmanNorm<Double>(channelCount: 2, chain: KalmanChain())
+        _ = try layer.normalize(try ErrorTests.x([4, 2]), mode: .training)
+        #expect(throws: NormError.gradientShapeMismatch(expected: [4, 2], actual: [3, 2])) {
+            _ = try layer.backward(try Tensor<Double>(zeros: [3, 2]))
+        }
+    }
+
+    /// An empty batch in a Kalman chain passes no estimate down: the next layer then
+    /// normalizes a real batch with its own statistics (as the first layer of a chain), not
+    /// with the estimate of an earlier call.
+    @Test func anEmptyKalmanBatchPassesNoStaleEstimate() throws {
+        let chain = KalmanChain<Double>()
+        let first = try KalmanNorm<Double>(channelCount: 2, chain: chain)
+        let second = try KalmanNorm<Double>(channelCount: 2, chain: chain)
+        let x = try ErrorTests.x([4, 2])
+        _ = try first.normalize(x, mode: .training)
+        _ = try first.normalize(try Tensor(zeros: [0, 2]), mode: .training)
+        let y = try second.normalize(x, mode: .training)
+        let alone = try KalmanNorm<Double>(channelCount: 2, chain: KalmanChain())
+        #expect(y == (try alone.normalize(x, mode: .training)))
     }
 }
