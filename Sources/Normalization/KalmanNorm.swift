@@ -185,7 +185,11 @@ public final class KalmanNorm<Scalar: NormScalar> {
                 runningVariance[i] = 0.9 * runningVariance[i] + 0.1 * variance[i]
             }
         }
-        let rstd = variance.map { 1 / (max($0, 0) + epsilon).squareRoot() }
+        // ε = 0 and a zero variance (a constant channel): x̂ = 0, as the other layers define it.
+        let rstd = variance.map { v in
+            let d = max(v, 0) + epsilon
+            return d > 0 ? 1 / d.squareRoot() : 0
+        }
         var y = try Tensor<Scalar>(zeros: x.shape)
         y.withUnsafeMutableBufferPointer { yb in
             KernelChoice.automatic.forward(

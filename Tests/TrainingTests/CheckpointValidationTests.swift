@@ -138,6 +138,15 @@ struct CheckpointValidationTests {
                 }
             ),
             (
+                "missing velocity after steps (would resume with zero momentum)",
+                { file in
+                    let key = file.tensors.keys.sorted().first {
+                        $0.hasPrefix("optimizer.velocity.")
+                    }!
+                    file.tensors[key] = nil
+                }
+            ),
+            (
                 "velocity of no parameter",
                 { $0.tensors["optimizer.velocity.nothing"] = .float32(Tensor([1])) }
             ),
