@@ -26,10 +26,16 @@ public struct WhiteningSettings: Sendable, Hashable {
     /// GWNN: the input statistics are measured on the data every this many steps (a multiple
     /// of T; nil: 10·T); the refreshes in between use W·Σₓ·Wᵀ, no data.
     public var dataPeriod: Int?
-    /// ε added to the covariance's eigenvalues.
+    /// ε, relative to the mean eigenvalue, added to the covariance's eigenvalues.
     public var epsilon: Double
     /// EigenNet: damping of the gradient covariance, relative to its mean eigenvalue.
     public var gradientDamping: Double
+    /// EigenNet: scale S by √(mean λ + δ), keeping the raw gradient's mean variance.
+    ///
+    /// The whitened gradient's covariance is then ∝ I rather than = I. The unscaled S turns SGD
+    /// into an empirical-Fisher natural-gradient step, whose size is 1/|g|: with S held for T
+    /// steps it diverged in the harness (see the docs section).
+    public var preservesGradientScale: Bool
 
     /// The largest period (steps are kept exactly in checkpoints of Float buffers up to 2⁴⁸).
     public static let maximumPeriod = 1 << 24
@@ -37,8 +43,10 @@ public struct WhiteningSettings: Sendable, Hashable {
     /// Creates settings.
     public init(
         kind: WhitenedLayerKind, period: Int = 100, rank: Int? = nil, gradientRank: Int? = nil,
-        dataPeriod: Int? = nil, epsilon: Double = 1e-5, gradientDamping: Double = 1e-3
+        dataPeriod: Int? = nil, epsilon: Double = 1e-3, gradientDamping: Double = 0.1,
+        preservesGradientScale: Bool = false
     ) {
+        self.preservesGradientScale = preservesGradientScale
         self.kind = kind
         self.period = period
         self.rank = rank
@@ -101,7 +109,7 @@ public struct WhiteningSettings: Sendable, Hashable {
 /// **WNN** (pre-whitening), V `[out, k]`, b, buffers μ `[d]`, P `[k, d]`:
 /// ```
 /// y = V·P·(x − μ) + b
-/// refresh on the step's input: μ′, Σ = cov(x);  Σ + εI = U Λ Uᵀ;
+/// refresh on the step's input: μ′, Σ = cov(x);  Σ + ε·mean(λ)·I = U Λ Uᵀ;
 ///   P′ = Λ_k^{-1/2} U_kᵀ,  P′⁺ = U_k Λ_k^{1/2}     (k leading eigenpairs)
 ///   V′ = V·P·P′⁺,  b′ = b + V·P·(μ′ − μ)
 /// ```
@@ -114,7 +122,8 @@ public struct WhiteningSettings: Sendable, Hashable {
 /// S′ = U (Λ̃ + δI)^{-1/2} Uᵀ,  V′ = S′⁻¹·S·V  (b unchanged)
 /// ```
 /// so the gradient that reaches V, Sᵀ·g, has covariance ≈ I on that batch, and V's Fisher block
-/// (K-FAC's E[x̂x̂ᵀ] ⊗ E[ĝĝᵀ]) has both factors ≈ I.
+/// (K-FAC's E[x̂x̂ᵀ] ⊗ E[ĝĝᵀ]) has both factors ≈ I. With `preservesGradientScale`,
+/// S′ is multiplied by √(mean λ + δ): covariance ∝ I, SGD's step size kept.
 ///
 /// **GWNN** (post-whitening), W `[out, d]`, A `[out, k]`, c, buffers ν `[out]`, Q `[k, out]`
 /// and the input statistics μₓ `[d]`, Σₓ `[d, d]`:
@@ -346,9 +355,10 @@ public final class WhitenedAffine<Scalar: NormScalar> {
         let floor = clamped[outputs - r]
         var newS = Matrix(rows: outputs, cols: outputs)
         var newInverse = Matrix(rows: outputs, cols: outputs)
+        let gain = settings.preservesGradientScale ? (meanValue + damping).squareRoot() : 1
         for c in 0..<outputs {
             let lambda = (c < outputs - r ? floor : clamped[c]) + damping
-            let (down, up) = (1 / lambda.squareRoot(), lambda.squareRoot())
+            let (down, up) = (gain / lambda.squareRoot(), lambda.squareRoot() / gain)
             for i in 0..<outputs {
                 for j in 0..<outputs {
                     let uu = vectors[i, c] * vectors[j, c]

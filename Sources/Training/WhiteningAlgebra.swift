@@ -20,7 +20,7 @@ enum WhiteningAlgebra {
         return (mean, covariance)
     }
 
-    /// Truncated PCA whitening of a covariance: with Σ + εI = U Λ Uᵀ and U_k, Λ_k the k leading
+    /// Truncated PCA whitening of a covariance: with Σ + ε·mean(λ)·I = U Λ Uᵀ and U_k, Λ_k the k leading
     /// eigenpairs, `whitening = Λ_k^{-1/2} U_kᵀ` (k×d) and `inverse = U_k Λ_k^{1/2}` (d×k), its
     /// pseudo-inverse (inverse · whitening = U_k U_kᵀ, the projection on the kept subspace).
     ///
@@ -32,6 +32,9 @@ enum WhiteningAlgebra {
     ) {
         let d = covariance.rows
         let (values, vectors) = try covariance.symmetricEigen()
+        // ε relative to the mean eigenvalue: the same damping whatever the features' scale.
+        let meanValue = values.reduce(0) { $0 + max($1, 0) } / Double(max(d, 1))
+        let epsilon = epsilon * max(meanValue, Double.leastNormalMagnitude)
         var p = Matrix(rows: k, cols: d)
         var inverse = Matrix(rows: d, cols: k)
         for r in 0..<k {

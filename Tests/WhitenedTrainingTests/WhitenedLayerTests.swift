@@ -235,7 +235,9 @@ struct WhitenedLayerTests {
                 abs($0 - $1)
             }.max()!
             #expect(error < 1e-6, "\(kind) step \(t): |cov − I| = \(error)")
-            try WhitenedFixtures.step(layer.parameters)
+            // A small step: the offset inputs give large gradients, and a large step would
+            // leave W·Σₓ·Wᵀ so ill-conditioned that ε·mean(λ) shows against its least λ.
+            try WhitenedFixtures.step(layer.parameters, rate: 1e-6)
         }
     }
 
@@ -261,6 +263,24 @@ struct WhitenedLayerTests {
         let covariance = (1 / Double(m)) * Matrix.product(white, white, transposeA: true)
         let error = zip(covariance.values, Matrix.identity(4).values).map { abs($0 - $1) }.max()!
         #expect(error < 1e-6, "|cov − I| = \(error)")
+
+        // Scale-preserving S: the same decorrelation, covariance c·I with c the raw gradient's
+        // mean variance.
+        var scaledSettings = settings
+        scaledSettings.preservesGradientScale = true
+        var g2 = SeededGenerator(seed: 9)
+        let kept = try WhitenedLinear<Double>(6, 4, settings: scaledSettings, generator: &g2)
+        _ = try kept.forward(x, mode: .training)
+        _ = try kept.backward(dy)
+        let s2 = WhiteningAlgebra.matrix(kept.core.gradientWhitening!, rows: 4, cols: 4)
+        let white2 = Matrix.product(scaled, s2)
+        let covariance2 = (1 / Double(m)) * Matrix.product(white2, white2, transposeA: true)
+        let raw = (1 / Double(m)) * Matrix.product(scaled, scaled, transposeA: true)
+        let c = raw.trace / 4
+        let error2 = zip(covariance2.values, (c * Matrix.identity(4)).values).map {
+            abs($0 - $1)
+        }.max()!
+        #expect(error2 < 1e-6 * c, "|cov − c·I| = \(error2), c = \(c)")
     }
 
     /// Bad settings give typed errors naming the setting.
