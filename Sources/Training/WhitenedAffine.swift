@@ -515,11 +515,10 @@ public final class WhitenedAffine<Scalar: NormScalar> {
         return b
     }
 
-    /// Restores ``buffers`` (all or none of this layer's keys; shapes and values checked).
+    /// Restores ``buffers`` (every key of this layer; shapes and values checked).
     /// - Throws: ``TrainingError/checkpoint(_:)`` for a missing, misshapen or non-finite buffer.
     public func loadBuffers(_ stored: [String: Tensor<Scalar>]) throws {
         let current = buffers
-        guard current.keys.contains(where: { stored[$0] != nil }) else { return }
         for (key, value) in current {
             guard let s = stored[key], s.shape == value.shape,
                 s.scalars.allSatisfy({ $0.isFinite })

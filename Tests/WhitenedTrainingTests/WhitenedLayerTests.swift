@@ -283,6 +283,42 @@ struct WhitenedLayerTests {
         #expect(error2 < 1e-6 * c, "|cov − c·I| = \(error2), c = \(c)")
     }
 
+    /// A refresh maps SGD's velocity so that a momentum step moves W_eff as before it:
+    /// S·v·P (WNN, EigenNet; S = I for WNN) and v_A·Q (GWNN) are unchanged.
+    @Test(arguments: WhitenedLayerKind.allCases)
+    func refreshCarriesTheMomentum(_ kind: WhitenedLayerKind) throws {
+        var g = SeededGenerator(seed: 12)
+        let layer = try WhitenedLinear<Double>(6, 4, settings: Self.settings(kind), generator: &g)
+        let sgd = SGD<Double>(learningRate: 0.01, momentum: 0.9, weightDecay: 0)
+        let moving = kind == .gwnn ? layer.core.mix! : layer.core.weight
+        func direction() -> Matrix {
+            let core = layer.core
+            let v = WhiteningAlgebra.matrix(
+                sgd.velocity[moving.name]!, rows: 4, cols: moving.value.shape[1])
+            var m =
+                v
+                * WhiteningAlgebra.matrix(
+                    core.projection, rows: core.rank, cols: 6 - (kind == .gwnn ? 2 : 0))
+            if let s = core.gradientWhitening {
+                m = WhiteningAlgebra.matrix(s, rows: 4, cols: 4) * m
+            }
+            return m
+        }
+        for t in 0..<3 {
+            let x = try WhitenedFixtures.rows(24, 6, seed: 130 + UInt64(t))
+            let before = t == 0 ? nil : direction()
+            _ = try layer.forward(x, mode: .training)
+            _ = try layer.backward(try WhitenedFixtures.normal([24, 4], seed: 140 + UInt64(t)))
+            try layer.core.carryOptimizerState(&sgd.velocity)
+            if let before {
+                let after = direction()
+                let error = zip(before.values, after.values).map { abs($0 - $1) }.max()!
+                #expect(error < 1e-9, "\(kind) step \(t): \(error)")
+            }
+            try sgd.update(layer.parameters)
+        }
+    }
+
     /// Bad settings give typed errors naming the setting.
     @Test func badSettingsAreTypedErrors() throws {
         var g = SeededGenerator(seed: 10)
