@@ -105,6 +105,9 @@ let package = Package(
         /// Launches `mpirun -np 2` and `-np 3` on `normkit sync-check` and `normkit train`.
         /// (They never start MPI in the test process: an MPI singleton must not launch mpirun.)
         .testTarget(name: "NormMPITests", dependencies: ["NormIO", "TensorCore"]),
+        /// The whitened layers, gradient normalization and their training options (no CLI).
+        .testTarget(
+            name: "WhitenedTrainingTests", dependencies: ["Training", "NormTestSupport"]),
         .testTarget(
             name: "TrainingTests",
             dependencies: ["Training", "Studies", "NormKitCLI", "NormTestSupport"]),

@@ -33,6 +33,21 @@ struct TrainCommand: ParsableCommand {
     var listNormalizers = false
     @Option(help: "Weight normalization of the convolutions: none, wn, cwn, ws, ws-bit or sn.")
     var weightNorm = "none"
+    @Option(
+        help:
+            "Whitened convolutions and classifier: none (default), wnn, gwnn or eigennet (convnet only)."
+    ) var whitenLayers: String?
+    @Option(help: "Steps between whitening refreshes T (default 100).") var whitenEvery: Int?
+    @Option(help: "Whitened dimension k of each layer, capped at the layer's (default: all).")
+    var whitenRank: Int?
+    @Option(help: "gwnn: steps between data passes for the input statistics (default 10·T).")
+    var whitenDataEvery: Int?
+    @Option(
+        help:
+            "Gradient normalization of every weight: none (default), scale, standardize or whiten.")
+    var gradNorm: String?
+    @Option(help: "Ψ, the factor applied after gradient normalization (default 1).")
+    var gradNormScale: Double?
     @Option(help: "Examples per step.") var batchSize = 32
     @Option(help: "Epochs.") var epochs = 5
     @Option(name: .customLong("lr"), help: "Base learning rate.") var learningRate = 0.05
@@ -91,6 +106,8 @@ struct TrainCommand: ParsableCommand {
             for (flag, requested, actual) in [
                 ("--normalizer", normalizer, stored.normalizer), ("--model", model, stored.model),
                 ("--dataset", dataset, stored.dataset),
+                ("--whiten-layers", whitenLayers, stored.whitenLayers ?? "none"),
+                ("--grad-norm", gradNorm, stored.gradNorm ?? "none"),
             ] {
                 if let requested, requested != actual {
                     throw TrainingError.checkpoint(
@@ -112,6 +129,12 @@ struct TrainCommand: ParsableCommand {
             c.seed = seed
             c.trainCount = trainCount
             c.testCount = testCount
+            c.whitenLayers = whitenLayers == "none" ? nil : whitenLayers
+            c.whitenEvery = whitenEvery
+            c.whitenRank = whitenRank
+            c.whitenDataEvery = whitenDataEvery
+            c.gradNorm = gradNorm == "none" ? nil : gradNorm
+            c.gradNormScale = gradNormScale
             trainer = try Trainer(c, communicator: world, synchronizeBatchStatistics: syncBn)
         }
         let c = trainer.config

@@ -16,7 +16,8 @@ public enum Models {
         _ kind: ModelKind, normalizer: NormalizerChoice, inputShape: [Int], classes: Int,
         width: Int = 16,
         groups: Int = 8, seed: UInt64, radiusSteps: Int = 1,
-        weightNorm: WeightNormMethod = .none, as _: Scalar.Type = Scalar.self
+        weightNorm: WeightNormMethod = .none, whitening: WhiteningSettings? = nil,
+        as _: Scalar.Type = Scalar.self
     ) throws -> Sequential<Scalar> {
         guard inputShape.count == 3, inputShape[1] >= 4, inputShape[2] >= 4 else {
             throw TrainingError.shape(
@@ -42,6 +43,11 @@ public enum Models {
                 normalizer, channels: channels, groups: groups, name: name,
                 radiusSteps: radiusSteps, chain: chain
             ).erased
+        }
+        if let whitening {
+            return try whitenedConvnet(
+                whitening, channels: c, width: width, classes: classes, kind: kind,
+                weightNorm: weightNorm, norm: norm, generator: &g)
         }
         switch kind {
         case .convnet:

@@ -43,6 +43,19 @@ public struct TrainingConfig: Sendable, Hashable, Codable {
     public var trainCount: Int?
     /// Use only the first this many test examples (all when nil).
     public var testCount: Int?
+    /// Whitened layers (`wnn`, `gwnn`, `eigennet`; nil or `none`: plain layers), see
+    /// ``WhitenedAffine``; the whitening settings below apply only with them.
+    public var whitenLayers: String?
+    /// T: steps between whitening refreshes (nil: 100).
+    public var whitenEvery: Int?
+    /// k: the whitened dimension of each layer, capped at the layer's (nil: all).
+    public var whitenRank: Int?
+    /// GWNN: steps between data passes for the input statistics (nil: 10·T).
+    public var whitenDataEvery: Int?
+    /// The gradient normalizer (`none`, `scale`, `standardize`, `whiten`; nil: none).
+    public var gradNorm: String?
+    /// Ψ of the gradient normalizer (nil: 1).
+    public var gradNormScale: Double?
 
     /// Defaults.
     public init() {}
@@ -148,6 +161,10 @@ public final class Trainer {
     /// Whether BatchNorm-type statistics (BN, SN's BN branch, Batch Renorm, IBN's BN half) span
     /// the global batch over every rank (`--sync-bn`) or each rank's slice (`--no-sync-bn`).
     public let synchronizesBatchStatistics: Bool
+    /// The whitened layers' maps (empty without `whitenLayers`).
+    public let whitened: [WhitenedAffine<Float>]
+    /// The backward-pass normalizer applied to every weight gradient before each update.
+    public let gradientNormalization: GradientNormalization
     var epochLossSum = 0.0
     var epochExamples = 0
     var epochSeconds = 0.0
@@ -186,6 +203,8 @@ public final class Trainer {
                 known: WeightNormMethod.allCases.map(\.rawValue))
         }
         try config.validate()
+        let whitening = try config.whiteningSettings()
+        gradientNormalization = try config.gradientNormalization()
         (train, test) = try Datasets.split(for: config)
         guard train.count >= 1, test.count >= 1 else {
             throw TrainingError.invalidSetting(
@@ -203,7 +222,7 @@ public final class Trainer {
             kind, normalizer: normalizer, inputShape: train.imageShape, classes: train.classCount,
             width: config.width,
             groups: config.groups, seed: config.seed, radiusSteps: max(totalSteps, 1),
-            weightNorm: weightNorm, as: Float.self)
+            weightNorm: weightNorm, whitening: whitening, as: Float.self)
         let schedule: LearningRateSchedule
         switch config.schedule {
         case "constant": schedule = .constant
@@ -226,6 +245,12 @@ public final class Trainer {
             groups: ["mixture": mixture, "norm": SGD.Group(weightDecay: config.weightDecay)],
             schedule: schedule)
         slots = Models.normSlots(model)
+        whitened = WhitenedLayers.cores(in: model)
+        if whitening != nil && communicator.size > 1 {
+            throw TrainingError.invalidSetting(
+                name: "whitened layers", value: config.whitenLayers ?? "",
+                requirement: "each rank would estimate its own whitening: train on one process")
+        }
         try setUpDataParallel()
     }
 
@@ -357,6 +382,7 @@ public final class Trainer {
         } else {
             _ = try model.backward(gradient)
         }
+        try prepareUpdate()
         try optimizer.update(model.parameters)
         return (loss, stop)
     }
