@@ -196,19 +196,12 @@ public final class MetaNorm<Scalar: NormScalar>: CustomStringConvertible {
     /// Loads parameters by name.
     /// - Throws: ``NormError/parameterShapeMismatch(name:expected:actual:)``; nothing is loaded then.
     public func load(_ tensors: [String: Tensor<Scalar>]) throws(NormError) {
-        let expected = [
-            "weight": channelCount, "bias": channelCount, "mean_weight": aggregations.count,
-            "var_weight": aggregations.count,
-        ]
-        for (key, value) in tensors where expected[key] != value.count {
-            throw .parameterShapeMismatch(
-                name: key, expected: expected[key].map { [$0] } ?? [], actual: value.shape)
-        }
-        func flat(_ t: Tensor<Scalar>) -> Tensor<Scalar> { (try? t.reshaped([t.count])) ?? t }
-        if let t = tensors["weight"] { scale = flat(t) }
-        if let t = tensors["bias"] { offset = flat(t) }
-        if let t = tensors["mean_weight"] { meanLogits = flat(t) }
-        if let t = tensors["var_weight"] { varianceLogits = flat(t) }
+        let k = aggregations.count
+        _ = try loadMixtureParameters(
+            tensors,
+            expected: [
+                "weight": channelCount, "bias": channelCount, "mean_weight": k, "var_weight": k,
+            ])
     }
 
     /// One line with the configuration.

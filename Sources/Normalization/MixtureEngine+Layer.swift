@@ -228,5 +228,38 @@ extension MixtureParameterized {
     }
 }
 
+extension MixtureParameterized {
+    /// Checks every key's element count against `expected` (any shape with that many elements:
+    /// the official buffers are `[1, C, 1]`), loads γ, β and the logits among them, and returns
+    /// every given tensor flattened, for the layer's own buffers.
+    /// - Throws: ``NormError/parameterShapeMismatch(name:expected:actual:)`` for an unknown key
+    ///   or a wrong count; nothing is loaded then.
+    func loadMixtureParameters(_ tensors: [String: Tensor<Scalar>], expected: [String: Int])
+        throws(NormError) -> [String: Tensor<Scalar>]
+    {
+        for (key, value) in tensors where expected[key] != value.count {
+            throw .parameterShapeMismatch(
+                name: key, expected: expected[key].map { [$0] } ?? [], actual: value.shape)
+        }
+        let flat = tensors.mapValues { (try? $0.reshaped([$0.count])) ?? $0 }
+        if let t = flat["weight"] { scale = t }
+        if let t = flat["bias"] { offset = t }
+        if let t = flat["mean_weight"] { meanLogits = t }
+        if let t = flat["var_weight"] { varianceLogits = t }
+        return flat
+    }
+}
+
+extension MixtureGradients {
+    /// The gradients under the parameters' `state_dict` keys.
+    public var keyed: NormGradients<Scalar> {
+        NormGradients(
+            input: input,
+            parameters: mixtureParameters(
+                scale: scale, offset: offset, meanLogits: meanLogits,
+                varianceLogits: varianceLogits))
+    }
+}
+
 extension SwitchableNorm: MixtureParameterized {}
 extension MetaNorm: MixtureParameterized {}

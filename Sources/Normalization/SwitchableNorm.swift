@@ -391,19 +391,9 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
             "running_mean": channelCount, "running_var": channelCount, "radius": 1, "mean_fixed": 1,
             "var_fixed": 1,
         ]
-        for (key, value) in tensors {
-            guard let count = expected[key], value.count == count else {
-                throw .parameterShapeMismatch(
-                    name: key, expected: expected[key].map { [$0] } ?? [], actual: value.shape)
-            }
-        }
-        func flat(_ t: Tensor<Scalar>) -> Tensor<Scalar> { (try? t.reshaped([t.count])) ?? t }
-        if let t = tensors["weight"] { scale = flat(t) }
-        if let t = tensors["bias"] { offset = flat(t) }
-        if let t = tensors["mean_weight"] { meanLogits = flat(t) }
-        if let t = tensors["var_weight"] { varianceLogits = flat(t) }
-        if let t = tensors["running_mean"] { runningMean = flat(t) }
-        if let t = tensors["running_var"] { runningVariance = flat(t) }
+        let flat = try loadMixtureParameters(tensors, expected: expected)
+        if let t = flat["running_mean"] { runningMean = t }
+        if let t = flat["running_var"] { runningVariance = t }
         if let t = tensors["radius"] { radius = radiusOverride ?? Double(t.scalars[0]) }
         // Sparse SN's frozen flags (the official LongTensor buffers): the logits are then the
         // one-hot weights themselves.
