@@ -83,6 +83,74 @@ struct EmptyBatchTests {
         #expect(a.runningStatistics?.mean == b.runningStatistics?.mean)
         #expect(a.runningStatistics?.batchesTracked == 2)
     }
+
+    /// Switchable, Sparse Switchable and Meta Normalization, through the `Normalizing` entry
+    /// points: empty output, every parameter and buffer unchanged, empty dx, zero gradients.
+    static func mixtureLayers<T: NormScalar>(_: T.Type) throws -> [(any Normalizing<T>, [Int])] {
+        let sn = try SwitchableNorm<T>(channelCount: 3)
+        sn.meanLogits = Tensor([0.3, -0.2, 0.5])
+        sn.runningMean = Tensor([0.5, -1, 2])
+        let ssn = try SwitchableNorm<T>(channelCount: 3, weighting: .sparsestMax)
+        ssn.radius = 0.5
+        let noBN = try SwitchableNorm<T>(
+            channelCount: 2, usesBatchNorm: false, layout: .channelsLast)
+        let average = try SwitchableNorm<T>(channelCount: 3, runningEstimate: .batchAverage)
+        let meta = try MetaNorm<T>(channelCount: 4)
+        meta.runningMean[1] = [1, 2, 3, 4]
+        return [
+            (sn, [0, 3, 4]), (ssn, [0, 3, 2, 2]), (noBN, [0, 5, 2]), (average, [0, 3]),
+            (meta, [0, 4, 3]),
+        ]
+    }
+
+    @Test func mixtureLayersTreatAnEmptyBatchAsPyTorch() throws {
+        try Self.checkMixtures(Float.self)
+        try Self.checkMixtures(Double.self)
+    }
+
+    static func checkMixtures<T: NormScalar>(_: T.Type) throws {
+        for (layer, shape) in try Self.mixtureLayers(T.self) {
+            for mode in Mode.allCases {
+                let before = try layer.state()
+                let y = try layer.normalize(try Tensor<T>(zeros: shape), mode: mode)
+                #expect(y.shape == shape, "\(layer.displayName) \(mode)")
+                #expect(
+                    try layer.state() == before, "\(layer.displayName) \(mode): state untouched")
+                let g = try layer.backward(try Tensor<T>(zeros: shape))
+                #expect(g.input.shape == shape)
+                #expect(Set(g.parameters.keys) == Set(layer.parameters.keys))
+                for (key, value) in g.parameters {
+                    #expect(value.shape == layer.parameters[key]?.shape, "\(key)")
+                    #expect(value.scalars.allSatisfy { $0 == 0 }, "\(layer.displayName) d\(key)")
+                }
+                #expect(throws: NormError.self) {
+                    try layer.backward(try Tensor<T>(zeros: [1, 3]))
+                }
+            }
+        }
+        // A zero-size axis other than the batch is still refused, and the channel count checked.
+        let sn = try SwitchableNorm<Double>(channelCount: 3)
+        #expect(throws: NormError.emptyTensor(layer: "SwitchableNorm", shape: [2, 3, 0])) {
+            _ = try sn.forward(try Tensor(zeros: [2, 3, 0]), mode: .training)
+        }
+        let meta = try MetaNorm<Double>(channelCount: 4)
+        #expect(
+            throws: NormError.channelMismatch(
+                layer: "MetaNorm", expected: 4, actual: 3, shape: [0, 3])
+        ) { _ = try meta.forward(try Tensor(zeros: [0, 3]), mode: .training) }
+    }
+
+    @Test func anEmptyBatchDoesNotMoveTheMixtureRunningStatistics() throws {
+        // SN keeps no batch counter; with exponential momentum the next real batch updates the
+        // running statistics exactly as if the empty one had not happened.
+        let a = try SwitchableNorm<Double>(channelCount: 2)
+        let b = try SwitchableNorm<Double>(channelCount: 2)
+        let x = try ErrorTests.x([4, 2, 3])
+        _ = try a.forward(try Tensor(zeros: [0, 2, 3]), mode: .training)
+        #expect(try a.forward(x, mode: .training).output == b.forward(x, mode: .training).output)
+        #expect(a.runningMean == b.runningMean)
+        #expect(a.runningVariance == b.runningVariance)
+    }
 }
 
 /// Every `NormalizerRegistry.all` entry, through the `Normalizing` protocol, on an empty batch.
