@@ -4,8 +4,9 @@ import Testing
 
 @testable import Whitening
 
-/// The Float32 BLAS path of DBN and IterNorm against the Double path (the one the fixtures and
-/// finite differences check), on awkward sizes, uneven groups, offset data, both modes.
+/// The Float32 instantiation of DBN and IterNorm (Float storage through sgemm/ssyrk) against the
+/// Double one (dgemm/dsyrk; the one the fixtures and finite differences check), on awkward
+/// sizes, uneven groups, offset data, both modes.
 @Suite("Float whitening equals the Double path")
 struct FloatWhiteningTests {
     /// Float storage with Double d × d algebra: X_c and the products carry Float rounding
@@ -68,7 +69,6 @@ struct FloatWhiteningTests {
         for mode in [Mode.training, .inference] {
             let (yr, cr) = try reference.forward(xd, mode: mode)
             let (yf, cf) = try fast.forward(xf, mode: mode)
-            #expect(cf.fast != nil, "the Float path was not taken")
             Self.expectClose(yf, yr, "y \(mode)", c)
             let gr = try reference.backward(dyd, cache: cr)
             let gf = try fast.backward(dyf, cache: cf)
@@ -91,7 +91,6 @@ struct FloatWhiteningTests {
         for mode in [Mode.training, .inference] {
             let (yr, cr) = try reference.forward(xd, mode: mode)
             let (yf, cf) = try fast.forward(xf, mode: mode)
-            #expect(cf.fast != nil, "the Float path was not taken")
             Self.expectClose(yf, yr, "y \(mode)", c)
             let gr = try reference.backward(dyd, cache: cr)
             let gf = try fast.backward(dyf, cache: cf)

@@ -44,11 +44,25 @@ struct WhiteningTests {
     }
 
     /// The whitened covariance of each group (over the batch) is the identity, up to ε.
+    /// (Plain loops, independent of the layers' BLAS kernels.)
     static func groupCovariances(_ y: Tensor<Double>, group: Int) -> [Matrix] {
-        let c = y.shape[1]
-        return GroupWhitening.groups(channels: c, size: group).map { r in
-            let (_, yc) = GroupWhitening.centre(GroupWhitening.gather(y, r))
-            return (1 / Double(yc.cols)) * Matrix.product(yc, yc, transposeB: true)
+        let (n, c) = (y.shape[0], y.shape[1])
+        let l = y.count / (n * c)
+        let m = Double(n * l)
+        return stride(from: 0, to: c, by: group).map { first in
+            let rows = (first..<min(c, first + group)).map { ch in
+                (0..<n).flatMap { b in (0..<l).map { y[flat: (b * c + ch) * l + $0] } }
+            }
+            let means = rows.map { $0.reduce(0, +) / m }
+            var sigma = Matrix(rows: rows.count, cols: rows.count)
+            for i in rows.indices {
+                for j in rows.indices {
+                    for t in rows[i].indices {
+                        sigma[i, j] += (rows[i][t] - means[i]) * (rows[j][t] - means[j]) / m
+                    }
+                }
+            }
+            return sigma
         }
     }
 
