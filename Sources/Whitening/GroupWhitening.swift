@@ -70,7 +70,8 @@ enum GroupWhitening {
         return groups(channels: channelCount, size: groupSize)
     }
 
-    /// Rank ≥ 2 and the layer's channel count; an empty batch passes (it gives an empty output).
+    /// Rank ≥ 2 and the layer's channel count. An empty tensor (N = 0, or a spatial size 0)
+    /// passes: it gives an empty output, as PyTorch's BatchNorm does.
     static func validate<S: NormScalar>(_ x: Tensor<S>, channels: Int, layer: String)
         throws(NormError)
     {
@@ -80,9 +81,6 @@ enum GroupWhitening {
         guard x.shape[1] == channels else {
             throw .channelMismatch(
                 layer: layer, expected: channels, actual: x.shape[1], shape: x.shape)
-        }
-        guard x.count > 0 || x.shape[0] == 0 else {
-            throw .emptyTensor(layer: layer, shape: x.shape)
         }
     }
 
@@ -108,6 +106,8 @@ enum GroupWhitening {
     }
 
     /// The channel means of a block (Double), from shifted row sums.
+    @_specialize(where S == Float)
+    @_specialize(where S == Double)
     static func means<S: NormScalar>(_ x: UnsafePointer<S>, _ shape: Shape, _ block: Block)
         -> [Double]
     {
@@ -124,6 +124,8 @@ enum GroupWhitening {
     }
 
     /// Writes X_c = (x − s) − (μ − s) of the block into `out` (x's offsets).
+    @_specialize(where S == Float)
+    @_specialize(where S == Double)
     static func centre<S: NormScalar>(
         _ x: UnsafePointer<S>, _ shape: Shape, _ block: Block, mean: [Double],
         into out: UnsafeMutablePointer<S>
@@ -141,6 +143,8 @@ enum GroupWhitening {
     }
 
     /// Σ_b X_c,b X_c,bᵀ / divisor (+ ε on the diagonal) in Double, one syrk per sample block.
+    @_specialize(where S == Float)
+    @_specialize(where S == Double)
     static func covariance<S: NormScalar>(
         _ centred: UnsafePointer<S>, _ shape: Shape, _ block: Block, divisor: Double,
         epsilon: Double = 0
@@ -167,6 +171,8 @@ enum GroupWhitening {
     }
 
     /// A Double matrix in the storage type, optionally with row i scaled by `rowScale[i]`.
+    @_specialize(where S == Float)
+    @_specialize(where S == Double)
     static func stored<S: NormScalar>(_ a: Matrix, rowScale: [Double]? = nil) -> [S] {
         var out = [S](repeating: 0, count: a.values.count)
         for i in 0..<a.rows {
@@ -177,6 +183,8 @@ enum GroupWhitening {
     }
 
     /// y_b = A X_c,b + a 1ᵀ for every sample of the block (A is d × d in the storage type).
+    @_specialize(where S == Float)
+    @_specialize(where S == Double)
     static func apply<S: NormScalar>(
         _ a: [S], rowOffsets: [S]?, centred: UnsafePointer<S>, _ shape: Shape, _ block: Block,
         into y: UnsafeMutablePointer<S>
@@ -198,6 +206,8 @@ enum GroupWhitening {
     }
 
     /// Σ_b dy_b X_c,bᵀ (d × d, Double) and the row sums of dy over the block.
+    @_specialize(where S == Float)
+    @_specialize(where S == Double)
     static func gradientProducts<S: NormScalar>(
         _ dy: UnsafePointer<S>, centred: UnsafePointer<S>, _ shape: Shape, _ block: Block
     ) -> (dyX: Matrix, rowSums: [Double]) {
@@ -218,6 +228,8 @@ enum GroupWhitening {
     }
 
     /// dx_b = A X_c,b + B dy_b − c 1ᵀ for every sample of the block (A nil: no data term).
+    @_specialize(where S == Float)
+    @_specialize(where S == Double)
     static func applyGradient<S: NormScalar>(
         a: [S]?, b bMatrix: [S], c cVector: [S], centred: UnsafePointer<S>,
         dy: UnsafePointer<S>, _ shape: Shape, _ block: Block, into dx: UnsafeMutablePointer<S>
@@ -250,6 +262,21 @@ enum GroupWhitening {
         var b = Matrix(rows: d, cols: d)
         for i in 0..<d { for j in 0..<d { b[i, j] = w[j, i] * gamma[j] } }
         return b
+    }
+
+    /// A new array of `count` (> 0) elements that `body` writes in full through the pointer: the
+    /// tensor-sized buffers (y, X_c, dx) are overwritten by the kernels anyway, so they get no
+    /// zero-fill pass (and no per-element work in unspecialized generic code).
+    static func filled<S: NormScalar, R>(
+        _ count: Int, _ body: (UnsafeMutablePointer<S>) throws -> R
+    ) rethrows -> ([S], R) {
+        precondition(count > 0, "An empty tensor takes the empty-batch path.")
+        var result: R? = nil
+        let array = try [S](unsafeUninitializedCapacity: count) { buffer, initialized in
+            result = try body(buffer.baseAddress!)
+            initialized = count
+        }
+        return (array, result!)
     }
 
     /// Runs `body(k)` for every block on NormKit's threads with BLAS single-threaded inside

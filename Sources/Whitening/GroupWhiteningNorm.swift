@@ -22,8 +22,9 @@ import TensorCore
 /// (``GroupWhitening``); the d × d algebra is Double. Groups run in parallel on NormKit's threads
 /// with BLAS single-threaded inside them.
 ///
-/// An empty batch (N = 0) gives an empty output and leaves the running statistics untouched, as
-/// PyTorch's BatchNorm does; its backward gives an empty dx and zero parameter gradients.
+/// An empty batch (N = 0, or a spatial size 0) gives an empty output and leaves the running
+/// statistics untouched, as PyTorch's BatchNorm does; its backward gives an empty dx and zero
+/// parameter gradients.
 ///
 /// ## Shape
 /// Input `[N, C, spatial…]` (rank ≥ 2, channels-first), output the same. The cache keeps X_c
@@ -173,17 +174,15 @@ public class GroupWhiteningNorm<Scalar: NormScalar>: CustomStringConvertible {
     func whiten(_ x: Tensor<Scalar>, shape: GroupWhitening.Shape, training: Bool) throws -> (
         Tensor<Scalar>, [Scalar], [GroupResult]
     ) {
-        var y = [Scalar](repeating: 0, count: x.count)
-        var centred = [Scalar](repeating: 0, count: x.count)
         let scale = self.scale.map { $0.scalars.map { Double($0) } }
         let offset = self.offset?.scalars
         let runningMean = self.runningMean.scalars.map { Double($0) }
         let (groups, running, method, epsilon) = (self.groups, runningWhitening, method, epsilon)
         let layer = displayName
-        let results = try x.withUnsafeBufferPointer { xp in
-            try y.withUnsafeMutableBufferPointer { yp in
-                try centred.withUnsafeMutableBufferPointer { cp in
-                    let (xb, yb, cb) = (xp.baseAddress!, yp.baseAddress!, cp.baseAddress!)
+        let (y, (centred, results)) = try GroupWhitening.filled(x.count) { yb in
+            try GroupWhitening.filled(x.count) { (cb: UnsafeMutablePointer<Scalar>) in
+                try x.withUnsafeBufferPointer { xp in
+                    let xb = xp.baseAddress!
                     let work = x.count * max(1, groups[0].count)
                     return try GroupWhitening.forEachBlock(groups.count, work: work) { k in
                         let block = GroupWhitening.Block(group: groups[k], samples: 0..<shape.n)
@@ -239,13 +238,12 @@ public class GroupWhiteningNorm<Scalar: NormScalar>: CustomStringConvertible {
     func backward(_ dy: Tensor<Scalar>, cache: Cache, shape: GroupWhitening.Shape) throws -> (
         Tensor<Scalar>, [Double], [Double]
     ) {
-        var dx = [Scalar](repeating: 0, count: dy.count)
         let gammas = scale.map { $0.scalars.map { Double($0) } }
         let (groups, m) = (self.groups, Double(shape.m))
-        let sums = try dy.withUnsafeBufferPointer { dyp in
-            try dx.withUnsafeMutableBufferPointer { dxp in
+        let (dx, sums) = try GroupWhitening.filled(dy.count) { dxb in
+            try dy.withUnsafeBufferPointer { dyp in
                 try cache.centred.withUnsafeBufferPointer { cp in
-                    let (dyb, dxb, cb) = (dyp.baseAddress!, dxp.baseAddress!, cp.baseAddress!)
+                    let (dyb, cb) = (dyp.baseAddress!, cp.baseAddress!)
                     let work = dy.count * max(1, groups[0].count)
                     return try GroupWhitening.forEachBlock(groups.count, work: work) { k in
                         let block = GroupWhitening.Block(group: groups[k], samples: 0..<shape.n)

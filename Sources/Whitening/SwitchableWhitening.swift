@@ -29,7 +29,13 @@ import TensorCore
 /// and BN statistics from them, IW, IN and LN from the sample, and still runs the iterations.
 ///
 /// Channels-first, any rank ≥ 3 (rank 2 has one position per sample: instance statistics are
-/// those of one value, and are defined as 0 variance).
+/// those of one value, and are defined as 0 variance). An empty batch gives an empty output,
+/// leaves the running statistics untouched and has zero parameter and logit gradients.
+///
+/// Data stays in the tensor's scalar type (Float32 storage for `Float`): per group and sample one
+/// pass for the instance mean, one to centre, one syrk for the instance covariance, one gemm for
+/// the output; batch and layer statistics are merged from the instance ones (``GroupWhitening``),
+/// and backward is two gemm per unit plus the d × d algebra in Double.
 ///
 /// ## References
 /// 1. Pan, Zhan, Shi, Tang & Luo 2019, "Switchable Whitening for Deep Representation
@@ -199,15 +205,16 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
         if mode == .training && shape.m < 2 {
             throw NormError.singleValuePerStatistic(layer: displayName, shape: x.shape)
         }
-        var centred = [Scalar](repeating: 0, count: x.count)
-        var units = try instanceStatistics(x, shape: shape, into: &centred)
+        let (centred, instance) = try GroupWhitening.filled(x.count) {
+            try instanceStatistics(x, shape: shape, into: $0)
+        }
         // LN: per sample over all channels and positions (unbiased variance).
         let (n, l) = (shape.n, Double(shape.l))
         let cl = Double(shape.c) * l
         var muLN = [Double](repeating: 0, count: n)
         var varLN = [Double](repeating: 0, count: n)
         for b in 0..<n {
-            let parts = stride(from: b, to: units.count, by: n).map { units[$0] }
+            let parts = stride(from: b, to: instance.count, by: n).map { instance[$0] }
             muLN[b] = parts.reduce(0) { $0 + $1.meanIn.reduce(0, +) } / Double(shape.c)
             var m2 = 0.0
             for unit in parts {
@@ -226,7 +233,7 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
                 covBW.append(runningCovariance[k])
                 continue
             }
-            let parts = units[(k * n)..<((k + 1) * n)]
+            let parts = instance[(k * n)..<((k + 1) * n)]
             var mean = [Double](repeating: 0, count: group.count)
             for unit in parts { for i in mean.indices { mean[i] += unit.meanIn[i] / Double(n) } }
             var cov = Matrix(rows: group.count, cols: group.count)
@@ -243,8 +250,8 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
             meanBW.append(mean)
             covBW.append(cov)
         }
-        let y = try whiten(
-            x, shape: shape, centred: centred, units: &units, meanBW: meanBW, covBW: covBW,
+        let (y, units) = try whiten(
+            x, shape: shape, centred: centred, units: instance, meanBW: meanBW, covBW: covBW,
             muLN: muLN, varLN: varLN, weights: effective(w, wv))
         if mode == .training {
             let f = momentum.weightOfNew(batchesTracked: 1)
@@ -271,20 +278,17 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
     @_specialize(where Scalar == Float)
     @_specialize(where Scalar == Double)
     func instanceStatistics(
-        _ x: Tensor<Scalar>, shape: GroupWhitening.Shape, into centred: inout [Scalar]
+        _ x: Tensor<Scalar>, shape: GroupWhitening.Shape, into cb: UnsafeMutablePointer<Scalar>
     ) throws -> [Unit] {
         let count = groups.count * shape.n
         return try x.withUnsafeBufferPointer { xp in
-            try centred.withUnsafeMutableBufferPointer { cp in
-                let (xb, cb) = (xp.baseAddress!, cp.baseAddress!)
-                return try GroupWhitening.forEachBlock(count, work: x.count * groupSize) { u in
-                    let block = unitBlock(u, n: shape.n)
-                    let mean = GroupWhitening.means(xb, shape, block)
-                    GroupWhitening.centre(xb, shape, block, mean: mean, into: cb)
-                    let cov = GroupWhitening.covariance(
-                        cb, shape, block, divisor: Double(shape.l))
-                    return Unit(meanIn: mean, covIn: cov)
-                }
+            let xb = xp.baseAddress!
+            return try GroupWhitening.forEachBlock(count, work: x.count * groupSize) { u in
+                let block = unitBlock(u, n: shape.n)
+                let mean = GroupWhitening.means(xb, shape, block)
+                GroupWhitening.centre(xb, shape, block, mean: mean, into: cb)
+                let cov = GroupWhitening.covariance(cb, shape, block, divisor: Double(shape.l))
+                return Unit(meanIn: mean, covIn: cov)
             }
         }
     }
@@ -293,19 +297,17 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
     @_specialize(where Scalar == Float)
     @_specialize(where Scalar == Double)
     func whiten(
-        _ x: Tensor<Scalar>, shape: GroupWhitening.Shape, centred: [Scalar], units: inout [Unit],
+        _ x: Tensor<Scalar>, shape: GroupWhitening.Shape, centred: [Scalar], units previous: [Unit],
         meanBW: [[Double]], covBW: [Matrix], muLN: [Double], varLN: [Double],
         weights: (m: [Double], v: [Double])
-    ) throws -> Tensor<Scalar> {
+    ) throws -> (Tensor<Scalar>, [Unit]) {
         let (em, ev) = weights
         let method = WhiteningMethod.newton(iterations: iterations)
         let gammas = scale.scalars.map { Double($0) }
         let betas = offset.scalars.map { Double($0) }
-        let previous = units
-        var y = [Scalar](repeating: 0, count: x.count)
-        units = try centred.withUnsafeBufferPointer { cp in
-            try y.withUnsafeMutableBufferPointer { yp in
-                let (cb, yb) = (cp.baseAddress!, yp.baseAddress!)
+        let (y, units) = try centred.withUnsafeBufferPointer { cp in
+            try GroupWhitening.filled(x.count) { yb in
+                let cb = cp.baseAddress!
                 let work = x.count * groupSize
                 return try GroupWhitening.forEachBlock(previous.count, work: work) { u in
                     var unit = previous[u]
@@ -341,7 +343,7 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
                 }
             }
         }
-        return try Tensor(shape: x.shape, scalars: y)
+        return (try Tensor(shape: x.shape, scalars: y), units)
     }
 
     // MARK: - Backward
@@ -405,11 +407,10 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
         let batch = !cache.batchIsConstant
         let ln = cl > 1 ? 2 / (cl - 1) : 0
         let gammas = scale.scalars.map { Double($0) }
-        var dx = [Scalar](repeating: 0, count: dy.count)
-        try dy.withUnsafeBufferPointer { dyp in
-            try dx.withUnsafeMutableBufferPointer { dxp in
+        let (dx, _) = try GroupWhitening.filled(dy.count) { dxb in
+            try dy.withUnsafeBufferPointer { dyp in
                 try cache.centred.withUnsafeBufferPointer { cp in
-                    let (dyb, dxb, cb) = (dyp.baseAddress!, dxp.baseAddress!, cp.baseAddress!)
+                    let (dyb, cb) = (dyp.baseAddress!, cp.baseAddress!)
                     _ = try GroupWhitening.forEachBlock(terms.count, work: dy.count * groupSize) {
                         u in
                         let (k, b) = (u / n, u % n)

@@ -100,6 +100,45 @@ struct FloatWhiteningTests {
         }
     }
 
+    static let switchableCases: [(Case, type: Int)] = [
+        (Case(shape: [7, 3, 1], group: 3), 5),
+        (Case(shape: [4, 8, 5, 3], group: 4), 5),
+        (Case(shape: [3, 6, 7], group: 3), 3),
+        (Case(shape: [2, 6, 63], group: 2), 2),
+        (Case(shape: [5, 4, 65], group: 4, offset: 1000), 5),
+        (Case(shape: [2, 16, 9, 9], group: 16, offset: 1000), 5),
+    ]
+
+    @Test(arguments: switchableCases)
+    func switchableWhiteningFloatEqualsDouble(_ c: Case, type: Int) throws {
+        let xd = try Self.data(c, seed: 41)
+        var g = SeededGenerator(seed: 42)
+        let dyd = try Tensor<Double>.randomNormal(shape: c.shape, using: &g)
+        let reference = try SwitchableWhitening<Double>(
+            channelCount: c.shape[1], groupSize: c.group, type: type)
+        let fast = try SwitchableWhitening<Float>(
+            channelCount: c.shape[1], groupSize: c.group, type: type)
+        let logits = (0..<(2 * type)).map { _ in 0.5 * g.nextNormal() }
+        reference.meanLogits = try Tensor(shape: [type], rounding: Array(logits[..<type]))
+        reference.varianceLogits = try Tensor(shape: [type], rounding: Array(logits[type...]))
+        fast.meanLogits = reference.meanLogits.converted()
+        fast.varianceLogits = reference.varianceLogits.converted()
+        let xf = xd.converted(to: Float.self)
+        let dyf = dyd.converted(to: Float.self)
+        for mode in [Mode.training, .inference] {
+            let (yr, cr) = try reference.forward(xd, mode: mode)
+            let (yf, cf) = try fast.forward(xf, mode: mode)
+            Self.expectClose(yf, yr, "y \(mode)", c)
+            let gr = try reference.backward(dyd, cache: cr)
+            let gf = try fast.backward(dyf, cache: cf)
+            Self.expectClose(gf.input, gr.input, "dx \(mode)", c)
+            Self.expectClose(gf.scale, gr.scale, "dweight \(mode)", c)
+            Self.expectClose(gf.offset, gr.offset, "dbias \(mode)", c)
+            Self.expectClose(gf.meanLogits, gr.meanLogits, "dsw_mean_weight \(mode)", c)
+            Self.expectClose(gf.varianceLogits, gr.varianceLogits, "dsw_var_weight \(mode)", c)
+        }
+    }
+
     /// Results do not depend on how many threads the groups ran on.
     @Test func floatPathIsThreadIndependent() throws {
         let c = Case(shape: [4, 16, 7, 9], group: 4)

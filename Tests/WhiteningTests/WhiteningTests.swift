@@ -160,3 +160,76 @@ struct SwitchableWhiteningTests {
         }
     }
 }
+
+/// An empty batch behaves as PyTorch's BatchNorm does (checked with torch.nn.BatchNorm1d on
+/// (0, 4, 3), (2, 4, 0) and (0, 4)): an empty output of the input's shape, running statistics
+/// untouched, an empty dx and zero parameter gradients.
+@Suite("Whitening empty batches")
+struct WhiteningEmptyBatchTests {
+    static func layers<T: NormScalar>(_: T.Type) throws -> [any Normalizing<T>] {
+        [
+            try DecorrelatedBatchNorm<T>(channelCount: 4, groupSize: 3),
+            try IterNorm<T>(channelCount: 4, groupSize: 2),
+            try SwitchableWhitening<T>(channelCount: 4, groupSize: 2, type: 5),
+            try SwitchableWhitening<T>(channelCount: 4, groupSize: 4, type: 2),
+        ]
+    }
+
+    static func check<T: NormScalar>(_: T.Type) throws {
+        for layer in try layers(T.self) {
+            // A real batch first, so that the running statistics are not their initial values.
+            _ = try layer.normalize(
+                try WhiteningTests.data([5, 4, 3], seed: 40).converted(), mode: .training)
+            for shape in [[0, 4, 3], [2, 4, 0], [0, 4], [0, 4, 2, 2]] {
+                for mode in Mode.allCases {
+                    let before = try layer.state()
+                    let y = try layer.normalize(try Tensor<T>(zeros: shape), mode: mode)
+                    #expect(y.shape == shape, "\(layer.displayName) \(shape) \(mode)")
+                    #expect(try layer.state() == before, "\(layer.displayName) \(mode): state")
+                    let g = try layer.backward(try Tensor<T>(zeros: shape))
+                    #expect(g.input.shape == shape)
+                    #expect(Set(g.parameters.keys) == Set(layer.parameters.keys))
+                    for (key, value) in g.parameters {
+                        #expect(value.shape == layer.parameters[key]?.shape)
+                        #expect(
+                            value.scalars.allSatisfy { $0 == 0 }, "\(layer.displayName) d\(key)")
+                    }
+                }
+            }
+        }
+    }
+
+    @Test func emptyBatchesGiveEmptyOutputsAndZeroGradients() throws {
+        try Self.check(Float.self)
+        try Self.check(Double.self)
+    }
+
+    @Test func anEmptyBatchStillChecksTheChannelCount() throws {
+        let layer = try IterNorm<Double>(channelCount: 4)
+        #expect(
+            throws: NormError.channelMismatch(
+                layer: "IterNorm", expected: 4, actual: 3, shape: [0, 3])
+        ) {
+            _ = try layer.forward(try Tensor(zeros: [0, 3]), mode: .training)
+        }
+    }
+
+    /// After an empty batch a real one gives what it gives alone (nothing was cached or moved).
+    @Test func anEmptyBatchThenARealOneMatchesARealOneAlone() throws {
+        let x = try WhiteningTests.data([6, 4, 3], seed: 41)
+        for (a, b) in [
+            (
+                try DecorrelatedBatchNorm<Double>(channelCount: 4) as any Normalizing<Double>,
+                try DecorrelatedBatchNorm<Double>(channelCount: 4) as any Normalizing<Double>
+            ),
+            (
+                try SwitchableWhitening<Double>(channelCount: 4, groupSize: 2),
+                try SwitchableWhitening<Double>(channelCount: 4, groupSize: 2)
+            ),
+        ] {
+            _ = try a.normalize(try Tensor(zeros: [0, 4, 3]), mode: .training)
+            #expect(try a.normalize(x, mode: .training) == b.normalize(x, mode: .training))
+            #expect(try a.state() == b.state())
+        }
+    }
+}
