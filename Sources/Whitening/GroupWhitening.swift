@@ -70,8 +70,10 @@ enum GroupWhitening {
         return groups(channels: channelCount, size: groupSize)
     }
 
-    /// Rank ≥ 2 and the layer's channel count. An empty tensor (N = 0, or a spatial size 0)
-    /// passes: it gives an empty output, as PyTorch's BatchNorm does.
+    /// Checks rank ≥ 2 and the layer's channel count.
+    ///
+    /// An empty tensor (N = 0, or a spatial size 0) passes: it gives an empty output, as
+    /// PyTorch's BatchNorm does.
     static func validate<S: NormScalar>(_ x: Tensor<S>, channels: Int, layer: String)
         throws(NormError)
     {
@@ -183,24 +185,23 @@ enum GroupWhitening {
     }
 
     /// y_b = A X_c,b + a 1ᵀ for every sample of the block (A is d × d in the storage type).
+    ///
+    /// The rows start as a (one fill) and the product adds to them (β = 1), which saves BLAS's
+    /// β = 0 clearing pass and a separate pass for the offsets.
     @_specialize(where S == Float)
     @_specialize(where S == Double)
     static func apply<S: NormScalar>(
-        _ a: [S], rowOffsets: [S]?, centred: UnsafePointer<S>, _ shape: Shape, _ block: Block,
+        _ a: [S], rowOffsets: [S], centred: UnsafePointer<S>, _ shape: Shape, _ block: Block,
         into y: UnsafeMutablePointer<S>
     ) {
         let (d, l) = (block.d, shape.l)
         a.withUnsafeBufferPointer { ap in
             for b in block.samples {
                 let o = shape.offset(b, block.group.lowerBound)
+                for i in 0..<d { (y + o + i * l).initialize(repeating: rowOffsets[i], count: l) }
                 BLAS.gemm(
                     transposeA: false, transposeB: false, m: d, n: l, k: d, ap.baseAddress!,
-                    lda: d, centred + o, ldb: l, beta: 0, y + o, ldc: l)
-                guard let rowOffsets else { continue }
-                for i in 0..<d where rowOffsets[i] != 0 {
-                    let (row, beta) = (y + o + i * l, rowOffsets[i])
-                    for j in 0..<l { row[j] += beta }
-                }
+                    lda: d, centred + o, ldb: l, beta: 1, y + o, ldc: l)
             }
         }
     }
@@ -228,6 +229,8 @@ enum GroupWhitening {
     }
 
     /// dx_b = A X_c,b + B dy_b − c 1ᵀ for every sample of the block (A nil: no data term).
+    ///
+    /// The rows start as −c and both products add to them (β = 1), as in ``apply``.
     @_specialize(where S == Float)
     @_specialize(where S == Double)
     static func applyGradient<S: NormScalar>(
@@ -237,21 +240,18 @@ enum GroupWhitening {
         let (d, l) = (block.d, shape.l)
         for b in block.samples {
             let o = shape.offset(b, block.group.lowerBound)
+            for i in 0..<d { (dx + o + i * l).initialize(repeating: -cVector[i], count: l) }
             if let a {
                 a.withUnsafeBufferPointer { ap in
                     BLAS.gemm(
                         transposeA: false, transposeB: false, m: d, n: l, k: d, ap.baseAddress!,
-                        lda: d, centred + o, ldb: l, beta: 0, dx + o, ldc: l)
+                        lda: d, centred + o, ldb: l, beta: 1, dx + o, ldc: l)
                 }
             }
             bMatrix.withUnsafeBufferPointer { bp in
                 BLAS.gemm(
                     transposeA: false, transposeB: false, m: d, n: l, k: d, bp.baseAddress!,
-                    lda: d, dy + o, ldb: l, beta: a == nil ? 0 : 1, dx + o, ldc: l)
-            }
-            for i in 0..<d where cVector[i] != 0 {
-                let (row, ci) = (dx + o + i * l, cVector[i])
-                for j in 0..<l { row[j] -= ci }
+                    lda: d, dy + o, ldb: l, beta: 1, dx + o, ldc: l)
             }
         }
     }

@@ -203,9 +203,9 @@ public class GroupWhiteningNorm<Scalar: NormScalar>: CustomStringConvertible {
                         }
                         let a: [Scalar] = GroupWhitening.stored(
                             result.w, rowScale: scale.map { s in block.group.map { s[$0] } })
+                        let rowOffsets = block.group.map { offset?[$0] ?? 0 }
                         GroupWhitening.apply(
-                            a, rowOffsets: offset.map { Array($0[block.group]) }, centred: cb,
-                            shape, block, into: yb)
+                            a, rowOffsets: rowOffsets, centred: cb, shape, block, into: yb)
                         return result
                     }
                 }
