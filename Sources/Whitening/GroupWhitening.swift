@@ -256,6 +256,16 @@ enum GroupWhitening {
         }
     }
 
+    /// The running matrices after one batch: ``RunningAverage/blend(_:toward:weightOfNew:)``
+    /// entry by entry, `(1 − f)·R + f·S`.
+    static func blend(_ old: [Matrix], toward new: [Matrix], weightOfNew f: Double) -> [Matrix] {
+        zip(old, new).map { r, s in
+            Matrix(
+                rows: r.rows, cols: r.cols,
+                values: RunningAverage.blend(r.values, toward: s.values, weightOfNew: f))
+        }
+    }
+
     /// Wᵀ·diag(γ): the B of every backward here.
     static func transposedTimesGamma(_ w: Matrix, _ gamma: [Double]) -> Matrix {
         let d = w.rows

@@ -42,8 +42,14 @@ public class GroupWhiteningNorm<Scalar: NormScalar>: CustomStringConvertible {
     public let method: WhiteningMethod
     /// ε added to Σ.
     public let epsilon: Double
+    /// Running-statistic rule and its batch count (counted for the cumulative rule only: the
+    /// official layers keep no `num_batches_tracked`).
+    public var average: RunningAverage
     /// Running-statistic rule.
-    public var momentum: Momentum
+    public var momentum: Momentum {
+        get { average.momentum }
+        set { average.momentum = newValue }
+    }
     /// γ (`weight`), nil without affine.
     public var scale: Tensor<Scalar>?
     /// β (`bias`).
@@ -75,7 +81,7 @@ public class GroupWhiteningNorm<Scalar: NormScalar>: CustomStringConvertible {
         self.channelCount = channelCount
         self.groupSize = groupSize
         self.epsilon = epsilon
-        self.momentum = momentum
+        average = RunningAverage(momentum: momentum)
         do {
             if affine {
                 scale = try Tensor(repeating: 1, shape: [channelCount])
@@ -124,6 +130,7 @@ public class GroupWhiteningNorm<Scalar: NormScalar>: CustomStringConvertible {
         try GroupWhitening.validate(x, channels: channelCount, layer: displayName)
         let training = mode == .training
         if x.count == 0 {
+            if training { average.countEmptyBatch(countingEveryBatch: false) }
             return (
                 x,
                 Cache(shape: x.shape, training: training, centred: [], whitening: [], factors: [])
@@ -135,20 +142,22 @@ public class GroupWhiteningNorm<Scalar: NormScalar>: CustomStringConvertible {
         }
         let (y, centred, results) = try whiten(x, shape: shape, training: training)
         if training {
-            let f = momentum.weightOfNew(batchesTracked: 1)
-            var newMean = runningMean.scalars.map { Double($0) }
-            var newWhitening = runningWhitening
+            var average = self.average
+            let f = average.advance(countingEveryBatch: false)
+            var batchMean = [Double](repeating: 0, count: channelCount)
             for (k, group) in groups.enumerated() {
-                for (i, ch) in group.enumerated() {
-                    newMean[ch] = (1 - f) * newMean[ch] + f * results[k].mean[i]
-                }
-                newWhitening[k] = (1 - f) * runningWhitening[k] + f * results[k].w
+                for (i, ch) in group.enumerated() { batchMean[ch] = results[k].mean[i] }
             }
+            let newMean = RunningAverage.blend(
+                runningMean.scalars.map { Double($0) }, toward: batchMean, weightOfNew: f)
+            let newWhitening = GroupWhitening.blend(
+                runningWhitening, toward: results.map(\.w), weightOfNew: f)
             guard newMean.allSatisfy(\.isFinite) else {
                 throw NormError.nonFiniteStatistics(layer: displayName)
             }
             runningMean = try Tensor(shape: [channelCount], rounding: newMean)
             runningWhitening = newWhitening
+            self.average = average
         }
         return (
             y,

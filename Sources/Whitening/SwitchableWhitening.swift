@@ -55,16 +55,29 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
     public let iterations: Int
     /// ε.
     public let epsilon: Double
+    /// Keep-convention rule (0.99) and its batch count (counted for the cumulative rule only).
+    public var average: RunningAverage
     /// Keep-convention rule (0.99).
-    public var momentum: Momentum
+    public var momentum: Momentum {
+        get { average.momentum }
+        set { average.momentum = newValue }
+    }
     /// γ (`weight`).
     public var scale: Tensor<Scalar>
     /// β (`bias`).
     public var offset: Tensor<Scalar>
+    /// The mean and variance mixtures (`sw_mean_weight`, `sw_var_weight`), softmax-weighted.
+    public var mixture: (mean: MixtureLogits<Scalar>, variance: MixtureLogits<Scalar>)
     /// `sw_mean_weight`.
-    public var meanLogits: Tensor<Scalar>
+    public var meanLogits: Tensor<Scalar> {
+        get { mixture.mean.logits }
+        set { mixture.mean.logits = newValue }
+    }
     /// `sw_var_weight`.
-    public var varianceLogits: Tensor<Scalar>
+    public var varianceLogits: Tensor<Scalar> {
+        get { mixture.variance.logits }
+        set { mixture.variance.logits = newValue }
+    }
     /// `running_mean` `[C]`.
     public var runningMean: [Double]
     /// `running_cov` per group (d × d), initially 0.
@@ -94,19 +107,14 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
         self.groupSize = d
         self.iterations = iterations
         self.epsilon = epsilon
-        self.momentum = momentum
+        average = RunningAverage(momentum: momentum)
         do {
             scale = try Tensor(repeating: 1, shape: [channelCount])
             offset = try Tensor(zeros: [channelCount])
-            meanLogits = try Tensor(repeating: 1, shape: [type])
-            varianceLogits = try Tensor(repeating: 1, shape: [type])
         } catch { throw .tensor(error) }
+        mixture = (try MixtureLogits(componentCount: type), try MixtureLogits(componentCount: type))
         runningMean = [Double](repeating: 0, count: channelCount)
         runningCovariance = groups.map { Matrix(rows: $0.count, cols: $0.count) }
-    }
-
-    static func softmax(_ t: Tensor<Scalar>) -> [Double] {
-        MixtureWeights.softmax(t.scalars.map(Double.init))
     }
 
     /// The importance weights (BW, IW[, LN] or BW, IW, BN, IN, LN).
@@ -114,7 +122,10 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
         let names =
             type == 2
             ? ["BW", "IW"] : type == 3 ? ["BW", "IW", "LN"] : ["BW", "IW", "BN", "IN", "LN"]
-        return (names, Self.softmax(meanLogits), Self.softmax(varianceLogits))
+        return (
+            names, mixture.mean.evaluate(.softmax).weights,
+            mixture.variance.evaluate(.softmax).weights
+        )
     }
 
     /// What forward keeps per group and sample (a unit; index `k·N + b`).
@@ -141,8 +152,8 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
         let covBW: [Matrix]
         let muLN: [Double]
         let varLN: [Double]
-        let w: [Double]
-        let wv: [Double]
+        let w: MixtureEvaluation
+        let wv: MixtureEvaluation
         let batchIsConstant: Bool
     }
 
@@ -192,10 +203,11 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
             throw NormError.parameterShapeMismatch(
                 name: "sw_mean_weight", expected: [type], actual: t.shape)
         }
-        let w = Self.softmax(meanLogits)
-        let wv = Self.softmax(varianceLogits)
+        let w = mixture.mean.evaluate(.softmax)
+        let wv = mixture.variance.evaluate(.softmax)
         let batchIsConstant = mode.usesRunningStatistics
         guard x.count > 0 else {
+            if mode == .training { average.countEmptyBatch(countingEveryBatch: false) }
             let cache = Cache(
                 shape: x.shape, centred: [], units: [], meanBW: [], covBW: [], muLN: [],
                 varLN: [], w: w, wv: wv, batchIsConstant: batchIsConstant)
@@ -252,19 +264,13 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
         }
         let (y, units) = try whiten(
             x, shape: shape, centred: centred, units: instance, meanBW: meanBW, covBW: covBW,
-            muLN: muLN, varLN: varLN, weights: effective(w, wv))
+            muLN: muLN, varLN: varLN, weights: effective(w.weights, wv.weights))
         if mode == .training {
-            let f = momentum.weightOfNew(batchesTracked: 1)
-            var newMean = runningMean
-            var newCov = runningCovariance
-            for (k, group) in groups.enumerated() {
-                for (i, ch) in group.enumerated() {
-                    newMean[ch] = (1 - f) * runningMean[ch] + f * meanBW[k][i]
-                }
-                newCov[k] = (1 - f) * runningCovariance[k] + f * covBW[k]
-            }
-            runningMean = newMean
-            runningCovariance = newCov
+            let f = average.advance(countingEveryBatch: false)
+            runningMean = RunningAverage.blend(
+                runningMean, toward: meanBW.flatMap { $0 }, weightOfNew: f)
+            runningCovariance = GroupWhitening.blend(
+                runningCovariance, toward: covBW, weightOfNew: f)
         }
         return (
             y,
@@ -370,7 +376,7 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
         let shape = GroupWhitening.Shape(dy.shape)
         let (n, l) = (shape.n, Double(shape.l))
         let (m, cl) = (Double(shape.m), Double(c) * l)
-        let (em, ev) = effective(cache.w, cache.wv)
+        let (em, ev) = effective(cache.w.weights, cache.wv.weights)
         let terms = try unitGradients(dy, cache: cache, shape: shape)
         var dScale = [Double](repeating: 0, count: c)
         var dOffset = [Double](repeating: 0, count: c)
@@ -462,9 +468,9 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
             scale: try Tensor(shape: [c], rounding: dScale),
             offset: try Tensor(shape: [c], rounding: dOffset),
             meanLogits: try Tensor(
-                shape: [type], rounding: MixtureWeights.softmaxBackward(cache.w, dw)),
+                shape: [type], rounding: cache.w.logitGradient(dw)),
             varianceLogits: try Tensor(
-                shape: [type], rounding: MixtureWeights.softmaxBackward(cache.wv, dwv)))
+                shape: [type], rounding: cache.wv.logitGradient(dwv)))
     }
 
     /// Per unit: dΣ, dμ, dγ and the row sums of dy (dβ).
