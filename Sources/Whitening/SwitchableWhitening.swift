@@ -85,7 +85,9 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
     let groups: [Range<Int>]
 
     /// Creates a Switchable Whitening layer.
-    /// - Throws: ``NormError`` for a type other than 2, 3, 5 or a group size that does not divide C.
+    /// - Throws: ``NormError/invalidHyperparameter(name:value:requirement:)`` for a type other
+    ///   than 2, 3, 5, a group size that does not divide C, ε not finite and > 0, or T outside
+    ///   1…1000.
     public init(
         channelCount: Int, groupSize: Int = 16, type: Int = 5, iterations: Int = 5,
         epsilon: Double = 1e-5,
@@ -98,7 +100,10 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
         self.type = type
         let d = min(groupSize, channelCount)
         guard d >= 1, channelCount % d == 0 else {
-            throw .groupsDoNotDivideChannels(groups: d, channels: channelCount)
+            // (groupsDoNotDivideChannels speaks of a group *count*; this is a group size.)
+            throw .invalidHyperparameter(
+                name: "group size", value: "\(groupSize)",
+                requirement: "must be ≥ 1 and divide the channel count \(channelCount)")
         }
         groups = try GroupWhitening.checkedGroups(
             channelCount: channelCount, groupSize: d, epsilon: epsilon, iterations: iterations,
