@@ -205,7 +205,7 @@ public class GroupWhiteningNorm<Scalar: NormScalar>: CustomStringConvertible {
                             let sigma = GroupWhitening.covariance(
                                 cb, shape, block, divisor: Double(shape.m), epsilon: epsilon)
                             (result.w, result.factors) = try method.whitening(
-                                sigma, epsilon: epsilon)
+                                sigma, epsilon: epsilon, layer: layer)
                         }
                         guard result.w.values.allSatisfy(\.isFinite) else {
                             throw NormError.nonFiniteStatistics(layer: layer)

@@ -335,10 +335,8 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
                         sigma[i, i] +=
                             ev[2] * cBW[i, i] + ev[3] * cIn[i, i] + ev[4] * varLN[b] + epsilon
                     }
-                    (unit.whitening, unit.factors) = try method.whitening(sigma, epsilon: epsilon)
-                    guard unit.whitening.values.allSatisfy(\.isFinite) else {
-                        throw NormError.nonFiniteStatistics(layer: "SwitchableWhitening")
-                    }
+                    (unit.whitening, unit.factors) = try method.whitening(
+                        sigma, epsilon: epsilon, layer: "SwitchableWhitening")
                     // y = diag(γ) W X_cIN + (diag(γ) W (μ_IN − μ) + β) 1ᵀ.
                     let gamma = block.group.map { gammas[$0] }
                     let a: [Scalar] = GroupWhitening.stored(unit.whitening, rowScale: gamma)

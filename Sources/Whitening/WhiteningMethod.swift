@@ -1,5 +1,6 @@
 import Foundation
 import LinearAlgebra
+import Normalization
 
 /// How a whitening layer turns a covariance Σ (d × d, ε already added) into W ≈ Σ^{-1/2}, and
 /// dL/dW back into dL/dΣ.
@@ -29,8 +30,22 @@ public enum WhiteningMethod: Sendable, Equatable, CustomStringConvertible {
     }
 
     /// W and the factors of its backward.
-    /// - Throws: ``LinearAlgebraError`` when LAPACK fails (non-finite Σ).
-    func whitening(_ sigma: Matrix, epsilon: Double) throws -> (w: Matrix, factors: Factors) {
+    /// - Throws: ``NormError/nonFiniteStatistics(layer:)`` naming `layer` when Σ or W has a NaN
+    ///   or infinite entry (NaN or overflowing input), ``LinearAlgebraError`` when LAPACK fails.
+    func whitening(_ sigma: Matrix, epsilon: Double, layer: String) throws -> (
+        w: Matrix, factors: Factors
+    ) {
+        guard sigma.values.allSatisfy(\.isFinite) else {
+            throw NormError.nonFiniteStatistics(layer: layer)
+        }
+        let result = try unchecked(sigma, epsilon: epsilon)
+        guard result.w.values.allSatisfy(\.isFinite) else {
+            throw NormError.nonFiniteStatistics(layer: layer)
+        }
+        return result
+    }
+
+    func unchecked(_ sigma: Matrix, epsilon: Double) throws -> (w: Matrix, factors: Factors) {
         switch self {
         case .eigendecomposition:
             let (raw, d) = try sigma.symmetricEigen()

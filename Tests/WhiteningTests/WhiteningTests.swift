@@ -104,6 +104,25 @@ struct WhiteningTests {
             layer, input: x, mode: .inference, tolerance: 1e-8, seed: 8, step: 1e-6)
     }
 
+    /// A NaN in the input makes Σ non-finite: a named error (not a LAPACK failure or NaN
+    /// output), and nothing changes.
+    @Test func nonFiniteInputIsANamedErrorAndChangesNothing() throws {
+        var x = try Self.data([6, 4, 3], seed: 9)
+        x[flat: 5] = .nan
+        let layers: [any Normalizing<Double>] = [
+            try DecorrelatedBatchNorm<Double>(channelCount: 4, groupSize: 2),
+            try IterNorm<Double>(channelCount: 4, groupSize: 2),
+            try SwitchableWhitening<Double>(channelCount: 4, groupSize: 2),
+        ]
+        for layer in layers {
+            let before = try layer.state()
+            #expect(throws: NormError.nonFiniteStatistics(layer: layer.displayName)) {
+                _ = try layer.normalize(x, mode: .training)
+            }
+            #expect(try layer.state() == before, "\(layer.displayName)")
+        }
+    }
+
     @Test func badInputIsRefused() throws {
         let layer = try DecorrelatedBatchNorm<Double>(channelCount: 4)
         #expect(throws: NormError.self) {
