@@ -161,9 +161,7 @@ struct RegistryEmptyBatchTests {
     /// h10m: the switchable norms and MetaNorm; h10w: the whitening layers. Their failures are
     /// expected here (`withKnownIssue`), and the test fails once one of them passes: the lead
     /// empties this set when merging those branches.
-    static let pendingEmptyBatch: Set<String> = [
-        "switchnorm", "sparseswitchnorm", "metanorm", "dbn", "iternorm", "switchwhiten",
-    ]
+    static let pendingEmptyBatch: Set<String> = []
 
     static let names = NormalizerRegistry.all.names
 
