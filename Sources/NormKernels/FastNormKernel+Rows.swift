@@ -112,17 +112,18 @@ extension FastNormKernel {
         }
     }
 
-    /// A set's shift: the mean of up to 16 elements spread evenly over its first row.
+    /// A set's shift: the mean of 4 elements spread evenly over its first row.
     ///
     /// Near the
     /// mean far more often than the first element alone (which lies two standard deviations out
     /// for one set in twenty of normal data, and costs that set a second summation).
     @inline(__always)
     static func rowShift(_ row: UnsafePointer<Float>, _ length: Int) -> Float {
-        let samples = min(length, 16)
-        var total = 0.0
-        for k in 0..<samples { total += Double(row[k * length / samples]) }
-        return Float(total / Double(samples))
+        guard length >= 4 else { return row[0] }
+        let step = length >> 2
+        let total =
+            (Double(row[0]) + Double(row[step])) + (Double(row[2 * step]) + Double(row[3 * step]))
+        return Float(total * 0.25)
     }
 
     @inline(__always)
@@ -236,15 +237,6 @@ extension FastNormKernel {
         gamma: UnsafePointer<Float>?,
         dx: UnsafeMutablePointer<Float>, dgamma: inout [Double], dbeta: inout [Double]
     ) {
-        if case .elementwise(let cycle) = plan.gamma, cycle == 1, plan.rowsPerSet == 1,
-            dgamma.count == plan.length, let gamma
-        {
-            rowsBackwardElementwise(
-                x, dy, plan, mean: mean, rstd: rstd, operation: op,
-                statisticsAreConstant: statisticsAreConstant, gamma: gamma, dx: dx,
-                dgamma: &dgamma, dbeta: &dbeta)
-            return
-        }
         // Groups of consecutive sets, fixed by the sizes alone: each keeps partial parameter
         // gradients, merged in group order afterwards.
         let chunks = plan.gradientGroups
@@ -293,89 +285,6 @@ extension FastNormKernel {
             for i in 0..<parameterCount {
                 dgamma[i] += partialGamma[k * parameterCount + i]
                 dbeta[i] += partialBeta[k * parameterCount + i]
-            }
-        }
-    }
-
-    /// Rows a blocked LayerNorm backward handles together: their x and dy stay in L1 between the
-    /// sums and the gradient pass.
-    static let backwardBlock = 4
-
-    /// Backward of single-row sets with one γ per element (LayerNorm): per block of
-    /// ``backwardBlock`` rows, first each row's Σg and Σg·(x − s), then one pass over column
-    /// strips that writes dx for every row of the block and accumulates dγ, dβ for the strip in
-    /// registers, adding them to the group's Float partials once per block instead of once per
-    /// row.
-    static func rowsBackwardElementwise(
-        _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: RowPlan, mean: [Double],
-        rstd: [Double], operation op: ReferenceNormKernel.Operation, statisticsAreConstant: Bool,
-        gamma: UnsafePointer<Float>, dx: UnsafeMutablePointer<Float>, dgamma: inout [Double],
-        dbeta: inout [Double]
-    ) {
-        let chunks = plan.gradientGroups
-        let length = plan.length
-        let parameterCount = dgamma.count
-        let blockRows = backwardBlock
-        var partials = [Double](repeating: 0, count: chunks * 2 * parameterCount)
-        partials.withUnsafeMutableBufferPointer { pp in
-            Parallelism.forEachChunk(chunks, work: plan.rows * length) { k in
-                let dgOut = pp.baseAddress! + k * 2 * parameterCount
-                let dbOut = dgOut + parameterCount
-                withUnsafeTemporaryAllocation(
-                    of: Float.self, capacity: 2 * parameterCount + 6 * blockRows
-                ) { buffer in
-                    let dgFloat = buffer.baseAddress!
-                    let dbFloat = dgFloat + parameterCount
-                    // Per row of the block: shift, rstd, t, and a, b, c of dx = a·g + b·(x − s) + c.
-                    let coefficients = dbFloat + parameterCount
-                    for i in 0..<(2 * parameterCount) { dgFloat[i] = 0 }
-                    let sets = plan.group(k, of: chunks)
-                    var first = sets.lowerBound
-                    var pending = 0
-                    while first < sets.upperBound {
-                        let count = min(blockRows, sets.upperBound - first)
-                        for j in 0..<count {
-                            let s = first + j
-                            let shift = Float(mean[s])
-                            let t = (Double(shift) - mean[s]) * rstd[s]
-                            let (sumG, sumGD) = Span.gradientSums(
-                                x + s * length, dy + s * length, length, shift: shift, gamma: gamma)
-                            let (a, b, c) = gradientCoefficients(
-                                n: length, rstd: rstd[s], term: t, sumG: sumG, sumGD: sumGD,
-                                operation: op, constant: statisticsAreConstant)
-                            let row = coefficients + 6 * j
-                            row[0] = shift
-                            row[1] = Float(rstd[s])
-                            row[2] = Float(t)
-                            row[3] = Float(a)
-                            row[4] = Float(b)
-                            row[5] = Float(c)
-                        }
-                        Span.blockGradient(
-                            x + first * length, dy + first * length, dx + first * length,
-                            rows: count, length, coefficients: coefficients, gamma: gamma,
-                            dgamma: dgFloat, dbeta: dbFloat)
-                        first += count
-                        pending += count
-                        if pending >= 64 {
-                            Span.flush(dgFloat, into: dgOut, parameterCount)
-                            Span.flush(dbFloat, into: dbOut, parameterCount)
-                            pending = 0
-                        }
-                    }
-                    Span.flush(dgFloat, into: dgOut, parameterCount)
-                    Span.flush(dbFloat, into: dbOut, parameterCount)
-                }
-            }
-        }
-        for i in 0..<parameterCount {
-            dgamma[i] = 0
-            dbeta[i] = 0
-        }
-        for k in 0..<chunks {
-            for i in 0..<parameterCount {
-                dgamma[i] += partials[k * 2 * parameterCount + i]
-                dbeta[i] += partials[k * 2 * parameterCount + parameterCount + i]
             }
         }
     }

@@ -42,15 +42,17 @@ enum Span {
         var i = 0
         while i < n {
             let end = min(n, i + block)
-            // Two SIMD16 accumulators (eight SSE registers, eight independent add chains): four
-            // took all sixteen registers of the baseline x86-64 target and spilled every sweep.
             var a0 = V()
+            var a1 = V()
             var q0 = V()
+            var q1 = V()
             while i + 32 <= end {
                 let d0 = load(x + i) - sv
                 let d1 = load(x + i + 16) - sv
-                a0 += d0 + d1
-                q0 += d0 * d0 + d1 * d1
+                a0 += d0
+                a1 += d1
+                q0 += d0 * d0
+                q1 += d1 * d1
                 i += 32
             }
             if i + 16 <= end {
@@ -67,8 +69,8 @@ enum Span {
                 t2 += d * d
                 i += 1
             }
-            total1 += Double(hsum(a0)) + Double(t1)
-            total2 += Double(hsum(q0)) + Double(t2)
+            total1 += Double(hsum(a0 + a1)) + Double(t1)
+            total2 += Double(hsum(q0 + q1)) + Double(t2)
         }
         return (total1, total2)
     }
@@ -159,32 +161,10 @@ enum Span {
         }
     }
 
-    /// (Σ g, Σ g·(x − s)) with g = dy·γ (γ per element, or nil for 1).
+    /// (Σ dy, Σ dy·(x − s)).
     @inline(__always) @usableFromInline
     static func gradientSums(
-        _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ n: Int, shift s: Float,
-        gamma: UnsafePointer<Float>? = nil
-    ) -> (Double, Double) {
-        if let gamma {
-            return weightedGradientSums(x, dy, n, shift: s) {
-                load(gamma + $0)
-            } scalar: {
-                gamma[$0]
-            }
-        }
-        return weightedGradientSums(x, dy, n, shift: s) { _ in
-            V(repeating: 1)
-        } scalar: { _ in
-            1
-        }
-    }
-
-    /// (Σ g, Σ g·(x − s)) with g = dy·w, w given by `weight` (16 lanes from an index) and
-    /// `scalar` (one element).
-    @inline(__always) @usableFromInline
-    static func weightedGradientSums(
-        _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ n: Int, shift s: Float,
-        weight: (Int) -> V, scalar: (Int) -> Float
+        _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ n: Int, shift s: Float
     ) -> (Double, Double) {
         let sv = V(repeating: s)
         var total1 = 0.0
@@ -193,16 +173,20 @@ enum Span {
         while i < n {
             let end = min(n, i + block)
             var a0 = V()
+            var a1 = V()
             var q0 = V()
+            var q1 = V()
             while i + 32 <= end {
-                let g0 = load(dy + i) * weight(i)
-                let g1 = load(dy + i + 16) * weight(i + 16)
-                a0 += g0 + g1
-                q0 += g0 * (load(x + i) - sv) + g1 * (load(x + i + 16) - sv)
+                let g0 = load(dy + i)
+                let g1 = load(dy + i + 16)
+                a0 += g0
+                a1 += g1
+                q0 += g0 * (load(x + i) - sv)
+                q1 += g1 * (load(x + i + 16) - sv)
                 i += 32
             }
             if i + 16 <= end {
-                let g0 = load(dy + i) * weight(i)
+                let g0 = load(dy + i)
                 a0 += g0
                 q0 += g0 * (load(x + i) - sv)
                 i += 16
@@ -210,13 +194,12 @@ enum Span {
             var t1: Float = 0
             var t2: Float = 0
             while i < end {
-                let g = dy[i] * scalar(i)
-                t1 += g
-                t2 += g * (x[i] - s)
+                t1 += dy[i]
+                t2 += dy[i] * (x[i] - s)
                 i += 1
             }
-            total1 += Double(hsum(a0)) + Double(t1)
-            total2 += Double(hsum(q0)) + Double(t2)
+            total1 += Double(hsum(a0 + a1)) + Double(t1)
+            total2 += Double(hsum(q0 + q1)) + Double(t2)
         }
         return (total1, total2)
     }
@@ -331,56 +314,6 @@ enum Span {
             i += 1
         }
         return (hsum(rowX) + tailX, hsum(rowD) + tailD)
-    }
-
-    /// For `rows` consecutive rows of `n` elements, each with coefficients (s, r, t, a, b, c) at
-    /// `coefficients + 6·row`: dx = a·dy·γ + b·(x − s) + c, and adds Σ over the rows of
-    /// dy·(r·(x − s) + t) to `dgamma` and of dy to `dbeta` (per element), accumulating over the
-    /// rows in registers, column strip by column strip (8 wide: the accumulators, γ and the
-    /// temporaries fit the 16 registers of the baseline x86-64 target).
-    @inline(__always) @usableFromInline
-    static func blockGradient(
-        _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>,
-        rows: Int, _ n: Int, coefficients k: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
-        dgamma: UnsafeMutablePointer<Float>, dbeta: UnsafeMutablePointer<Float>
-    ) {
-        typealias W = SIMD8<Float>
-        var j = 0
-        while j + 8 <= n {
-            let gv = UnsafeRawPointer(gamma + j).loadUnaligned(as: W.self)
-            var dg = W()
-            var db = W()
-            for r in 0..<rows {
-                let c = k + 6 * r
-                let o = r * n + j
-                let d = UnsafeRawPointer(x + o).loadUnaligned(as: W.self) - W(repeating: c[0])
-                let dyv = UnsafeRawPointer(dy + o).loadUnaligned(as: W.self)
-                dg += dyv * (d * W(repeating: c[1]) + W(repeating: c[2]))
-                db += dyv
-                let v = dyv * gv * W(repeating: c[3]) + d * W(repeating: c[4]) + W(repeating: c[5])
-                UnsafeMutableRawPointer(dx + o).storeBytes(of: v, as: W.self)
-            }
-            let pg = UnsafeMutableRawPointer(dgamma + j)
-            let pb = UnsafeMutableRawPointer(dbeta + j)
-            pg.storeBytes(of: pg.loadUnaligned(as: W.self) + dg, as: W.self)
-            pb.storeBytes(of: pb.loadUnaligned(as: W.self) + db, as: W.self)
-            j += 8
-        }
-        while j < n {
-            var dg: Float = 0
-            var db: Float = 0
-            for r in 0..<rows {
-                let c = k + 6 * r
-                let o = r * n + j
-                let d = x[o] - c[0]
-                dg += dy[o] * (d * c[1] + c[2])
-                db += dy[o]
-                dx[o] = dy[o] * gamma[j] * c[3] + d * c[4] + c[5]
-            }
-            dgamma[j] += dg
-            dbeta[j] += db
-            j += 1
-        }
     }
 
     /// Adds `n` Float partials to Double totals and zeroes the partials.
