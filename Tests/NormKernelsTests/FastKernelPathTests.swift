@@ -2,9 +2,10 @@ import NormKernels
 import Testing
 
 /// The fast kernels' per-sample column forward (GroupNorm, InstanceNorm, LayerNorm2d
-/// channels-last), the column shift estimate (BatchNorm channels-last) and the blocked LayerNorm
-/// backward, called directly against ``ReferenceNormKernel`` on awkward sizes and on
-/// 1000 + 0.05·noise, and bit-identical on 1, 2 and 3 threads.
+/// channels-last), the sampled shifts (BatchNorm channels-last, LayerNorm) and the
+/// storage-order backward of short BatchNorm rows, called directly against
+/// ``ReferenceNormKernel`` on awkward sizes and on 1000 + 0.05·noise, and bit-identical on 1, 2
+/// and 3 threads.
 @Suite("Fast kernel paths against the reference")
 struct FastKernelPathTests {
     struct Case: CustomStringConvertible, Sendable {
@@ -49,6 +50,11 @@ struct FastKernelPathTests {
                 Case(
                     name: "batchnorm nhwc", shape: [n * hw, sizes[(i + 3) % sizes.count]],
                     reduced: [true, false], parameters: (1, sizes[(i + 3) % sizes.count])))
+            // BatchNorm NCHW: [N, C, H·W], γ per channel (short rows: storage-order backward).
+            cases.append(
+                Case(
+                    name: "batchnorm nchw", shape: [n + 1, sizes[(i + 5) % sizes.count], hw],
+                    reduced: [true, false, true], parameters: (hw, sizes[(i + 5) % sizes.count])))
             // LayerNorm: [rows, length], γ per element.
             cases.append(
                 Case(
@@ -74,6 +80,14 @@ struct FastKernelPathTests {
                 Case(
                     name: "layernorm", shape: [67, 1000], reduced: [false, true],
                     parameters: (1, 1000), offset: offset))
+            cases.append(
+                Case(
+                    name: "batchnorm nchw", shape: [300, 65, 7], reduced: [true, false, true],
+                    parameters: (7, 65), offset: offset))
+            cases.append(
+                Case(
+                    name: "batchnorm nchw", shape: [64, 17, 49], reduced: [true, false, true],
+                    parameters: nil, offset: offset))
         }
         cases.append(
             Case(
