@@ -205,29 +205,10 @@ enum StudyNetwork {
         inputShape: [Int], classes: Int, width: Int, seed: UInt64,
         norm: (Int, String) throws -> AnyModule<Float>
     ) throws -> Sequential<Float> {
-        var g = SeededGenerator(seed: seed)
-        let c = inputShape[0]
-        return Sequential(
-            try Conv2d<Float>(
-                c, width, kernel: 3, padding: 1, bias: false, name: "conv1", generator: &g
-            )
-            .erased,
-            try norm(width, "norm1"), ReLU<Float>().erased,
-            try Conv2d<Float>(
-                width, 2 * width, kernel: 3, padding: 1, bias: false, name: "conv2", generator: &g
-            ).erased,
-            try norm(2 * width, "norm2"), ReLU<Float>().erased,
-            Pool2d<Float>(.max, size: 2).erased,
-            try Conv2d<Float>(
-                2 * width, 2 * width, kernel: 3, padding: 1, bias: false, name: "conv3",
-                generator: &g
-            ).erased,
-            try norm(2 * width, "norm3"), ReLU<Float>().erased,
-            GlobalAveragePool<Float>().erased,
-            try Linear<Float>(2 * width, classes, name: "fc", generator: &g).erased)
+        try Models.convnet(
+            inputShape: inputShape, classes: classes, width: width, seed: seed, norm: norm)
     }
 
-    /// Loss and error rate in inference mode.
     static func evaluate(_ model: Sequential<Float>, _ data: Dataset<Float>) throws -> (
         loss: Double, error: Double
     ) {
