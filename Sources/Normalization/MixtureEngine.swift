@@ -184,7 +184,10 @@ struct MixtureEngine: Sendable {
                 variance += wv[k] * componentVariance[k][s]
             }
             mean[s] = mu
-            rstd[s] = 1 / (max(variance, 0) + epsilon).squareRoot()
+            // ε = 0 on a set with no spread: x̂ = 0 (the output is β, no gradient), as the
+            // standard layers define it, instead of PyTorch's 0/0.
+            let denominator = max(variance, 0) + epsilon
+            rstd[s] = denominator > 0 ? 1 / denominator.squareRoot() : 0
         }
         return Statistics(
             n: n, instanceMean: m, instanceVariance: v, componentMean: componentMean,

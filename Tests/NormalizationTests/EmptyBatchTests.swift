@@ -156,13 +156,6 @@ struct EmptyBatchTests {
 /// Every `NormalizerRegistry.all` entry, through the `Normalizing` protocol, on an empty batch.
 @Suite("Empty batches: every registry normalizer")
 struct RegistryEmptyBatchTests {
-    /// Entries whose empty-batch support is being written on another branch.
-    ///
-    /// h10m: the switchable norms and MetaNorm; h10w: the whitening layers. Their failures are
-    /// expected here (`withKnownIssue`), and the test fails once one of them passes: the lead
-    /// empties this set when merging those branches.
-    static let pendingEmptyBatch: Set<String> = []
-
     static let names = NormalizerRegistry.all.names
 
     /// `[N, 4, 2, 3]`, or the conditioning input called `name` for a batch of N.
@@ -219,14 +212,8 @@ struct RegistryEmptyBatchTests {
 
     @Test(arguments: names)
     func everyRegistryNormalizerTakesAnEmptyBatchAsPyTorch(_ name: String) throws {
-        if Self.pendingEmptyBatch.contains(name) {
-            withKnownIssue("empty batches for \(name) are fixed on another branch") {
-                try Self.check(name, as: Double.self)
-            }
-        } else {
-            try Self.check(name, as: Double.self)
-            try Self.check(name, as: Float.self)
-        }
+        try Self.check(name, as: Double.self)
+        try Self.check(name, as: Float.self)
     }
 
     /// After a real training batch (so the running statistics are not their initial values):
@@ -314,13 +301,6 @@ extension EmptyBatchTests {
 /// σ² + ε = 0, so the output is β), in training and in inference.
 @Suite("ε = 0 on a constant input: every registry normalizer")
 struct RegistryZeroEpsilonTests {
-    /// Layers where ε = 0 on a constant input still gives NaN.
-    ///
-    /// Their files belong to another branch (h10m: SwitchableNorm.swift, MetaNorm.swift). The
-    /// test fails once they are fixed:
-    /// the lead then empties this set.
-    static let pendingZeroEpsilon: Set<String> = ["switchnorm", "sparseswitchnorm", "metanorm"]
-
     @Test(arguments: RegistryEmptyBatchTests.names)
     func zeroEpsilonIsRefusedOrGivesAFiniteOutput(_ name: String) throws {
         let layer: any Normalizing<Double>
@@ -331,17 +311,18 @@ struct RegistryZeroEpsilonTests {
             guard case .invalidHyperparameter = error else { throw error }
             return
         }
-        func check() throws {
-            for mode in [Mode.training, .inference] {
-                let y = try RegistryEmptyBatchTests.normalize(
-                    layer, batch: 2, mode: mode, constant: true)
-                #expect(y.isFinite, "\(name) \(mode): ε = 0 on a constant input")
+        for mode in [Mode.training, .inference] {
+            let y = try RegistryEmptyBatchTests.normalize(
+                layer, batch: 2, mode: mode, constant: true)
+            #expect(y.isFinite, "\(name) \(mode): ε = 0 on a constant input")
+            // The backward of that forward is finite too (no 0·∞ in the chain rule).
+            var g = SeededGenerator(seed: 5)
+            let dy = try Tensor<Double>.randomNormal(shape: y.shape, using: &g)
+            let grads = try layer.backward(dy)
+            #expect(grads.input.isFinite, "\(name) \(mode): dx for ε = 0 on a constant input")
+            for (key, gradient) in grads.parameters {
+                #expect(gradient.isFinite, "\(name) \(mode): d\(key) for ε = 0")
             }
-        }
-        if Self.pendingZeroEpsilon.contains(name) {
-            withKnownIssue("ε = 0 for \(name) is fixed on another branch") { try check() }
-        } else {
-            try check()
         }
     }
 }
