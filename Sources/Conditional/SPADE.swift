@@ -129,6 +129,15 @@ public final class SPADE<Scalar: NormScalar>: ConditionalNormalizing, CustomStri
                 name: "kernel size", value: "\(kernelSize)",
                 requirement: "must be odd (padding k/2 keeps the feature map's size)")
         }
+        // The convolution weights, before they are allocated (and before k·k can overflow).
+        guard kernelSize <= 1 << 10 else {
+            throw .invalidHyperparameter(
+                name: "kernel size", value: "\(kernelSize)", requirement: "must be at most 1024")
+        }
+        try HyperparameterCheck.parameterSize(
+            [hiddenCount, labelCount, kernelSize, kernelSize], name: "mlp_shared.0.weight")
+        try HyperparameterCheck.parameterSize(
+            [channelCount, hiddenCount, kernelSize, kernelSize], name: "mlp_gamma.weight")
         self.channelCount = channelCount
         self.labelCount = labelCount
         self.hiddenCount = hiddenCount

@@ -77,6 +77,14 @@ public enum OutputFile {
     /// Resolves symbolic links (at most 40, as the kernel allows) and classifies the target.
     static func classify(_ path: String) throws(FileFormatError) -> Target {
         guard !path.isEmpty else { throw .io(path: path, reason: "the path is empty") }
+        // What the kernel opens: /dev/stdout → /proc/self/fd/1 → "pipe:[…]" is a link that
+        // only the kernel can follow, so a pipe, terminal or device reached that way is
+        // recognised here and written through to the path itself.
+        var opened = stat()
+        if stat(path, &opened) == 0 {
+            let type = opened.st_mode & S_IFMT
+            if type != S_IFREG && type != S_IFDIR { return .special(path: path) }
+        }
         var current = path
         for _ in 0..<40 {
             var info = stat()

@@ -19,6 +19,10 @@ public enum Parallelism {
     /// they run.
     nonisolated(unsafe) public static var maximumThreads: Int = defaultThreadCount()
 
+    /// The most threads a user may ask for (`--threads`): far above any machine NormKit runs
+    /// on, low enough that a mistyped value is an error rather than a pool that cannot start.
+    public static let requestLimit = 1024
+
     /// A per-task override of ``maximumThreads`` (tests and benchmarks set it with
     /// `Parallelism.$threadLimit.withValue(1) { … }`).
     @TaskLocal public static var threadLimit: Int?

@@ -26,7 +26,7 @@ extension ReferenceNormKernel {
         return flags
     }
 
-    /// Recomputes the flagged sets on x / c, with c the power of two just above the set's
+    /// Recomputes the flagged sets on x / c, with c the power of two at or just below the set's
     /// largest |x|, so that no sum over the set can overflow or underflow, and rewrites their
     /// statistics and output.
     ///
@@ -62,10 +62,10 @@ extension ReferenceNormKernel {
             largest[s] = max(largest[s], abs(v))
             counts[s] += 1
         }
-        // c = 2^k ≥ max|x|: dividing by it is exact.
+        // c = 2^k ≤ max|x| < 2c: dividing by it is exact, and c itself is finite even for
+        // |x| near the largest Double (2^(k+1) would be 2^1024 = ∞ there, and x/∞ = 0).
         let c = largest.map {
-            $0 > 0 && $0.isFinite
-                ? Double(sign: .plus, exponent: $0.exponent + 1, significand: 1) : 1
+            $0 > 0 && $0.isFinite ? Double(sign: .plus, exponent: $0.exponent, significand: 1) : 1
         }
         var sums = [Double](repeating: 0, count: setCount)
         for i in 0..<x.count where flags[setIndex[i]] {

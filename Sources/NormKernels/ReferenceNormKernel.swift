@@ -93,11 +93,18 @@ public enum ReferenceNormKernel {
     }
 
     /// 1/√(σ² + ε) per set, or 1 when the operation does not scale.
+    ///
+    /// A set whose σ² + ε is exactly 0 (ε = 0 and no spread, e.g. a running variance of 0 in
+    /// inference) gets 0: x̂ = 0, the output is β, as the training path defines it (PyTorch gives
+    /// NaN). NaN stays NaN.
     public static func reciprocalStandardDeviation(
         variance: [Double], operation: Operation
     ) -> [Double] {
         guard operation.scales else { return [Double](repeating: 1, count: variance.count) }
-        return variance.map { 1 / ($0 + operation.epsilon).squareRoot() }
+        return variance.map {
+            let denominator = $0 + operation.epsilon
+            return denominator == 0 ? 0 : 1 / denominator.squareRoot()
+        }
     }
 
     /// The forward pass `y = γ ⊙ (x − μ)·rstd + β`.

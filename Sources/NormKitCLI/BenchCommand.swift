@@ -75,7 +75,7 @@ struct BenchCommand: ParsableCommand {
             throw ValidationError("--pass must be forward, inference, backward, residual or step")
         }
         guard `repeat` >= 1 else { throw ValidationError("--repeat must be at least 1") }
-        if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
+        try checkThreads(threads)
         // Channels-last: the user gives N,C,H,W order; the tensor is [N, H, W, C].
         var tensorShape = dims
         if layoutValue == .channelsLast && dims.count >= 3 {

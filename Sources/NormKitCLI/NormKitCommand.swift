@@ -1,4 +1,5 @@
 import ArgumentParser
+import NormKit
 
 /// The `normkit` command-line tool: a thin layer of argument parsing over the libraries.
 public struct NormKitCommand: ParsableCommand {
@@ -15,4 +16,12 @@ public struct NormKitCommand: ParsableCommand {
 
     /// Creates the command.
     public init() {}
+}
+
+/// `--threads`: refused outside 1…``Parallelism/requestLimit`` with the limit named.
+func checkThreads(_ threads: Int?) throws {
+    guard let threads else { return }
+    guard (1...Parallelism.requestLimit).contains(threads) else {
+        throw ValidationError("--threads must lie in 1…\(Parallelism.requestLimit); got \(threads)")
+    }
 }

@@ -19,7 +19,8 @@ struct StudyCommand: ParsableCommand {
         help: "The study: batch-size, switchable, landscape, ablation, regularization or all.")
     var name: String
     @Flag(help: "Minutes per study (the default).") var quick = false
-    @Flag(help: "The paper-shaped grid (about 26 minutes for all five on 2 cores).") var full = false
+    @Flag(help: "The paper-shaped grid (about 26 minutes for all five on 2 cores).") var full =
+        false
     @Option(help: "Seeds per configuration (at least 3 for a spread).") var seeds = 3
     @Option(help: "Folder for the report (created if missing; other files are kept).") var output =
         "study-report"
@@ -57,7 +58,7 @@ struct StudyCommand: ParsableCommand {
             throw ValidationError("--width must be at most \(TrainingConfig.Limits.width)")
         }
         if let threads {
-            guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
+            try checkThreads(threads)
             Parallelism.maximumThreads = threads
         }
         BLAS.setThreads(1)  // small GEMMs: OpenBLAS's threads cost more than they give here

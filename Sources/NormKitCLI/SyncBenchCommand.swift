@@ -22,9 +22,10 @@ struct SyncBenchCommand: ParsableCommand {
 
     func run() throws {
         let dims = shape.split(separator: ",").compactMap { Int($0) }
-        guard dims.count == 4, dims.allSatisfy({ $0 >= 1 }), repeats >= 1, threads >= 1 else {
-            throw ValidationError("--shape needs N,C,H,W ≥ 1; --repeats and --threads ≥ 1")
+        guard dims.count == 4, dims.allSatisfy({ $0 >= 1 }), repeats >= 1 else {
+            throw ValidationError("--shape needs N,C,H,W ≥ 1; --repeats ≥ 1")
         }
+        try checkThreads(threads)
         Parallelism.maximumThreads = threads
         try Distributed.run { world in
             try world.requireSameValue("\(dims) \(repeats)", of: "sync-bench options")

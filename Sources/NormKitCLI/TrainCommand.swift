@@ -80,9 +80,16 @@ struct TrainCommand: ParsableCommand {
             return
         }
         if let threads {
-            guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
+            try checkThreads(threads)
             Parallelism.maximumThreads = threads
             BLAS.setThreads(threads)
+        }
+        if let benchmarkSteps {
+            guard (1...SizeLimits.maximumRepeats).contains(benchmarkSteps) else {
+                throw ValidationError(
+                    "--benchmark-steps must lie in 1…\(SizeLimits.maximumRepeats) (SizeLimits); got \(benchmarkSteps)"
+                )
+            }
         }
         // The outputs are checked before training: a run must not end in an unwritable path.
         _ = try OutputSet([checkpoint] + (metrics.map { [$0] } ?? []))
@@ -205,7 +212,6 @@ struct TrainCommand: ParsableCommand {
 extension TrainCommand {
     /// `--benchmark-steps`: one JSON line, keys as `bench/train_torch.py` prints them.
     func printBenchmark(_ trainer: Trainer, steps: Int, threads: Int?) throws {
-        guard steps >= 1 else { throw ValidationError("--benchmark-steps must be at least 1") }
         let (rate, perStep) = try trainer.benchmark(steps: steps)
         let c = trainer.config
         let fields: [(String, String)] = [
@@ -257,7 +263,7 @@ struct DemoCommand: ParsableCommand {
 
     func run() throws {
         if let threads {
-            guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
+            try checkThreads(threads)
             Parallelism.maximumThreads = threads
         }
         BLAS.setThreads(1)  // small GEMMs: OpenBLAS's threads cost more than they give here

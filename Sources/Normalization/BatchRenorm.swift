@@ -355,7 +355,8 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
     }
 
     /// Loads parameters and buffers by name.
-    /// - Throws: ``NormError/parameterShapeMismatch(name:expected:actual:)``; nothing is loaded then.
+    /// - Throws: ``NormError/unknownParameter(layer:key:known:)``,
+    ///   ``NormError/parameterShapeMismatch(name:expected:actual:)``; nothing is loaded then.
     public func load(_ tensors: [String: Tensor<Scalar>], step: Int? = nil) throws(NormError) {
         if let step, step < 0 {
             throw .invalidHyperparameter(
@@ -364,10 +365,12 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
         if let std = tensors["running_std"] {
             try HyperparameterCheck.runningVariance(std, name: "running_std")
         }
+        let known = ["bias", "running_mean", "running_std", "weight"]
+        for key in tensors.keys.sorted() where !known.contains(key) {
+            throw .unknownParameter(layer: "BatchRenorm", key: key, known: known)
+        }
         for (key, value) in tensors {
-            guard ["weight", "bias", "running_mean", "running_std"].contains(key),
-                value.shape == [channelCount]
-            else {
+            guard value.shape == [channelCount] else {
                 throw .parameterShapeMismatch(
                     name: key, expected: [channelCount], actual: value.shape)
             }

@@ -84,6 +84,7 @@ public final class ConditionalBatchNorm<Scalar: NormScalar>: ConditionalNormaliz
                 throw .invalidHyperparameter(
                     name: "classes", value: "\(classes)", requirement: "must be ≥ 1")
             }
+            try HyperparameterCheck.parameterSize([classes, channelCount], name: "weights.weight")
             values = [
                 "weights.weight": try Self.filled(1, [classes, channelCount]),
                 "biases.weight": try Self.filled(0, [classes, channelCount]),
@@ -93,6 +94,7 @@ public final class ConditionalBatchNorm<Scalar: NormScalar>: ConditionalNormaliz
                 throw .invalidHyperparameter(
                     name: "condition dimension", value: "\(d)", requirement: "must be ≥ 1")
             }
+            try HyperparameterCheck.parameterSize([channelCount, d], name: "gain.weight")
             values = [
                 "gain.weight": try Self.filled(0, [channelCount, d]),
                 "gain.bias": try Self.filled(unitOffset ? 0 : 1, [channelCount]),

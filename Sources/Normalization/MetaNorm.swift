@@ -201,7 +201,7 @@ public final class MetaNorm<Scalar: NormScalar>: CustomStringConvertible {
             tensors,
             expected: [
                 "weight": channelCount, "bias": channelCount, "mean_weight": k, "var_weight": k,
-            ])
+            ], layer: "MetaNorm")
     }
 
     /// One line with the configuration.

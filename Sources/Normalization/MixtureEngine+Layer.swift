@@ -232,11 +232,15 @@ extension MixtureParameterized {
     /// Checks every key's element count against `expected` (any shape with that many elements:
     /// the official buffers are `[1, C, 1]`), loads γ, β and the logits among them, and returns
     /// every given tensor flattened, for the layer's own buffers.
-    /// - Throws: ``NormError/parameterShapeMismatch(name:expected:actual:)`` for an unknown key
-    ///   or a wrong count; nothing is loaded then.
-    func loadMixtureParameters(_ tensors: [String: Tensor<Scalar>], expected: [String: Int])
-        throws(NormError) -> [String: Tensor<Scalar>]
-    {
+    /// - Throws: ``NormError/unknownParameter(layer:key:known:)`` for a key the layer does not
+    ///   have, ``NormError/parameterShapeMismatch(name:expected:actual:)`` for a wrong count;
+    ///   nothing is loaded then.
+    func loadMixtureParameters(
+        _ tensors: [String: Tensor<Scalar>], expected: [String: Int], layer: String
+    ) throws(NormError) -> [String: Tensor<Scalar>] {
+        for key in tensors.keys.sorted() where expected[key] == nil {
+            throw .unknownParameter(layer: layer, key: key, known: expected.keys.sorted())
+        }
         for (key, value) in tensors where expected[key] != value.count {
             throw .parameterShapeMismatch(
                 name: key, expected: expected[key].map { [$0] } ?? [], actual: value.shape)

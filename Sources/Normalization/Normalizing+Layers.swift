@@ -269,6 +269,7 @@ extension KalmanNorm: Normalizing, CachingNormalizer {
         let current = self.state().tensors
         try checkedParameterUpdate(state.tensors, current: current, layer: displayName)
         let t = state.tensors
+        if let v = t["running_var"] { try HyperparameterCheck.runningVariance(v) }
         if let v = t["weight"] { scale = v }
         if let v = t["bias"] { offset = v }
         if let v = t["transition"] { transition = v }

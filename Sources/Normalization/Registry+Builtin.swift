@@ -119,7 +119,10 @@ struct SwitchableBuilder: NormalizerBuilder {
             runningEstimate: try o.bool("moving-average") ?? true ? .movingAverage : .batchAverage,
             weighting: sparse ? .sparsestMax : .softmax,
             radiusSteps: try o.int("radius-steps") ?? 1, layout: o.layout)
-        if let radius = try o.double("radius") { layer.radiusOverride = radius }
+        if let radius = try o.double("radius") {
+            try HyperparameterCheck.sparsestMaxRadius(radius)
+            layer.radiusOverride = radius
+        }
         return layer
     }
 }

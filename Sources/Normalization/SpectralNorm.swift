@@ -40,6 +40,9 @@ public final class SpectralNorm<Scalar: NormScalar>: WeightParametrization {
     public let dim: Int
     /// Iterations per training-mode call (≥ 1).
     public let powerIterations: Int
+    /// The most power iterations per call that are accepted (PyTorch's default is 1; the
+    /// iteration converges geometrically, so more than this only spends time).
+    public static var maximumPowerIterations: Int { 10_000 }
     /// ε of the normalizations.
     public let epsilon: Double
     /// The power-iteration order and key names.
@@ -86,6 +89,8 @@ public final class SpectralNorm<Scalar: NormScalar>: WeightParametrization {
                 name: "SpectralNorm iterations, ε", value: "\(powerIterations), \(epsilon)",
                 requirement: "at least 1 iteration and a finite ε ≥ 0")
         }
+        try HyperparameterCheck.count(
+            powerIterations, limit: Self.maximumPowerIterations, name: "power iterations")
         let key = order == .uFirst ? "parametrizations.weight.original" : "weight_orig"
         rows = try AxisRows(shape: weight.shape, axis: dim, method: "SpectralNorm", parameter: key)
         self.dim = dim

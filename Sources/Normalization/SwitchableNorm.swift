@@ -383,7 +383,10 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
 
     /// Loads parameters and buffers by their official names; any shape with the right number of
     /// elements is accepted (the official buffers are `[1, C, 1]`).
-    /// - Throws: ``NormError/parameterShapeMismatch(name:expected:actual:)``; nothing is loaded then.
+    /// - Throws: ``NormError/unknownParameter(layer:key:known:)``,
+    ///   ``NormError/parameterShapeMismatch(name:expected:actual:)``, or
+    ///   ``NormError/invalidHyperparameter(name:value:requirement:)`` for a negative or
+    ///   non-finite `running_var` or a radius outside [0, 1]; nothing is loaded then.
     public func load(_ tensors: [String: Tensor<Scalar>]) throws(NormError) {
         let k = usesBatchNorm ? 3 : 2
         let expected: [String: Int] = [
@@ -391,7 +394,12 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
             "running_mean": channelCount, "running_var": channelCount, "radius": 1, "mean_fixed": 1,
             "var_fixed": 1,
         ]
-        let flat = try loadMixtureParameters(tensors, expected: expected)
+        // Values are checked before anything is loaded.
+        if let t = tensors["running_var"] { try HyperparameterCheck.runningVariance(t) }
+        if let t = tensors["radius"] {
+            try HyperparameterCheck.sparsestMaxRadius(Double(t.scalars[0]))
+        }
+        let flat = try loadMixtureParameters(tensors, expected: expected, layer: name)
         if let t = flat["running_mean"] { runningMean = t }
         if let t = flat["running_var"] { runningVariance = t }
         if let t = tensors["radius"] { radius = radiusOverride ?? Double(t.scalars[0]) }

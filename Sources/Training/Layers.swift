@@ -146,6 +146,18 @@ public final class Conv2d<Scalar: NormScalar>: Module {
                 value: "\(inChannels)→\(outChannels) k\(kernel) s\(stride) p\(padding)",
                 requirement: "positive sizes")
         }
+        guard kernel <= Self.sizeLimit, stride <= Self.sizeLimit, padding <= Self.sizeLimit else {
+            throw TrainingError.invalidSetting(
+                name: "Conv2d", value: "k\(kernel) s\(stride) p\(padding)",
+                requirement: "kernel, stride and padding must be at most \(Self.sizeLimit)")
+        }
+        do {
+            try SizeLimits.checkElements(
+                [outChannels, inChannels, kernel, kernel], name: "Conv2d weight")
+        } catch {
+            throw TrainingError.invalidSetting(
+                name: error.name, value: error.value, requirement: error.requirement)
+        }
         self.inChannels = inChannels
         self.outChannels = outChannels
         self.kernel = kernel
@@ -172,6 +184,10 @@ public final class Conv2d<Scalar: NormScalar>: Module {
     }
 
     func outputSize(_ h: Int) -> Int { (h + 2 * padding - kernel) / stride + 1 }
+
+    /// The largest kernel side, stride and padding a Conv2d accepts (sizes from files and flags
+    /// stay far from overflow in ``outputSize(_:)``).
+    public static var sizeLimit: Int { 1 << 16 }
 
     /// Samples per im2col chunk: the chunk's columns stay under 2²² elements (16 MB of Float),
     /// so a training batch of the harness is one chunk and a 256-image evaluation batch a few.
@@ -283,6 +299,15 @@ public final class Conv2d<Scalar: NormScalar>: Module {
         guard ho >= 1, wo >= 1 else {
             throw TrainingError.shape(
                 layer: "Conv2d", expected: "an image at least the kernel's size", actual: x.shape)
+        }
+        // The output and one sample's patch matrix must fit the size limit (checked products).
+        do {
+            try SizeLimits.checkElements([n, outChannels, ho, wo], name: "Conv2d output")
+            try SizeLimits.checkElements(
+                [inChannels * kernel * kernel, ho, wo], name: "Conv2d patches")
+        } catch {
+            throw TrainingError.invalidSetting(
+                name: error.name, value: error.value, requirement: error.requirement)
         }
         let k = inChannels * kernel * kernel
         let plane = ho * wo

@@ -36,6 +36,29 @@ struct OutputFileTests {
         #expect(fileType("/dev/null") == S_IFCHR)
     }
 
+    /// `--output /dev/stdout | …`: /proc/self/fd/N of a pipe is a link to "pipe:[inode]",
+    /// which only the kernel can follow; the bytes must go through it, not to a temporary file
+    /// beside a name that does not exist.
+    @Test func writesThroughAPipeReachedThroughProcSelfFd() throws {
+        var ends: [Int32] = [0, 0]
+        #expect(pipe(&ends) == 0)
+        defer {
+            close(ends[0])
+            close(ends[1])
+        }
+        #if os(Linux)
+            let path = "/proc/self/fd/\(ends[1])"
+        #else
+            let path = "/dev/fd/\(ends[1])"
+        #endif
+        let bytes: [UInt8] = Array(0..<200)
+        try OutputFile.checkWritable(path)
+        try OutputFile.write(bytes, to: path)
+        var buffer = [UInt8](repeating: 0, count: 400)
+        let n = read(ends[0], &buffer, buffer.count)
+        #expect(Array(buffer[0..<max(n, 0)]) == bytes)
+    }
+
     @Test func writesThroughAFIFOToItsReader() throws {
         let folder = try makeScratchDirectory("fifo")
         defer { try? FileManager.default.removeItem(atPath: folder) }

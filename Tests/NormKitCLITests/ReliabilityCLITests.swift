@@ -37,4 +37,20 @@ struct ReliabilityCLITests {
             _ = try Tour.run(shape: [64, 64, 64, 64], seed: 1)
         }
     }
+
+    /// Absurd counts are refused with the limit named, before anything is allocated or run
+    /// (they trapped on an Int32 conversion, or ran for ever).
+    @Test func absurdThreadAndStepCountsAreRefused() throws {
+        for arguments in [
+            ["train", "--threads", "2147483648"], ["train", "--threads", "0"],
+            ["train", "--benchmark-steps", "9223372036854775807"],
+            ["study", "ablation", "--threads", "4294967296"],
+            ["bench", "layernorm", "--shape", "2,3", "--threads", "100000"],
+        ] {
+            #expect(throws: (any Error).self, "\(arguments)") {
+                var command = try NormKitCommand.parseAsRoot(arguments)
+                try command.run()
+            }
+        }
+    }
 }

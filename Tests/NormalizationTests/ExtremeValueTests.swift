@@ -78,7 +78,7 @@ struct ExtremeValueTests {
         }
     }
 
-    @Test(arguments: [1e-300, 1e160, 1e200, 1e300])
+    @Test(arguments: [1e-300, 1e160, 1e200, 1e300, 3e307])
     func doubleInputsOfAnyMagnitudeNormalize(_ magnitude: Double) throws {
         let shape = [2, 3, 17]
         let z = Self.unitSample(shape.reduce(1, *), seed: 5)
@@ -231,5 +231,95 @@ struct ExtremeValueTests {
         try bn.load(["running_var": Tensor([0, 2])])
         let brn = try BatchRenorm<Double>(channelCount: 2)
         #expect(throws: NormError.self) { try brn.load(["running_std": Tensor([1, -1])]) }
+    }
+
+    /// Inference with a running variance of 0 and ε = 0 gives β, as training does (it gave
+    /// NaN with exit status 0 through `normkit apply --eval`).
+    @Test func aZeroRunningVarianceWithZeroEpsilonGivesBetaInInference() throws {
+        let bn = try BatchNorm<Double>(featureCount: 2, epsilon: 0)
+        try bn.load(["running_var": Tensor([0, 4]), "running_mean": Tensor([1, 1])])
+        bn.offset = Tensor([0.25, 0.5])
+        let x = try Tensor<Double>(shape: [2, 2], scalars: [3, 3, 5, 9])
+        let (y, cache) = try bn.forward(x, mode: .inference)
+        #expect(y.scalars == [0.25, 1.5, 0.25, 4.5])
+        let dx = try bn.backward(Tensor(repeating: 1, shape: [2, 2]), cache: cache).input
+        #expect(dx.scalars == [0, 0.5, 0, 0.5])
+    }
+
+    /// Every layer with running statistics refuses a negative or non-finite loaded variance
+    /// (Kalman Norm and Switchable Norm took them and gave garbage in inference).
+    @Test func everyRunningVarianceIsCheckedOnLoad() throws {
+        for bad in [-1.0, .nan, .infinity] {
+            let kalman = try KalmanNorm<Double>(channelCount: 2, chain: KalmanChain())
+            let before = kalman.state()
+            #expect(throws: NormError.self, "KalmanNorm \(bad)") {
+                try kalman.load(NormState(tensors: ["running_var": Tensor([bad, 1])]))
+            }
+            #expect(kalman.state() == before)
+            for weighting in [SwitchableNorm<Double>.Weighting.softmax, .sparsestMax] {
+                let sn = try SwitchableNorm<Double>(channelCount: 2, weighting: weighting)
+                let initial = sn.runningVariance
+                #expect(throws: NormError.self, "\(weighting) \(bad)") {
+                    try sn.load(["running_var": Tensor([1, bad])])
+                }
+                #expect(sn.runningVariance == initial)
+            }
+        }
+        let ssn = try SwitchableNorm<Double>(channelCount: 2, weighting: .sparsestMax)
+        for radius in [2.0, -1, .nan] {
+            #expect(throws: NormError.self, "radius \(radius)") {
+                try ssn.load(["radius": Tensor([radius])])
+            }
+        }
+        var options = NormalizerOptions()
+        options.values["radius"] = "2"
+        #expect(throws: NormError.self) {
+            _ = try NormalizerRegistry.all.make(
+                "sparseswitchnorm", NormalizerRequest(inputShape: [2, 2, 3], options: options),
+                as: Double.self)
+        }
+    }
+
+    /// A misspelt key is named as unknown, not reported as a shape mismatch.
+    @Test func unknownKeysAreNamedInTheMixtureLayersAndBatchRenorm() throws {
+        let sn = try SwitchableNorm<Double>(channelCount: 4)
+        #expect {
+            try sn.load(["wieght": Tensor(zeros: [4])])
+        } throws: { error in
+            guard case NormError.unknownParameter(_, let key, _) = error else { return false }
+            return key == "wieght"
+        }
+        let meta = try MetaNorm<Double>(channelCount: 4)
+        #expect {
+            try meta.load(["wieght": Tensor(zeros: [4])])
+        } throws: { error in
+            guard case NormError.unknownParameter(_, let key, _) = error else { return false }
+            return key == "wieght"
+        }
+        let brn = try BatchRenorm<Double>(channelCount: 4)
+        #expect {
+            try brn.load(["wieght": Tensor(zeros: [4])])
+        } throws: { error in
+            guard case NormError.unknownParameter(_, let key, _) = error else { return false }
+            return key == "wieght"
+        }
+    }
+
+    /// Sizes that would allocate terabytes are refused with a typed error naming the limit.
+    @Test func absurdLayerSizesAreRefusedBeforeAllocation() throws {
+        #expect(throws: NormError.self) {
+            _ = try ConditionalBatchNorm<Double>(
+                channelCount: 16, source: .embedding(classes: 1_000_000_000_000))
+        }
+        #expect(throws: NormError.self) {
+            _ = try SPADE<Double>(channelCount: 4, labelCount: 3, hiddenCount: 1_000_000_000)
+        }
+        #expect(throws: NormError.self) {
+            _ = try SPADE<Double>(channelCount: 4, labelCount: 3, hiddenCount: Int.max)
+        }
+        #expect(throws: NormError.self) {
+            _ = try SpectralNorm<Double>(
+                weight: Tensor(zeros: [2, 2]), powerIterations: 1_000_000_000)
+        }
     }
 }

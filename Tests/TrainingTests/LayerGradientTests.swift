@@ -69,6 +69,21 @@ struct LayerGradientTests {
         try Self.check(conv, try Self.input([2, 2, 5, 6]), label: "Conv2d s\(stride) p\(padding)")
     }
 
+    /// `apply conv2d --padding 2^62` trapped on overflow and `--padding 10000` aborted on a
+    /// 86 GB allocation: sizes past the limits are typed errors before anything is allocated.
+    @Test func conv2dRefusesAbsurdSizes() throws {
+        var g = SeededGenerator(seed: 2)
+        for padding in [1 << 62, Int.max, Conv2d<Float>.sizeLimit + 1] {
+            #expect(throws: TrainingError.self, "padding \(padding)") {
+                _ = try Conv2d<Float>(2, 3, kernel: 3, padding: padding, generator: &g)
+            }
+        }
+        let conv = try Conv2d<Float>(2, 3, kernel: 3, padding: 10_000, generator: &g)
+        #expect(throws: TrainingError.self) {
+            _ = try conv.forward(try Tensor(zeros: [4, 2, 6, 6]), mode: .inference)
+        }
+    }
+
     @Test func reluAndPooling() throws {
         // Offsets keep every input away from ReLU's kink and max-pool ties.
         var x = try Self.input([2, 3, 4, 4])
