@@ -231,20 +231,20 @@ public enum StatisticsSource {
     /// cache, with the rescaled rare path), otherwise (a) the partial moments, (b) reduction and
     /// this source, (c) apply.
     ///
-    /// For local sources only: a synchronized layer validates and reduces through
-    /// ``StatisticsReduction/reduce(_:operation:layer:)`` itself, so that every rank takes part
-    /// in the exchange even when its own input is wrong, then calls
-    /// ``resolve(_:operation:layer:)`` and ``SourcedStatistics/apply(_:plan:kernels:scale:offset:indexing:into:)``.
-    func normalize<Scalar: NormScalar>(
+    /// An all-reduced source exchanges the moments here, so every rank must call this together;
+    /// a synchronized layer that must report its own input errors to the other ranks validates
+    /// and reduces through ``StatisticsReduction/reduce(_:operation:layer:)`` itself, then calls
+    /// ``resolve(_:operation:layer:)`` and
+    /// ``SourcedStatistics/apply(_:plan:kernels:scale:offset:indexing:into:)``.
+    public func normalize<Scalar: NormScalar>(
         _ x: Tensor<Scalar>, plan: ReductionPlan, operation op: ReferenceNormKernel.Operation,
         kernels: KernelChoice, scale: Tensor<Scalar>?, offset: Tensor<Scalar>?,
         indexing: ParameterIndexing?, layer: String, into output: inout Tensor<Scalar>
     ) throws(NormError) -> SourcedStatistics {
-        precondition(!reduction.isAllReduced, "Synchronized sources reduce before normalize.")
         if output.shape != x.shape {
             do { output = try Tensor(zeros: x.shape) } catch { throw .tensor(error) }
         }
-        if case .batch = self {
+        if case .batch(.local) = self {
             let (statistics, rescaled) = output.withUnsafeMutableBufferPointer { yb in
                 kernels.forwardTraining(
                     x, plan: plan, operation: op, scale: scale, offset: offset, indexing: indexing,
@@ -256,8 +256,9 @@ public enum StatisticsSource {
         if case .fixed = self {
             batch = nil
         } else {
-            batch = StatisticsReduction.local.partialMoments(
+            let partial = reduction.partialMoments(
                 x, plan: plan, operation: op, kernels: kernels, indexing: indexing)
+            batch = try reduction.reduce(.success(partial), operation: op, layer: layer)
         }
         let sourced = try resolve(batch, operation: op, layer: layer)
         sourced.apply(
@@ -354,7 +355,7 @@ public struct SourcedStatistics: Sendable {
     }
 
     /// (c) `y = γ·(x − μ)·rstd + β` per set, into `output` (shaped like x by the caller or here).
-    func apply<Scalar: NormScalar>(
+    public func apply<Scalar: NormScalar>(
         _ x: Tensor<Scalar>, plan: ReductionPlan, kernels: KernelChoice, scale: Tensor<Scalar>?,
         offset: Tensor<Scalar>?, indexing: ParameterIndexing?, into output: inout Tensor<Scalar>
     ) {
@@ -392,12 +393,12 @@ public struct SourcedStatistics: Sendable {
     ///     Kalman layer's), added before the rule runs.
     ///   - validate: input checks; on failure an all-reduced rule still takes part in the
     ///     exchange, reporting the error to every rank.
-    func backward<Scalar: NormScalar>(
+    public func backward<Scalar: NormScalar>(
         _ x: Tensor<Scalar>, outputGradient dy: Tensor<Scalar>, plan: ReductionPlan,
         operation op: ReferenceNormKernel.Operation, kernels: KernelChoice,
         reduction: StatisticsReduction, scale: Tensor<Scalar>?, indexing: ParameterIndexing?,
         statisticsGradient: StatisticsGradient? = nil,
-        validate: () throws(NormError) -> Void, layer: String,
+        validate: () throws(NormError) -> Void = {}, layer: String,
         into dx: inout Tensor<Scalar>
     ) throws(NormError) -> Gradients {
         var fused: Bool
