@@ -9,7 +9,7 @@ import TensorCore
 /// σ_B = √(σ²_B + ε),  r = clip(σ_B/σ, 1/r_max, r_max),  d = clip((μ_B − μ)/σ, −d_max, d_max)
 /// y = γ · ((x − μ_B)/σ_B · r + d) + β          (training; r and d are constants for gradients)
 /// y = γ · (x − μ)/σ + β                         (inference)
-/// μ ← μ + α(μ_B − μ),  σ ← σ + α(σ_B − σ)       (the paper tracks σ with ε inside)
+/// μ ← (1 − α)μ + αμ_B,  σ ← (1 − α)σ + ασ_B     (the paper tracks σ with ε inside)
 /// ```
 /// μ and σ are the moving mean and standard deviation *before* this batch's update (the paper's
 /// Algorithm 1). With r_max = 1 and d_max = 0 this is BatchNorm (with the moving σ, not the
@@ -185,19 +185,18 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
                     epsilon: epsilon), reduction)
             statistics = try source.resolve(batch, operation: op, layer: "BatchRenorm")
             // Moving statistics with the pre-update values already used above.
-            let sigmaB = statistics.renormalization!.batchStandardDeviation
-            let f = momentum.weightOfNew(batchesTracked: step.addingSaturated(1))
-            var newMean = mu
-            var newSigma = sigma
-            for j in 0..<channelCount {
-                newMean[j] += f * (batch.statistics.mean[j] - newMean[j])
-                newSigma[j] += f * (sigmaB[j] - newSigma[j])
-            }
+            // (RunningAverage's (1 − f)·r + f·s; the paper writes r + f·(s − r), the same value
+            // up to the last bit of the Double before rounding to Scalar.)
+            var average = RunningAverage(momentum: momentum, batchesTracked: step)
+            let f = average.advance()
+            let newMean = RunningAverage.blend(mu, toward: batch.statistics.mean, weightOfNew: f)
+            let newSigma = RunningAverage.blend(
+                sigma, toward: statistics.renormalization!.batchStandardDeviation, weightOfNew: f)
             do {
                 runningMean = try Tensor(shape: [channelCount], rounding: newMean)
                 runningStandardDeviation = try Tensor(shape: [channelCount], rounding: newSigma)
             } catch { throw .tensor(error) }
-            step = step.addingSaturated(1)
+            step = average.batchesTracked
         } else {
             _ = try validated.get()
             statistics = try StatisticsSource.fixed(mean: mu, rstd: sigma.map { 1 / $0 })
@@ -223,7 +222,11 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
     ) {
         try validateChannels(x)
         guard x.shape[0] == 0 else { throw .emptyTensor(layer: "BatchRenorm", shape: x.shape) }
-        if mode == .training { step = step.addingSaturated(1) }
+        if mode == .training {
+            var average = RunningAverage(momentum: momentum, batchesTracked: step)
+            average.countEmptyBatch()
+            step = average.batchesTracked
+        }
         let y: Tensor<Scalar>
         do { y = try Tensor(zeros: x.shape) } catch { throw .tensor(error) }
         let cache = Cache(

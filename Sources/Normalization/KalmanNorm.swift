@@ -73,6 +73,9 @@ public final class KalmanNorm<Scalar: NormScalar> {
     public var runningMean: [Double]
     /// Running corrected variance.
     public var runningVariance: [Double]
+    /// The rule of the running estimates: PyTorch's default `r ← 0.9·r + 0.1·s` (no batch
+    /// counter is saved, so only the exponential rule is meaningful).
+    var runningAverage = RunningAverage(momentum: .pytorchDefault)
 
     /// Creates the next layer of `chain`.
     public init(channelCount: Int, chain: KalmanChain<Scalar>, epsilon: Double = 1e-5) throws {
@@ -157,10 +160,10 @@ public final class KalmanNorm<Scalar: NormScalar> {
                 batch, operation: op, layer: "KalmanNorm")
             let variance = statistics.propagatedVariance!
             chain.estimates[index] = (statistics.mean, variance)
-            for i in 0..<channelCount {
-                runningMean[i] = 0.9 * runningMean[i] + 0.1 * statistics.mean[i]
-                runningVariance[i] = 0.9 * runningVariance[i] + 0.1 * variance[i]
-            }
+            let f = runningAverage.advance(countingEveryBatch: false)
+            runningMean = RunningAverage.blend(runningMean, toward: statistics.mean, weightOfNew: f)
+            runningVariance = RunningAverage.blend(
+                runningVariance, toward: variance, weightOfNew: f)
         } else {
             statistics = try StatisticsSource.fixed(
                 mean: runningMean,
