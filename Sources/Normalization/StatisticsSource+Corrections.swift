@@ -253,10 +253,14 @@ extension SourcedStatistics {
     /// 1/√(max(σ², 0) + ε) for a variance combined from several estimates (which may round
     /// below 0); ε = 0 with σ² = 0 gives 0, so x̂ = 0 there, as the standard layers define it.
     static func reciprocalStandardDeviation(variance: [Double], epsilon: Double) -> [Double] {
-        variance.map { v in
-            let d = max(v, 0) + epsilon
-            return d > 0 ? 1 / d.squareRoot() : 0
-        }
+        variance.map { reciprocalStandardDeviation(combined: $0, epsilon: epsilon) }
+    }
+
+    /// One set's 1/√(max(σ², 0) + ε), 0 where that is 0 (the mixture engine's and Kalman's).
+    @inline(__always)
+    static func reciprocalStandardDeviation(combined variance: Double, epsilon: Double) -> Double {
+        let d = max(variance, 0) + epsilon
+        return d > 0 ? 1 / d.squareRoot() : 0
     }
 
     /// The combined σ² of a propagated source (what Kalman's running estimate tracks).

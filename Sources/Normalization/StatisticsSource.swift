@@ -135,6 +135,14 @@ public enum StatisticsReduction {
                     variance: variance, operation: op)))
     }
 
+    /// (b) for moments already in (count, μ, M2) form (the mixture engine's batch-pooling
+    /// blocks): unchanged locally, all-gathered and merged in rank order across ranks.
+    /// - Throws: the local error (reported to every rank), communication errors.
+    public func merged(_ local: Result<Moments, NormError>) throws(NormError) -> Moments {
+        guard case .allReduced(let communicator) = self else { return try local.get() }
+        return try Moments.allGathered(local, over: communicator)
+    }
+
     /// (b) of backward: the element-wise sum over ranks of `length` per-set sums (the local
     /// sums themselves for `.local`); a failing rank fails every rank.
     public func reduceSums(
@@ -165,8 +173,8 @@ public enum StatisticsReduction {
 /// source, whose statistics need nothing but the set in cache, takes it. A protocol would spread
 /// that decision over its conformers and dispatch through an existential on every call.
 /// (The mixture engine of SN, SSN and MetaNorm keeps its own per-component `.batch`/`.fixed`
-/// choice, since it mixes several partitions' statistics; its batch-pooling components merge
-/// over ranks with the same ``Moments``.)
+/// choice, since it mixes several partitions' statistics; its batch-pooling components reduce
+/// through the same ``StatisticsReduction``.)
 public enum StatisticsSource {
     /// This batch's statistics, over this process's batch or every rank's.
     case batch(StatisticsReduction)
