@@ -205,7 +205,7 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
         let plan = try validated.get()
         var y: Tensor<Scalar>
         do { y = try Tensor(zeros: x.shape) } catch { throw .tensor(error) }
-        statistics.apply(
+        try statistics.apply(
             x, plan: plan, kernels: kernels, scale: scale, offset: offset, indexing: indexing,
             into: &y)
         return (y, Cache(input: x, plan: plan, statistics: statistics))

@@ -172,7 +172,7 @@ public final class KalmanNorm<Scalar: NormScalar> {
             ).resolve(nil, operation: op, layer: "KalmanNorm")
         }
         var y = try Tensor<Scalar>(zeros: x.shape)
-        statistics.apply(
+        try statistics.apply(
             x, plan: plan, kernels: .automatic, scale: scale, offset: offset,
             indexing: indexing(x.shape), into: &y)
         return (

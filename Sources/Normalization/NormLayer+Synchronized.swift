@@ -56,7 +56,7 @@ extension NormLayer {
         try batch.validate(minimumCount: needsTwo ? 2 : 1, layer: name, shape: x.shape)
         let statistics = try StatisticsSource.batch(reduction).resolve(
             batch, operation: op, layer: name)
-        statistics.apply(
+        try statistics.apply(
             x, plan: plan, kernels: kernels, scale: scale, offset: offset,
             indexing: parameterIndexing(for: x.shape), into: &output)
         if updateRunning {

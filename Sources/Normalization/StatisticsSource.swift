@@ -217,20 +217,51 @@ public enum StatisticsSource {
     public func resolve(
         _ batch: BatchMoments?, operation op: ReferenceNormKernel.Operation, layer: String
     ) throws(NormError) -> SourcedStatistics {
-        switch self {
-        case .fixed(let mean, let rstd):
+        if case .fixed(let mean, let rstd) = self {
+            try Self.checkLength(rstd.count, of: "rstd", expected: mean.count)
             return SourcedStatistics(mean: mean, rstd: rstd, batch: nil, rule: .constant)
+        }
+        guard let batch else {
+            throw .invalidHyperparameter(
+                name: "batch moments", value: "nil",
+                requirement: "every source but .fixed needs the batch's moments")
+        }
+        let setCount = batch.statistics.mean.count
+        switch self {
+        case .fixed:
+            preconditionFailure("Handled above.")
         case .batch(let reduction):
-            let s = batch!.statistics
+            let s = batch.statistics
             let mean = op.centers ? s.mean : [Double](repeating: 0, count: s.mean.count)
             return SourcedStatistics(
                 mean: mean, rstd: s.rstd, batch: batch,
                 rule: .batch(allReduced: reduction.isAllReduced))
         case .renormalized(let renormalization, let reduction):
-            return renormalization.resolve(batch!, allReduced: reduction.isAllReduced)
+            try Self.checkLength(
+                renormalization.runningMean.count, of: "running_mean", expected: setCount)
+            try Self.checkLength(
+                renormalization.runningStandardDeviation.count, of: "running_std",
+                expected: setCount)
+            return renormalization.resolve(batch, allReduced: reduction.isAllReduced)
         case .propagated(let prediction):
+            if let prediction {
+                for (name, values) in [
+                    ("predicted mean", prediction.mean),
+                    ("predicted variance", prediction.variance),
+                    ("gain", prediction.gain),
+                ] {
+                    try Self.checkLength(values.count, of: name, expected: setCount)
+                }
+            }
             return try KalmanPrediction.resolve(
-                prediction, batch: batch!, epsilon: op.epsilon, layer: layer)
+                prediction, batch: batch, epsilon: op.epsilon, layer: layer)
+        }
+    }
+
+    /// Refuses per-set values whose count is not the set count.
+    static func checkLength(_ count: Int, of name: String, expected: Int) throws(NormError) {
+        guard count == expected else {
+            throw .parameterShapeMismatch(name: name, expected: [expected], actual: [count])
         }
     }
 
@@ -269,7 +300,7 @@ public enum StatisticsSource {
             batch = try reduction.reduce(.success(partial), operation: op, layer: layer)
         }
         let sourced = try resolve(batch, operation: op, layer: layer)
-        sourced.apply(
+        try sourced.apply(
             x, plan: plan, kernels: kernels, scale: scale, offset: offset, indexing: indexing,
             into: &output)
         return sourced
@@ -363,12 +394,16 @@ public struct SourcedStatistics: Sendable {
     }
 
     /// (c) `y = γ·(x − μ)·rstd + β` per set, into `output` (shaped like x by the caller or here).
+    /// - Throws: ``NormError/parameterShapeMismatch(name:expected:actual:)`` when the statistics
+    ///   are not one per set of `plan`.
     public func apply<Scalar: NormScalar>(
         _ x: Tensor<Scalar>, plan: ReductionPlan, kernels: KernelChoice, scale: Tensor<Scalar>?,
         offset: Tensor<Scalar>?, indexing: ParameterIndexing?, into output: inout Tensor<Scalar>
-    ) {
-        if output.shape != x.shape, let zeros = try? Tensor<Scalar>(zeros: x.shape) {
-            output = zeros
+    ) throws(NormError) {
+        try StatisticsSource.checkLength(mean.count, of: "mean", expected: plan.setCount)
+        try StatisticsSource.checkLength(rstd.count, of: "rstd", expected: plan.setCount)
+        if output.shape != x.shape {
+            output = try zeros(x.shape)
         }
         guard x.count > 0 else { return }
         output.withUnsafeMutableBufferPointer { yb in
@@ -409,6 +444,7 @@ public struct SourcedStatistics: Sendable {
         validate: () throws(NormError) -> Void = {}, layer: String,
         into dx: inout Tensor<Scalar>
     ) throws(NormError) -> Gradients {
+        try StatisticsSource.checkLength(mean.count, of: "mean", expected: plan.setCount)
         var fused: Bool
         switch rule {
         case .constant: fused = true

@@ -111,6 +111,39 @@ struct StatisticsSourceTests {
         }
     }
 
+    /// A source without the moments it needs, or per-set values of the wrong length, is a
+    /// typed error, never a trap.
+    @Test func mismatchedInputsAreTypedErrors() throws {
+        var g = SeededGenerator(seed: 24)
+        let x = try Tensor<Double>.randomNormal(shape: [4, 3], using: &g)
+        let plan = try Normalizer.Partition.batch.plan(for: x.shape, layout: .channelsFirst)
+        let op = ReferenceNormKernel.Operation(centers: true, scales: true, epsilon: 1e-5)
+        let batch = StatisticsReduction.local.partialMoments(
+            x, plan: plan, operation: op, kernels: .reference, indexing: nil)
+        #expect(throws: NormError.self) {
+            _ = try StatisticsSource.batch(.local).resolve(nil, operation: op, layer: "t")
+        }
+        let wrong = Renormalization(
+            runningMean: [0, 0], runningStandardDeviation: [1, 1], rMax: 3, dMax: 5, epsilon: 1e-5)
+        #expect(
+            throws: NormError.parameterShapeMismatch(
+                name: "running_mean", expected: [3], actual: [2])
+        ) {
+            _ = try StatisticsSource.renormalized(wrong, .local).resolve(
+                batch, operation: op, layer: "t")
+        }
+        let short = KalmanPrediction(mean: [0], variance: [1], gain: [0.5])
+        #expect(throws: NormError.self) {
+            _ = try StatisticsSource.propagated(short).resolve(batch, operation: op, layer: "t")
+        }
+        var y = try Tensor<Double>(zeros: [0])
+        #expect(throws: NormError.self) {
+            _ = try StatisticsSource.fixed(mean: [0, 0], rstd: [1, 1]).normalize(
+                x, plan: plan, operation: op, kernels: .reference, scale: nil, offset: nil,
+                indexing: nil, layer: "t", into: &y)
+        }
+    }
+
     /// The propagated (Kalman) source's gradients with respect to x, the prediction (μ⁻, σ²⁻),
     /// the gain p and an outside gradient on the statistics, against central differences of
     /// L = Σ y·dy + Σ (a·μ + b·σ²).
@@ -130,7 +163,7 @@ struct StatisticsSourceTests {
                 x, plan: plan, operation: op, kernels: .reference, indexing: nil)
             let s = try StatisticsSource.propagated(p).resolve(batch, operation: op, layer: "t")
             var y = try Tensor<Double>(zeros: [0])
-            s.apply(
+            try s.apply(
                 x, plan: plan, kernels: .reference, scale: nil, offset: nil, indexing: nil,
                 into: &y)
             // σ² from rstd = 1/√(σ² + ε).
