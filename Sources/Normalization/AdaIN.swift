@@ -28,7 +28,9 @@ import TensorCore
 /// ## References
 /// 1. Huang & Belongie 2017, "Arbitrary Style Transfer in Real-time with Adaptive Instance
 ///    Normalization", arXiv:1703.06868.
-public final class AdaIN<Scalar: NormScalar>: ConditionalNormalizing, CustomStringConvertible {
+public final class AdaIN<Scalar: NormScalar>: ConditionalNormalizing, ParameterlessNormalizing,
+    CustomStringConvertible
+{
     /// Which reference implementation's statistics to reproduce.
     public enum Convention: String, Sendable, Hashable, CaseIterable {
         /// pytorch-AdaIN: unbiased variances, ε = 1e-5 for content and style.
@@ -187,24 +189,6 @@ public final class AdaIN<Scalar: NormScalar>: ConditionalNormalizing, CustomStri
             }
         }
         return NormGradients(input: dx, conditions: ["style": try tensorOf(style.shape, ds)])
-    }
-
-    // MARK: - Parameters and state (none)
-
-    /// AdaIN has no parameters.
-    public var parameters: [String: Tensor<Scalar>] { [:] }
-
-    /// Refuses every key (AdaIN has no parameters).
-    public func setParameters(_ values: [String: Tensor<Scalar>]) throws {
-        try checkedParameterUpdate(values, current: [:], layer: displayName)
-    }
-
-    /// An empty state.
-    public func state() throws -> NormState<Scalar> { NormState() }
-
-    /// Accepts only an empty state.
-    public func load(_ state: NormState<Scalar>) throws {
-        try refuseUnknownKeys(state.keys, known: [], layer: displayName)
     }
 
     // MARK: - CustomStringConvertible

@@ -18,7 +18,7 @@ import TensorCore
 ///
 /// ## References
 /// 1. Ioffe & Szegedy 2015, "Batch Normalization", arXiv:1502.03167.
-public final class BatchNorm<Scalar: NormScalar>: NormLayer<Scalar> {
+public class BatchNorm<Scalar: NormScalar>: NormLayer<Scalar> {
     /// Creates a BatchNorm layer with PyTorch's defaults.
     ///
     /// - Parameters:
@@ -31,17 +31,28 @@ public final class BatchNorm<Scalar: NormScalar>: NormLayer<Scalar> {
     ///   - layout: channels-first (NCHW) or channels-last (NHWC).
     ///   - singleValuePolicy: what training does with a single value per channel.
     /// - Throws: ``NormError/invalidHyperparameter(name:value:requirement:)``.
-    public init(
+    public convenience init(
         featureCount: Int, epsilon: Double = 1e-5, momentum: Momentum = .pytorchDefault,
         affine: Bool = true, trackRunningStatistics: Bool = true, layout: Layout = .channelsFirst,
         singleValuePolicy: SingleValuePolicy = .throwError
     ) throws(NormError) {
+        try self.init(
+            featureCount: featureCount, epsilon: epsilon, momentum: momentum, affine: affine,
+            trackRunningStatistics: trackRunningStatistics, layout: layout,
+            singleValuePolicy: singleValuePolicy, name: "BatchNorm")
+    }
+
+    /// BatchNorm under another name in messages (``SyncBatchNorm``).
+    init(
+        featureCount: Int, epsilon: Double, momentum: Momentum, affine: Bool,
+        trackRunningStatistics: Bool, layout: Layout, singleValuePolicy: SingleValuePolicy,
+        name: String
+    ) throws(NormError) {
         try super.init(
-            normalizer: Normalizer(
-                partition: .batch, operation: .standardize,
-                recovery: affine ? .channelAffine(channels: featureCount) : .none, epsilon: epsilon),
+            normalizer: .standardizing(
+                .batch, channels: featureCount, affine: affine, epsilon: epsilon),
             layout: layout, runningMomentum: trackRunningStatistics ? momentum : nil,
             runningShape: [featureCount], channelCount: featureCount, requiresMultipleValues: true,
-            singleValuePolicy: singleValuePolicy, name: "BatchNorm")
+            singleValuePolicy: singleValuePolicy, name: name)
     }
 }

@@ -9,7 +9,7 @@ import TensorCore
 /// σ_B = √(σ²_B + ε),  r = clip(σ_B/σ, 1/r_max, r_max),  d = clip((μ_B − μ)/σ, −d_max, d_max)
 /// y = γ · ((x − μ_B)/σ_B · r + d) + β          (training; r and d are constants for gradients)
 /// y = γ · (x − μ)/σ + β                         (inference)
-/// μ ← μ + α(μ_B − μ),  σ ← σ + α(σ_B − σ)       (the paper tracks σ with ε inside)
+/// μ ← (1 − α)μ + αμ_B,  σ ← (1 − α)σ + ασ_B     (the paper tracks σ with ε inside)
 /// ```
 /// μ and σ are the moving mean and standard deviation *before* this batch's update (the paper's
 /// Algorithm 1). With r_max = 1 and d_max = 0 this is BatchNorm (with the moving σ, not the
@@ -130,20 +130,29 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
     public struct Cache: Sendable {
         let input: Tensor<Scalar>
         let plan: ReductionPlan
-        let batchMean: [Double]
-        let batchStandardDeviation: [Double]
-        /// r per channel (1 in inference).
-        public let r: [Double]
-        /// d per channel (0 in inference).
-        public let d: [Double]
-        let isTraining: Bool
-        /// Values per channel behind μ_B, σ_B (every rank's when synchronized).
-        var count = 0
+        /// The statistics used: the renormalized source's in training (r, d, μ_B, σ_B), the
+        /// moving ones as constants in inference.
+        let statistics: SourcedStatistics
         /// An unsynchronized empty batch: backward returns an empty dx and zero gradients.
         var isEmptyBatch = false
+
+        /// r per channel (1 in inference).
+        public var r: [Double] {
+            statistics.renormalization?.r
+                ?? [Double](repeating: 1, count: statistics.mean.count)
+        }
+        /// d per channel (0 in inference).
+        public var d: [Double] {
+            statistics.renormalization?.d
+                ?? [Double](repeating: 0, count: statistics.mean.count)
+        }
     }
 
     /// Normalizes `x`; in training mode corrects by r, d and moves the running statistics.
+    ///
+    /// Training runs the seam with ``StatisticsSource/renormalized(_:_:)`` (over every rank's
+    /// batch when ``communicator`` is set); inference normalizes with the moving statistics as
+    /// ``StatisticsSource/fixed(mean:rstd:)`` constants.
     /// - Throws: ``NormError`` (wrong rank or channels, a single value per channel in training,
     ///   non-finite statistics); nothing changes then.
     public func forward(_ x: Tensor<Scalar>, mode: Mode) throws(NormError) -> (
@@ -155,91 +164,51 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
         let validated = Result { () throws(NormError) in
             try validatedPlan(x, allowingEmptyBatch: synchronizing != nil)
         }
-        if case .failure(let error) = validated, let synchronizing {
-            // The other ranks are about to exchange statistics: tell them, then fail.
-            _ = try? Moments.allGathered(.failure(error), over: synchronizing)
+        let indexing = parameterIndexing(x.shape)
+        let op = ReferenceNormKernel.Operation(centers: true, scales: true, epsilon: epsilon)
+        let mu = runningMean.scalars.map(Double.init)
+        let sigma = runningStandardDeviation.scalars.map(Double.init)
+        let statistics: SourcedStatistics
+        if mode == .training {
+            let reduction = synchronizing.map { StatisticsReduction.allReduced($0) } ?? .local
+            // A rank whose input is wrong still takes part in the exchange and tells the others.
+            let local = validated.map { plan in
+                reduction.partialMoments(
+                    x, plan: plan, operation: op, kernels: kernels, indexing: indexing)
+            }
+            let batch = try reduction.reduce(local, operation: op, layer: "BatchRenorm")
+            try batch.validate(minimumCount: 2, layer: "BatchRenorm", shape: x.shape)
+            let (rMax, dMax) = limits.values(atStep: step)
+            let source = StatisticsSource.renormalized(
+                Renormalization(
+                    runningMean: mu, runningStandardDeviation: sigma, rMax: rMax, dMax: dMax,
+                    epsilon: epsilon), reduction)
+            statistics = try source.resolve(batch, operation: op, layer: "BatchRenorm")
+            // Moving statistics with the pre-update values already used above.
+            // (RunningAverage's (1 − f)·r + f·s; the paper writes r + f·(s − r), the same value
+            // up to the last bit of the Double before rounding to Scalar.)
+            var average = RunningAverage(momentum: momentum, batchesTracked: step)
+            let f = average.advance()
+            let newMean = RunningAverage.blend(mu, toward: batch.statistics.mean, weightOfNew: f)
+            let newSigma = RunningAverage.blend(
+                sigma, toward: statistics.renormalization!.batchStandardDeviation, weightOfNew: f)
+            do {
+                runningMean = try Tensor(shape: [channelCount], rounding: newMean)
+                runningStandardDeviation = try Tensor(shape: [channelCount], rounding: newSigma)
+            } catch { throw .tensor(error) }
+            step = average.batchesTracked
+        } else {
+            _ = try validated.get()
+            statistics = try StatisticsSource.fixed(mean: mu, rstd: sigma.map { 1 / $0 })
+                .resolve(nil, operation: op, layer: "BatchRenorm")
         }
         let plan = try validated.get()
-        let indexing = parameterIndexing(x.shape)
-        let c = channelCount
-        var mean = [Double](repeating: 0, count: c)
-        var rstd = [Double](repeating: 0, count: c)
-        var cache: Cache
-        if mode == .training {
-            let op = ReferenceNormKernel.Operation(centers: true, scales: true, epsilon: epsilon)
-            let zero = [Double](repeating: 0, count: c)
-            var m =
-                x.count > 0
-                ? kernels.moments(x, plan: plan, operation: op, indexing: indexing)
-                : FastNormKernel.Statistics(
-                    mean: zero, variance: zero, biasedVariance: zero, rstd: zero)
-            var count = plan.setSize
-            if let synchronizing {
-                let local = Moments(
-                    mean: m.mean, biasedVariance: m.biasedVariance, count: plan.setSize)
-                let global = try Moments.allGathered(.success(local), over: synchronizing)
-                count = global.count.first ?? 0
-                m.mean = global.mean
-                m.biasedVariance = global.biasedVariance
-            }
-            guard count > 1 else {
-                throw count == 0
-                    ? .emptyTensor(layer: "BatchRenorm", shape: x.shape)
-                    : .singleValuePerStatistic(layer: "BatchRenorm", shape: x.shape)
-            }
-            guard m.mean.allSatisfy(\.isFinite), m.biasedVariance.allSatisfy(\.isFinite) else {
-                throw .nonFiniteStatistics(layer: "BatchRenorm")
-            }
-            let (rMax, dMax) = limits.values(atStep: step)
-            var r = [Double](repeating: 1, count: c)
-            var d = [Double](repeating: 0, count: c)
-            var sigmaB = [Double](repeating: 0, count: c)
-            for j in 0..<c {
-                sigmaB[j] = (m.biasedVariance[j] + epsilon).squareRoot()
-                let mu = Double(runningMean.scalars[j])
-                let sigma = Double(runningStandardDeviation.scalars[j])
-                r[j] = min(max(sigmaB[j] / sigma, 1 / rMax), rMax)
-                d[j] = min(max((m.mean[j] - mu) / sigma, -dMax), dMax)
-                // (x − μ_B)/σ_B·r + d = (x − (μ_B − d·σ_B/r))·(r/σ_B).
-                mean[j] = m.mean[j] - d[j] * sigmaB[j] / r[j]
-                rstd[j] = r[j] / sigmaB[j]
-            }
-            cache = Cache(
-                input: x, plan: plan, batchMean: m.mean, batchStandardDeviation: sigmaB, r: r, d: d,
-                isTraining: true, count: count)
-            // Moving statistics with the pre-update values already used above.
-            let f = momentum.weightOfNew(batchesTracked: step.addingSaturated(1))
-            var newMean = runningMean.scalars.map(Double.init)
-            var newSigma = runningStandardDeviation.scalars.map(Double.init)
-            for j in 0..<c {
-                newMean[j] += f * (m.mean[j] - newMean[j])
-                newSigma[j] += f * (sigmaB[j] - newSigma[j])
-            }
-            do {
-                runningMean = try Tensor(shape: [c], rounding: newMean)
-                runningStandardDeviation = try Tensor(shape: [c], rounding: newSigma)
-            } catch { throw .tensor(error) }
-            step = step.addingSaturated(1)
-        } else {
-            for j in 0..<c {
-                mean[j] = Double(runningMean.scalars[j])
-                rstd[j] = 1 / Double(runningStandardDeviation.scalars[j])
-            }
-            cache = Cache(
-                input: x, plan: plan, batchMean: mean, batchStandardDeviation: rstd.map { 1 / $0 },
-                r: [Double](repeating: 1, count: c), d: [Double](repeating: 0, count: c),
-                isTraining: false)
-        }
         var y: Tensor<Scalar>
         do { y = try Tensor(zeros: x.shape) } catch { throw .tensor(error) }
-        if x.count > 0 {
-            y.withUnsafeMutableBufferPointer { yb in
-                kernels.forward(
-                    x, plan: plan, mean: mean, rstd: rstd, scale: scale, offset: offset,
-                    indexing: indexing, into: yb)
-            }
-        }
-        return (y, cache)
+        try statistics.apply(
+            x, plan: plan, kernels: kernels, scale: scale, offset: offset, indexing: indexing,
+            into: &y)
+        return (y, Cache(input: x, plan: plan, statistics: statistics))
     }
 
     /// An empty batch (N = 0) as PyTorch's BatchNorm treats one.
@@ -253,18 +222,18 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
     ) {
         try validateChannels(x)
         guard x.shape[0] == 0 else { throw .emptyTensor(layer: "BatchRenorm", shape: x.shape) }
-        if mode == .training { step = step.addingSaturated(1) }
-        let c = channelCount
+        if mode == .training {
+            var average = RunningAverage(momentum: momentum, batchesTracked: step)
+            average.countEmptyBatch()
+            step = average.batchesTracked
+        }
         let y: Tensor<Scalar>
         do { y = try Tensor(zeros: x.shape) } catch { throw .tensor(error) }
         let cache = Cache(
             input: x,
             plan: ReductionPlan(
                 viewShape: x.shape, reduced: [Bool](repeating: false, count: x.rank)),
-            batchMean: [Double](repeating: 0, count: c),
-            batchStandardDeviation: [Double](repeating: 1, count: c),
-            r: [Double](repeating: 1, count: c), d: [Double](repeating: 0, count: c),
-            isTraining: mode == .training, isEmptyBatch: true)
+            statistics: .empty(setCount: channelCount), isEmptyBatch: true)
         return (y, cache)
     }
 
@@ -282,13 +251,20 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
     ///
     /// With g = γ·r·dy and x̂_B = (x − μ_B)/σ_B, per channel over its m values:
     /// `dx = (1/σ_B)·(g − mean(g) − x̂_B·mean(g·x̂_B))`, `dγ = Σ dy·(r·x̂_B + d)`, `dβ = Σ dy`;
-    /// in inference `dx = γ·dy/σ`.
+    /// in inference `dx = γ·dy/σ`. The rules are the sources' (``Renormalization``,
+    /// ``StatisticsSource/fixed(mean:rstd:)``); synchronized statistics all-reduce the 2·C sums
+    /// Σg, Σg·(x − μ_B) and keep dγ, dβ local.
     /// - Throws: ``NormError/gradientShapeMismatch(expected:actual:)``.
     public func backward(_ dy: Tensor<Scalar>, cache: Cache) throws(NormError) -> Gradients {
         let x = cache.input
-        guard dy.shape == x.shape else {
-            throw .gradientShapeMismatch(expected: x.shape, actual: dy.shape)
+        let statistics = cache.statistics
+        let validate = { () throws(NormError) in
+            guard dy.shape == x.shape else {
+                throw .gradientShapeMismatch(expected: x.shape, actual: dy.shape)
+            }
         }
+        let reduction = try statistics.backwardReduction(over: communicator)
+        if !reduction.isAllReduced { try validate() }
         let c = channelCount
         if cache.isEmptyBatch {
             do {
@@ -297,52 +273,18 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
                     offset: try Tensor(zeros: [c]))
             } catch { throw .tensor(error) }
         }
-        let indexing = parameterIndexing(x.shape)
-        let sigma = cache.batchStandardDeviation
-        var sums = kernels.gradientSums(
-            x, outputGradient: dy, plan: cache.plan, mean: cache.batchMean,
-            rstd: sigma.map { 1 / $0 }, scale: scale,
-            indexing: indexing)
-        var m = Double(cache.plan.setSize)
-        if cache.isTraining, let communicator {
-            // Σg and Σg·(x − μ_B) over every rank; dγ and dβ stay local.
-            let all = try Collective.allReduceSum(
-                .success(sums.sumG + sums.sumGD), length: 2 * c,
-                operation: "BatchRenorm backward", over: communicator)
-            sums.sumG = Array(all[0..<c])
-            sums.sumGD = Array(all[c...])
-            m = Double(cache.count)
-        }
-        var a = [Double](repeating: 0, count: c)
-        var b = a
-        var cc = a
-        var dScale = a
-        for j in 0..<c {
-            let r = cache.r[j]
-            if cache.isTraining {
-                let sumG = r * sums.sumG[j]
-                let sumGD = r * sums.sumGD[j]
-                a[j] = r / sigma[j]
-                b[j] = -sumGD / (sigma[j] * sigma[j] * sigma[j] * m)
-                cc[j] = -sumG / (sigma[j] * m)
-            } else {
-                a[j] = 1 / sigma[j]
-            }
-            dScale[j] = r * sums.scaleGradient[j] + cache.d[j] * sums.offsetGradient[j]
-        }
         var dx: Tensor<Scalar>
-        do { dx = try Tensor(zeros: x.shape) } catch { throw .tensor(error) }
-        if x.count > 0 {
-            dx.withUnsafeMutableBufferPointer { dxb in
-                kernels.applyGradient(
-                    x, outputGradient: dy, plan: cache.plan, mean: cache.batchMean, a: a, b: b,
-                    c: cc, scale: scale, indexing: indexing, into: dxb)
-            }
-        }
+        do { dx = try Tensor(zeros: [0]) } catch { throw .tensor(error) }
+        let sums = try statistics.backward(
+            x, outputGradient: dy, plan: cache.plan,
+            operation: ReferenceNormKernel.Operation(centers: true, scales: true, epsilon: epsilon),
+            kernels: kernels, reduction: reduction, scale: scale,
+            indexing: parameterIndexing(x.shape), validate: validate, layer: "BatchRenorm",
+            into: &dx)
         do {
             return Gradients(
-                input: dx, scale: try Tensor(shape: [c], rounding: dScale),
-                offset: try Tensor(shape: [c], rounding: sums.offsetGradient))
+                input: dx, scale: try Tensor(shape: [c], rounding: sums.scale),
+                offset: try Tensor(shape: [c], rounding: sums.offset))
         } catch { throw .tensor(error) }
     }
 

@@ -31,9 +31,8 @@ public final class GroupNorm<Scalar: NormScalar>: NormLayer<Scalar> {
         }
         self.groupCount = groupCount
         try super.init(
-            normalizer: Normalizer(
-                partition: .group(groupCount), operation: .standardize,
-                recovery: affine ? .channelAffine(channels: channelCount) : .none, epsilon: epsilon),
+            normalizer: .standardizing(
+                .group(groupCount), channels: channelCount, affine: affine, epsilon: epsilon),
             layout: layout, channelCount: channelCount, name: "GroupNorm")
     }
 }

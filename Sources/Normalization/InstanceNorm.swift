@@ -29,9 +29,8 @@ public final class InstanceNorm<Scalar: NormScalar>: NormLayer<Scalar> {
         singleValuePolicy: SingleValuePolicy = .throwError
     ) throws(NormError) {
         try super.init(
-            normalizer: Normalizer(
-                partition: .instance, operation: .standardize,
-                recovery: affine ? .channelAffine(channels: featureCount) : .none, epsilon: epsilon),
+            normalizer: .standardizing(
+                .instance, channels: featureCount, affine: affine, epsilon: epsilon),
             layout: layout, runningMomentum: trackRunningStatistics ? momentum : nil,
             runningShape: [featureCount], channelCount: featureCount, requiresMultipleValues: true,
             singleValuePolicy: singleValuePolicy, countsEveryBatch: false, name: "InstanceNorm")

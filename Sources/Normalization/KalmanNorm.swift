@@ -73,6 +73,9 @@ public final class KalmanNorm<Scalar: NormScalar> {
     public var runningMean: [Double]
     /// Running corrected variance.
     public var runningVariance: [Double]
+    /// The rule of the running estimates: PyTorch's default `r ← 0.9·r + 0.1·s` (no batch
+    /// counter is saved, so only the exponential rule is meaningful).
+    var runningAverage = RunningAverage(momentum: .pytorchDefault)
 
     /// Creates the next layer of `chain`.
     public init(channelCount: Int, chain: KalmanChain<Scalar>, epsilon: Double = 1e-5) throws {
@@ -96,12 +99,11 @@ public final class KalmanNorm<Scalar: NormScalar> {
     public struct Cache {
         let x: Tensor<Scalar>
         let plan: ReductionPlan
-        let batchMean: [Double]
-        let batchVariance: [Double]
-        let mean: [Double]
-        let rstd: [Double]
-        let predictedMean: [Double]
-        let predictedVariance: [Double]
+        /// The statistics used: the propagated source's in training, the running estimates as
+        /// constants in inference.
+        let statistics: SourcedStatistics
+        /// The previous layer's estimates the prediction was made from (training, not the first
+        /// layer).
         let previous: (mean: [Double], variance: [Double])?
         let gain: [Double]
         let training: Bool
@@ -128,6 +130,10 @@ public final class KalmanNorm<Scalar: NormScalar> {
     }
 
     /// Normalizes x with the filtered statistics and records them for the next layer.
+    ///
+    /// Training runs the seam with ``StatisticsSource/propagated(_:)``: this layer's prediction
+    /// from the previous layer's estimates, combined with the batch's moments. Inference uses
+    /// the running estimates as ``StatisticsSource/fixed(mean:rstd:)`` constants.
     public func forward(_ x: Tensor<Scalar>, mode: Mode) throws -> (
         output: Tensor<Scalar>, cache: Cache
     ) {
@@ -138,73 +144,61 @@ public final class KalmanNorm<Scalar: NormScalar> {
         }
         if x.count == 0 { return try forwardEmptyBatch(x, mode: mode) }
         let plan = try Normalizer.Partition.batch.plan(for: x.shape, layout: .channelsFirst)
-        let c = channelCount
-        let op = ReferenceNormKernel.Operation(centers: true, scales: true, epsilon: epsilon)
+        let op = operation
         let training = mode == .training
         if training && plan.setSize < 2 {
             throw NormError.singleValuePerStatistic(layer: "KalmanNorm", shape: x.shape)
         }
-        var batchMean = [Double](repeating: 0, count: c)
-        var batchVariance = [Double](repeating: 0, count: c)
-        var mean = runningMean
-        var variance = runningVariance
-        var predictedMean = [Double](repeating: 0, count: c)
-        var predictedVariance = [Double](repeating: 0, count: c)
         let gain = gainLogits.scalars.map { 1 / (1 + exp(-Double($0))) }
         let previous = index > 0 ? chain.estimates[index - 1] : nil
+        let statistics: SourcedStatistics
         if training {
-            let m = KernelChoice.automatic.moments(
-                x, plan: plan, operation: op, indexing: indexing(x.shape))
-            batchMean = m.mean
-            batchVariance = m.biasedVariance
-            if let previous {
-                let a = transition.scalars.map(Double.init)
-                let cp = previousChannels
-                for i in 0..<c {
-                    for j in 0..<cp {
-                        predictedMean[i] += a[i * cp + j] * previous.mean[j]
-                        predictedVariance[i] += a[i * cp + j] * a[i * cp + j] * previous.variance[j]
-                    }
-                    let p = gain[i]
-                    let delta = batchMean[i] - predictedMean[i]
-                    mean[i] = p * predictedMean[i] + (1 - p) * batchMean[i]
-                    variance[i] =
-                        p * predictedVariance[i] + (1 - p) * batchVariance[i] + p * (1 - p) * delta
-                        * delta
-                }
-            } else {
-                mean = batchMean
-                variance = batchVariance
-            }
-            guard mean.allSatisfy(\.isFinite), variance.allSatisfy(\.isFinite) else {
-                throw NormError.nonFiniteStatistics(layer: "KalmanNorm")
-            }
-            chain.estimates[index] = (mean, variance)
-            for i in 0..<c {
-                runningMean[i] = 0.9 * runningMean[i] + 0.1 * mean[i]
-                runningVariance[i] = 0.9 * runningVariance[i] + 0.1 * variance[i]
-            }
-        }
-        // ε = 0 and a zero variance (a constant channel): x̂ = 0, as the other layers define it.
-        let rstd = variance.map { v in
-            let d = max(v, 0) + epsilon
-            return d > 0 ? 1 / d.squareRoot() : 0
+            let batch = StatisticsReduction.local.partialMoments(
+                x, plan: plan, operation: op, kernels: .automatic, indexing: indexing(x.shape))
+            let prediction = previous.map { predict(from: $0, gain: gain) }
+            statistics = try StatisticsSource.propagated(prediction).resolve(
+                batch, operation: op, layer: "KalmanNorm")
+            let variance = statistics.propagatedVariance!
+            chain.estimates[index] = (statistics.mean, variance)
+            let f = runningAverage.advance(countingEveryBatch: false)
+            runningMean = RunningAverage.blend(runningMean, toward: statistics.mean, weightOfNew: f)
+            runningVariance = RunningAverage.blend(
+                runningVariance, toward: variance, weightOfNew: f)
+        } else {
+            statistics = try StatisticsSource.fixed(
+                mean: runningMean,
+                rstd: SourcedStatistics.reciprocalStandardDeviation(
+                    variance: runningVariance, epsilon: epsilon)
+            ).resolve(nil, operation: op, layer: "KalmanNorm")
         }
         var y = try Tensor<Scalar>(zeros: x.shape)
-        y.withUnsafeMutableBufferPointer { yb in
-            KernelChoice.automatic.forward(
-                x, plan: plan, mean: mean, rstd: rstd, scale: scale, offset: offset,
-                indexing: indexing(x.shape), into: yb)
-        }
+        try statistics.apply(
+            x, plan: plan, kernels: .automatic, scale: scale, offset: offset,
+            indexing: indexing(x.shape), into: &y)
         return (
             y,
             Cache(
-                x: x, plan: plan, batchMean: batchMean, batchVariance: batchVariance, mean: mean,
-                rstd: rstd,
-                predictedMean: predictedMean, predictedVariance: predictedVariance,
-                previous: previous, gain: gain,
+                x: x, plan: plan, statistics: statistics, previous: previous, gain: gain,
                 training: training)
         )
+    }
+
+    /// The prediction through the transition A (diagonal covariances):
+    /// `μ⁻ = A μ_prev`, `σ²⁻_c = Σ_j A²_cj σ²_prev,j`.
+    func predict(from previous: (mean: [Double], variance: [Double]), gain: [Double])
+        -> KalmanPrediction
+    {
+        let a = transition.scalars.map(Double.init)
+        let cp = previousChannels
+        var mean = [Double](repeating: 0, count: channelCount)
+        var variance = [Double](repeating: 0, count: channelCount)
+        for i in 0..<channelCount {
+            for j in 0..<cp {
+                mean[i] += a[i * cp + j] * previous.mean[j]
+                variance[i] += a[i * cp + j] * a[i * cp + j] * previous.variance[j]
+            }
+        }
+        return KalmanPrediction(mean: mean, variance: variance, gain: gain)
     }
 
     /// An empty batch (N = 0), as PyTorch's BatchNorm treats one.
@@ -222,15 +216,13 @@ public final class KalmanNorm<Scalar: NormScalar> {
         }
         let training = mode == .training
         if training { chain.estimates[index] = nil }
-        let c = channelCount
-        let none = [Double](repeating: 0, count: c)
         let cache = Cache(
             x: x,
             plan: ReductionPlan(
                 viewShape: x.shape, reduced: [Bool](repeating: false, count: x.rank)),
-            batchMean: none, batchVariance: none, mean: runningMean,
-            rstd: [Double](repeating: 1, count: c), predictedMean: none, predictedVariance: none,
-            previous: nil, gain: none, training: training, isEmptyBatch: true)
+            statistics: .empty(setCount: channelCount, mean: runningMean), previous: nil,
+            gain: [Double](repeating: 0, count: channelCount), training: training,
+            isEmptyBatch: true)
         return (try Tensor(zeros: x.shape), cache)
     }
 
@@ -251,63 +243,40 @@ public final class KalmanNorm<Scalar: NormScalar> {
                 offset: try Tensor(zeros: [c]), transition: try Tensor(zeros: transition.shape),
                 gainLogits: try Tensor(zeros: [c]))
         }
-        let sums = KernelChoice.automatic.gradientSums(
-            x, outputGradient: dy, plan: cache.plan, mean: cache.mean, rstd: cache.rstd,
-            scale: scale,
-            indexing: indexing(x.shape))
-        var dTransition = [Double](repeating: 0, count: transition.count)
-        var dq = [Double](repeating: 0, count: c)
         var dx = try Tensor<Scalar>(zeros: x.shape)
         guard cache.training else {
             // Inference: constant statistics.
-            dx.withUnsafeMutableBufferPointer { dxb in
-                KernelChoice.automatic.applyGradient(
-                    x, outputGradient: dy, plan: cache.plan, mean: cache.mean, a: cache.rstd,
-                    b: [Double](repeating: 0, count: c), c: [Double](repeating: 0, count: c),
-                    scale: scale,
-                    indexing: indexing(x.shape), into: dxb)
-            }
+            let sums = try cache.statistics.backward(
+                x, outputGradient: dy, plan: cache.plan, operation: operation,
+                kernels: .automatic, reduction: .local, scale: scale, indexing: indexing(x.shape),
+                validate: {}, layer: "KalmanNorm", into: &dx)
             return Gradients(
-                input: dx, scale: try Tensor(shape: [c], rounding: sums.scaleGradient),
-                offset: try Tensor(shape: [c], rounding: sums.offsetGradient),
+                input: dx, scale: try Tensor(shape: [c], rounding: sums.scale),
+                offset: try Tensor(shape: [c], rounding: sums.offset),
                 transition: try Tensor(zeros: transition.shape), gainLogits: try Tensor(zeros: [c]))
         }
+        // The next layer's gradient with respect to this layer's estimates joins the source's
+        // backward (through the combination into x, the prediction and the gain).
         let incoming = chain.downstream[index]
         chain.downstream[index] = nil
-        let m = Double(cache.plan.setSize)
-        var dxbar = [Double](repeating: 0, count: c)
-        var dS = [Double](repeating: 0, count: c)
-        var dPredMean = [Double](repeating: 0, count: c)
-        var dPredVar = [Double](repeating: 0, count: c)
-        for i in 0..<c {
-            let r = cache.rstd[i]
-            var dmu = -r * sums.sumG[i] + (incoming?.mean[i] ?? 0)
-            var dvar = -0.5 * r * r * r * sums.sumGD[i] + (incoming?.variance[i] ?? 0)
-            if cache.previous == nil {
-                dxbar[i] = dmu
-                dS[i] = dvar
-                continue
+        let sums = try cache.statistics.backward(
+            x, outputGradient: dy, plan: cache.plan, operation: operation, kernels: .automatic,
+            reduction: .local, scale: scale, indexing: indexing(x.shape),
+            statisticsGradient: incoming.map {
+                StatisticsGradient(mean: $0.mean, variance: $0.variance)
+            }, validate: {}, layer: "KalmanNorm", into: &dx)
+        var dTransition = [Double](repeating: 0, count: transition.count)
+        var dq = [Double](repeating: 0, count: c)
+        if let previous = cache.previous, index > 0, let dPrediction = sums.prediction {
+            for i in 0..<c {
+                let p = cache.gain[i]
+                dq[i] = dPrediction.gain[i] * p * (1 - p)
             }
-            let p = cache.gain[i]
-            let delta = cache.batchMean[i] - cache.predictedMean[i]
-            var dp = (cache.predictedMean[i] - cache.batchMean[i]) * dmu
-            dxbar[i] += (1 - p) * dmu
-            dPredMean[i] += p * dmu
-            dPredVar[i] += p * dvar
-            dS[i] += (1 - p) * dvar
-            let dDelta = 2 * p * (1 - p) * delta * dvar
-            dxbar[i] += dDelta
-            dPredMean[i] -= dDelta
-            dp +=
-                (cache.predictedVariance[i] - cache.batchVariance[i] + (1 - 2 * p) * delta * delta)
-                * dvar
-            dq[i] = dp * p * (1 - p)
-            dmu = 0
-            dvar = 0
-        }
-        if let previous = cache.previous, index > 0 {
+            // Through μ⁻ = A μ_prev and σ²⁻ = A² σ²_prev into A and the previous estimates.
             let cp = previousChannels
             let a = transition.scalars.map(Double.init)
+            let dPredMean = dPrediction.prediction.mean
+            let dPredVar = dPrediction.prediction.variance
             var dPrevMean = [Double](repeating: 0, count: cp)
             var dPrevVar = [Double](repeating: 0, count: cp)
             for i in 0..<c {
@@ -332,19 +301,15 @@ public final class KalmanNorm<Scalar: NormScalar> {
                 chain.downstream[index - 1] = (dPrevMean, dPrevVar)
             }
         }
-        // dx = rstd·g + dS·2(x − x̄)/m + dx̄/m.
-        let b = dS.map { 2 * $0 / m }
-        let cc = dxbar.map { $0 / m }
-        dx.withUnsafeMutableBufferPointer { dxb in
-            KernelChoice.automatic.applyGradient(
-                x, outputGradient: dy, plan: cache.plan, mean: cache.batchMean, a: cache.rstd, b: b,
-                c: cc,
-                scale: scale, indexing: indexing(x.shape), into: dxb)
-        }
         return Gradients(
-            input: dx, scale: try Tensor(shape: [c], rounding: sums.scaleGradient),
-            offset: try Tensor(shape: [c], rounding: sums.offsetGradient),
+            input: dx, scale: try Tensor(shape: [c], rounding: sums.scale),
+            offset: try Tensor(shape: [c], rounding: sums.offset),
             transition: try Tensor(shape: transition.shape, rounding: dTransition),
             gainLogits: try Tensor(shape: [c], rounding: dq))
+    }
+
+    /// Standardization with ε: the operation every Kalman layer normalizes with.
+    var operation: ReferenceNormKernel.Operation {
+        ReferenceNormKernel.Operation(centers: true, scales: true, epsilon: epsilon)
     }
 }

@@ -32,18 +32,11 @@ public final class LayerNorm<Scalar: NormScalar>: NormLayer<Scalar> {
         normalizedShape: [Int], epsilon: Double = 1e-5, elementwiseAffine: Bool = true,
         bias: Bool = true
     ) throws(NormError) {
-        guard !normalizedShape.isEmpty, normalizedShape.allSatisfy({ $0 >= 1 }) else {
-            throw .invalidHyperparameter(
-                name: "normalized shape", value: "\(normalizedShape)",
-                requirement: "must be non-empty with every dimension ≥ 1")
-        }
         self.normalizedShape = normalizedShape
         try super.init(
-            normalizer: Normalizer(
-                partition: .layer(trailing: normalizedShape.count), operation: .standardize,
-                recovery: elementwiseAffine
-                    ? .elementwiseAffine(shape: normalizedShape, offset: bias) : .none,
-                epsilon: epsilon),
+            normalizer: .overTrailing(
+                normalizedShape, operation: .standardize, elementwiseAffine: elementwiseAffine,
+                offset: bias, epsilon: epsilon),
             trailingShape: normalizedShape, name: "LayerNorm")
     }
 
@@ -55,9 +48,8 @@ public final class LayerNorm<Scalar: NormScalar>: NormLayer<Scalar> {
     ) throws(NormError) {
         self.normalizedShape = [channelCount]
         try super.init(
-            normalizer: Normalizer(
-                partition: .channels, operation: .standardize,
-                recovery: affine ? .channelAffine(channels: channelCount) : .none, epsilon: epsilon),
+            normalizer: .standardizing(
+                .channels, channels: channelCount, affine: affine, epsilon: epsilon),
             layout: layout, channelCount: channelCount, name: "LayerNorm2d")
     }
 }

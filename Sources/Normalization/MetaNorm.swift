@@ -152,7 +152,7 @@ public final class MetaNorm<Scalar: NormScalar>: CustomStringConvertible {
         let statistics = try engine.forward(
             m: m, v: v, n: x.shape[0], sources: sources,
             meanWeights: meanMixture.evaluate(.softmax),
-            varianceWeights: varianceMixture.evaluate(.softmax), communicator: nil,
+            varianceWeights: varianceMixture.evaluate(.softmax), reduction: .local,
             shape: x.shape)
         let y = try engine.apply(
             x, plan: plan, indexing: indexing, statistics: statistics, affine: affine,
@@ -184,7 +184,7 @@ public final class MetaNorm<Scalar: NormScalar>: CustomStringConvertible {
     /// - Throws: ``NormError/gradientShapeMismatch(expected:actual:)``.
     public func backward(_ dy: Tensor<Scalar>, cache: Cache) throws(NormError) -> Gradients {
         try engine.backward(
-            dy, cache: cache, affine: affine, layout: layout, kernels: kernels, communicator: nil)
+            dy, cache: cache, affine: affine, layout: layout, kernels: kernels, reduction: .local)
     }
 
     /// Parameters by name (`weight`, `bias`, `mean_weight`, `var_weight`).

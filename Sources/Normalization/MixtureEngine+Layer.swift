@@ -111,7 +111,7 @@ extension MixtureEngine {
     /// - Throws: ``NormError/gradientShapeMismatch(expected:actual:)``; communication errors.
     func backward<Scalar: NormScalar>(
         _ dy: Tensor<Scalar>, cache: MixtureCache<Scalar>, affine: ChannelAffine<Scalar>,
-        layout: Layout, kernels: KernelChoice, communicator: (any Communicator)?
+        layout: Layout, kernels: KernelChoice, reduction: StatisticsReduction
     ) throws(NormError) -> MixtureGradients<Scalar> {
         let x = cache.input
         guard dy.shape == x.shape else {
@@ -131,7 +131,7 @@ extension MixtureEngine {
             x, outputGradient: dy, plan: cache.plan, mean: st.mean, rstd: st.rstd,
             scale: affine.scale, indexing: indexing)
         let reduced = try backward(
-            sumG: sums.sumG, sumGD: sums.sumGD, statistics: st, communicator: communicator)
+            sumG: sums.sumG, sumGD: sums.sumGD, statistics: st, reduction: reduction)
         let l = Double(cache.spatial)
         let b: [Double]
         if cache.unbiasedInstanceVariance {

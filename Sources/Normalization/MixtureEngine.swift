@@ -36,7 +36,7 @@ struct MixtureEngine: Sendable {
 
     /// Where one component's statistics come from.
     enum Source {
-        /// This batch (merged over `communicator`'s ranks when given and the component pools
+        /// This batch (merged over the ranks of an all-reduced reduction when the component pools
         /// the batch).
         case batch
         /// Given per-channel values (running estimates), constants for backward.
@@ -123,14 +123,15 @@ struct MixtureEngine: Sendable {
     /// - Parameters:
     ///   - m: M, `[N·C]`.  - v: V, `[N·C]` (non-negative).
     ///   - sources: one per component.
-    ///   - communicator: merges batch-pooling components over ranks (training, synchronized).
+    ///   - reduction: merges batch-pooling components over ranks when all-reduced (training,
+    ///     synchronized), as the statistics seam's ``StatisticsReduction`` does for BatchNorm.
     /// - Throws: ``NormError/nonFiniteStatistics(layer:)``; ``NormError/emptyTensor(layer:shape:)``
     ///   when a batch-pooling component has no sample on any rank; communication errors.
     func forward(
         m: [Double], v: [Double], n: Int, sources: [Source],
         meanWeights: MixtureEvaluation,
         varianceWeights: MixtureEvaluation,
-        communicator: (any Communicator)?, shape: [Int]
+        reduction: StatisticsReduction, shape: [Int]
     ) throws(NormError) -> Statistics {
         let c = channelCount
         guard m.allSatisfy(\.isFinite), v.allSatisfy(\.isFinite) else {
@@ -148,9 +149,7 @@ struct MixtureEngine: Sendable {
             case .batch:
                 var moments = blockMoments(a, m: m, v: v, n: n)
                 if a.batch == .all {
-                    if let communicator {
-                        moments = try Moments.allGathered(.success(moments), over: communicator)
-                    }
+                    moments = try reduction.merged(.success(moments))
                     guard moments.count.allSatisfy({ $0 > 0 }) else {
                         throw .emptyTensor(layer: layer, shape: shape)
                     }
@@ -186,8 +185,8 @@ struct MixtureEngine: Sendable {
             mean[s] = mu
             // ε = 0 on a set with no spread: x̂ = 0 (the output is β, no gradient), as the
             // standard layers define it, instead of PyTorch's 0/0.
-            let denominator = max(variance, 0) + epsilon
-            rstd[s] = denominator > 0 ? 1 / denominator.squareRoot() : 0
+            rstd[s] = SourcedStatistics.reciprocalStandardDeviation(
+                combined: variance, epsilon: epsilon)
         }
         return Statistics(
             n: n, instanceMean: m, instanceVariance: v, componentMean: componentMean,
@@ -200,7 +199,7 @@ struct MixtureEngine: Sendable {
     /// - Throws: communication errors of the synchronized block-sum reduction.
     func backward(
         sumG: [Double], sumGD: [Double], statistics st: Statistics,
-        communicator: (any Communicator)?
+        reduction: StatisticsReduction
     ) throws(NormError) -> (
         dM: [Double], dV: [Double], meanLogits: [Double], varianceLogits: [Double]
     ) {
@@ -245,10 +244,9 @@ struct MixtureEngine: Sendable {
             sums.append((sMu, sVar))
             if a.batch == .all { pooled += sMu + sVar }
         }
-        if let communicator, !pooled.isEmpty {
-            pooled = try Collective.allReduceSum(
-                .success(pooled), length: pooled.count, operation: "\(layer) backward",
-                over: communicator)
+        if reduction.isAllReduced, !pooled.isEmpty {
+            pooled = try reduction.reduceSums(
+                .success(pooled), length: pooled.count, operation: "\(layer) backward")
             var offset = 0
             for (index, a) in components.enumerated() where st.blocks[index] != nil {
                 guard a.batch == .all else { continue }

@@ -136,18 +136,20 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         public let input: Tensor<Scalar>
         /// The reduction plan whose sets the statistics belong to.
         public let plan: ReductionPlan
+        /// The statistics forward used (from its ``StatisticsSource``) and how backward
+        /// differentiates through them.
+        public let statistics: SourcedStatistics
         /// μ per statistic (0 where Φ does not center).
-        public let mean: [Double]
+        public var mean: [Double] { statistics.mean }
         /// 1/√(σ² + ε) per statistic (1 where Φ does not scale).
-        public let rstd: [Double]
+        public var rstd: [Double] { statistics.rstd }
         /// True when the statistics came from running estimates: no gradient flows through them.
-        public let statisticsAreConstant: Bool
-        /// True when some set was recomputed on rescaled data (values near the type's limits);
-        /// backward then runs the reference kernel, in Double throughout.
-        var rescaled = false
+        public var statisticsAreConstant: Bool { statistics.isConstant }
         /// Elements per statistic over every rank, when the statistics were synchronized
         /// (backward then all-reduces its sums and divides by this count).
-        public var synchronizedCount: Int? = nil
+        public var synchronizedCount: Int? {
+            statistics.isAllReduced ? statistics.batch?.count : nil
+        }
     }
 
     /// Normalizes `x`; in training mode updates running statistics.
@@ -207,41 +209,21 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             updateRunning = false
         }
 
-        let indexing = parameterIndexing(for: x.shape)
-        if output.shape != x.shape {
-            output = try zeros(x.shape)
-        }
-        let mean: [Double]
-        let rstd: [Double]
+        // The seam: running estimates as constants, or this batch's statistics (the fused
+        // kernel: statistics and apply while each set is in cache).
+        var source = StatisticsSource.batch(.local)
         if useRunning, let running = runningStatistics {
             plan = runningPlan
-            mean =
-                op.centers
-                ? running.mean.scalars.map(Double.init)
-                : [Double](repeating: 0, count: plan.setCount)
-            let variance = running.variance.scalars.map(Double.init)
-            rstd = ReferenceNormKernel.reciprocalStandardDeviation(
-                variance: variance, operation: op)
-            output.withUnsafeMutableBufferPointer { yb in
-                kernels.forward(
-                    x, plan: plan, mean: mean, rstd: rstd, scale: scale, offset: offset,
-                    indexing: indexing, into: yb)
-            }
-        } else {
-            let (statistics, rescaled) = output.withUnsafeMutableBufferPointer { yb in
-                kernels.forwardTraining(
-                    x, plan: plan, operation: op, scale: scale, offset: offset, indexing: indexing,
-                    into: yb)
-            }
-            if updateRunning {
-                try updateRunningStatistics(statistics, plan: plan, runningPlan: runningPlan, x: x)
-            }
-            return Cache(
-                input: x, plan: plan, mean: statistics.mean, rstd: statistics.rstd,
-                statisticsAreConstant: false, rescaled: rescaled)
+            source = .running(running, operation: op)
         }
-        return Cache(
-            input: x, plan: plan, mean: mean, rstd: rstd, statisticsAreConstant: useRunning)
+        let statistics = try source.normalize(
+            x, plan: plan, operation: op, kernels: kernels, scale: scale, offset: offset,
+            indexing: parameterIndexing(for: x.shape), layer: name, into: &output)
+        if updateRunning, let batch = statistics.batch {
+            try updateRunningStatistics(
+                batch.statistics, plan: plan, runningPlan: runningPlan, x: x)
+        }
+        return Cache(input: x, plan: plan, statistics: statistics)
     }
 
     /// An empty batch (N = 0), or an input whose kept axes leave no statistic set.
@@ -269,7 +251,7 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             input: x,
             plan: ReductionPlan(
                 viewShape: x.shape, reduced: [Bool](repeating: false, count: x.rank)),
-            mean: [], rstd: [], statisticsAreConstant: true)
+            statistics: .empty(setCount: 0))
     }
 
     // MARK: - Fused residual add
@@ -337,8 +319,8 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
                         tinyVariance: 1e-30) == nil
                 {
                     return Cache(
-                        input: h, plan: plan, mean: statistics.mean, rstd: statistics.rstd,
-                        statisticsAreConstant: false)
+                        input: h, plan: plan,
+                        statistics: .localBatch(statistics, count: plan.setSize))
                 }
             }
         }
@@ -382,49 +364,45 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         throws(NormError)
     {
         let x = cache.input
-        if let count = cache.synchronizedCount, !cache.statisticsAreConstant {
-            guard let communicator else {
-                throw .communication(
-                    .failedOnSomeRank(operation: "backward without the communicator of forward"))
+        let statistics = cache.statistics
+        let validate = { () throws(NormError) in
+            guard dy.shape == x.shape else {
+                throw .gradientShapeMismatch(expected: x.shape, actual: dy.shape)
             }
-            return try synchronizedBackward(
-                dy, cache: cache, globalCount: count, over: communicator, into: &gradients)
+            try self.validateParameters()
         }
-        guard dy.shape == x.shape else {
-            throw .gradientShapeMismatch(expected: x.shape, actual: dy.shape)
-        }
-        try validateParameters()
-        if x.count == 0 {
-            // An empty batch: an empty dx and zero parameter gradients, as PyTorch.
-            gradients.input = try zeros(x.shape)
-            gradients.scale = try normalizer.recovery.parameterShape.map { (s) throws(NormError) in
-                try zeros(s)
+        let reduction = try statistics.backwardReduction(over: communicator)
+        if !reduction.isAllReduced {
+            try validate()
+            if x.count == 0 {
+                // An empty batch: an empty dx and zero parameter gradients, as PyTorch.
+                gradients.input = try zeros(x.shape)
+                gradients.scale = try normalizer.recovery.parameterShape.map {
+                    (s) throws(NormError) in try zeros(s)
+                }
+                gradients.offset =
+                    normalizer.recovery.hasOffset
+                    ? try zeros(normalizer.recovery.parameterShape!) : nil
+                return
             }
-            gradients.offset =
-                normalizer.recovery.hasOffset ? try zeros(normalizer.recovery.parameterShape!) : nil
-            return
         }
-        let indexing = parameterIndexing(for: x.shape)
-        if gradients.input.shape != x.shape {
-            gradients.input = try zeros(x.shape)
-        }
-        var dScale: [Double] = []
-        var dOffset: [Double] = []
-        let kernels = cache.rescaled ? KernelChoice.reference : kernels
-        gradients.input.withUnsafeMutableBufferPointer { dxb in
-            kernels.backward(
-                x, outputGradient: dy, plan: cache.plan, mean: cache.mean, rstd: cache.rstd,
-                operation: normalizer.kernelOperation,
-                statisticsAreConstant: cache.statisticsAreConstant, scale: scale,
-                indexing: indexing, inputGradient: dxb, scaleGradient: &dScale,
-                offsetGradient: &dOffset)
-        }
+        let sums = try statistics.backward(
+            x, outputGradient: dy, plan: cache.plan, operation: normalizer.kernelOperation,
+            kernels: kernels, reduction: reduction, scale: scale,
+            indexing: parameterIndexing(for: x.shape), validate: validate, layer: name,
+            into: &gradients.input)
+        // dγ and dβ stay local (PyTorch's SyncBatchNorm convention): data-parallel training sums
+        // them with every other gradient. A synchronized rank with no samples has none: zeros.
         gradients.scale = nil
         gradients.offset = nil
         if let shape = normalizer.recovery.parameterShape {
-            gradients.scale = try rounded(shape, dScale)
+            let count = shape.reduce(1, *)
+            func padded(_ v: [Double]) -> [Double] {
+                v.count == count ? v : [Double](repeating: 0, count: count)
+            }
+            gradients.scale = try rounded(shape, padded(sums.scale))
             if normalizer.recovery.hasOffset {
-                gradients.offset = try rounded(shape, dOffset)
+                gradients.offset = try rounded(shape, padded(sums.offset))
             }
         }
     }

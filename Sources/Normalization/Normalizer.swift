@@ -191,6 +191,35 @@ public struct Normalizer: Sendable, Hashable, CustomStringConvertible {
         self.epsilon = epsilon
     }
 
+    /// Standardization over `partition` with an optional per-channel γ, β: BatchNorm,
+    /// SyncBatchNorm, InstanceNorm, GroupNorm and LayerNorm2d differ only in Π.
+    public static func standardizing(
+        _ partition: Partition, channels: Int, affine: Bool, epsilon: Double
+    ) -> Normalizer {
+        Normalizer(
+            partition: partition, operation: .standardize,
+            recovery: affine ? .channelAffine(channels: channels) : .none, epsilon: epsilon)
+    }
+
+    /// Π over the trailing `shape` (LayerNorm's and RMSNorm's `normalized_shape`), with an
+    /// optional elementwise γ (and β) of that shape.
+    /// - Throws: ``NormError/invalidHyperparameter(name:value:requirement:)`` for an empty shape
+    ///   or a dimension below 1.
+    public static func overTrailing(
+        _ shape: [Int], operation: Operation, elementwiseAffine: Bool, offset: Bool,
+        epsilon: Double
+    ) throws(NormError) -> Normalizer {
+        guard !shape.isEmpty, shape.allSatisfy({ $0 >= 1 }) else {
+            throw .invalidHyperparameter(
+                name: "normalized shape", value: "\(shape)",
+                requirement: "must be non-empty with every dimension ≥ 1")
+        }
+        return Normalizer(
+            partition: .layer(trailing: shape.count), operation: operation,
+            recovery: elementwiseAffine ? .elementwiseAffine(shape: shape, offset: offset) : .none,
+            epsilon: epsilon)
+    }
+
     var kernelOperation: ReferenceNormKernel.Operation {
         ReferenceNormKernel.Operation(
             centers: operation.centers, scales: operation.scales,

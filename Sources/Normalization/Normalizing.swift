@@ -104,6 +104,28 @@ extension Normalizing {
     public func role(ofParameter key: String) -> ParameterRole { .affine }
 }
 
+/// A normalizer with no parameters and no buffers (AdaIN, UnitNorm): the protocol's parameter
+/// and state requirements, written once.
+public protocol ParameterlessNormalizing: Normalizing {}
+
+extension ParameterlessNormalizing {
+    /// No parameters.
+    public var parameters: [String: Tensor<Scalar>] { [:] }
+
+    /// Refuses every key.
+    public func setParameters(_ values: [String: Tensor<Scalar>]) throws {
+        try checkedParameterUpdate(values, current: [:], layer: displayName)
+    }
+
+    /// An empty state.
+    public func state() throws -> NormState<Scalar> { NormState() }
+
+    /// Accepts only an empty state.
+    public func load(_ state: NormState<Scalar>) throws {
+        try refuseUnknownKeys(state.keys, known: [], layer: displayName)
+    }
+}
+
 /// A normalizer that also reads conditioning inputs: AdaIN's style, conditional BN's labels,
 /// SPADE's segmentation map, adaLN's conditioning vector, fused add + RMSNorm's residual.
 public protocol ConditionalNormalizing<Scalar>: Normalizing {

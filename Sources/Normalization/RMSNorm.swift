@@ -25,18 +25,11 @@ public final class RMSNorm<Scalar: NormScalar>: NormLayer<Scalar> {
     public init(
         normalizedShape: [Int], epsilon: Double? = nil, elementwiseAffine: Bool = true
     ) throws(NormError) {
-        guard !normalizedShape.isEmpty, normalizedShape.allSatisfy({ $0 >= 1 }) else {
-            throw .invalidHyperparameter(
-                name: "normalized shape", value: "\(normalizedShape)",
-                requirement: "must be non-empty with every dimension ≥ 1")
-        }
         self.normalizedShape = normalizedShape
         try super.init(
-            normalizer: Normalizer(
-                partition: .layer(trailing: normalizedShape.count), operation: .scale,
-                recovery: elementwiseAffine
-                    ? .elementwiseAffine(shape: normalizedShape, offset: false) : .none,
-                epsilon: epsilon ?? Double(Scalar.ulpOfOne)),
+            normalizer: .overTrailing(
+                normalizedShape, operation: .scale, elementwiseAffine: elementwiseAffine,
+                offset: false, epsilon: epsilon ?? Double(Scalar.ulpOfOne)),
             trailingShape: normalizedShape, name: "RMSNorm")
     }
 }

@@ -207,11 +207,7 @@ public final class SpectralNorm<Scalar: NormScalar>: WeightParametrization {
     /// dW = (G − Σ(G ⊙ W_SN)·u vᵀ)/σ (1-D: the gradient of v/max(‖v‖, ε)).
     public func backward(_ weightGradient: Tensor<Scalar>) throws -> [String: Tensor<Scalar>] {
         guard let cache else { throw NormError.noForwardCall(layer: displayName) }
-        guard weightGradient.shape == original.shape else {
-            throw NormError.gradientShapeMismatch(
-                expected: original.shape, actual: weightGradient.shape)
-        }
-        let grad = rows.gather(weightGradient)
+        let grad = try rows.gatheredGradient(weightGradient)
         let gw = dot(grad[...], cache.normalized[...])
         var dw = grad
         if isVector {

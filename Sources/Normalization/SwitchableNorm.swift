@@ -259,14 +259,15 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
         output: Tensor<Scalar>, cache: Cache
     ) {
         let synchronizing = mode == .training && usesBatchNorm ? communicator : nil
+        let reduction = synchronizing.map { StatisticsReduction.allReduced($0) } ?? .local
         let engine = self.engine
         let validated = Result { () throws(NormError) in
             try engine.validate(x.shape, layout: layout, allowingEmptyBatch: true)
             try validateParameters()
         }
-        if case .failure(let error) = validated, let synchronizing {
+        if case .failure(let error) = validated, synchronizing != nil {
             // The other ranks are about to exchange BN statistics: tell them, then fail.
-            _ = try? Moments.allGathered(.failure(error), over: synchronizing)
+            _ = try? reduction.merged(.failure(error))
         }
         try validated.get()
         let (plan, indexing, spatial) = engine.instancePlan(x.shape, layout: layout)
@@ -296,7 +297,7 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
         let varianceWeights = varianceMixture.evaluate(mixtureWeighting)
         let statistics = try engine.forward(
             m: m, v: v, n: x.shape[0], sources: sources, meanWeights: meanWeights,
-            varianceWeights: varianceWeights, communicator: synchronizing, shape: x.shape)
+            varianceWeights: varianceWeights, reduction: reduction, shape: x.shape)
         let y = try engine.apply(
             x, plan: plan, indexing: indexing, statistics: statistics, affine: affine,
             kernels: kernels)
@@ -361,7 +362,7 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
     public func backward(_ dy: Tensor<Scalar>, cache: Cache) throws(NormError) -> Gradients {
         try engine.backward(
             dy, cache: cache, affine: affine, layout: layout, kernels: kernels,
-            communicator: communicator)
+            reduction: communicator.map { .allReduced($0) } ?? .local)
     }
 
     // MARK: - State

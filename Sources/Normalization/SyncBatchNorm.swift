@@ -15,10 +15,12 @@ import TensorCore
 /// statistics (PyTorch's rule, unbiased variance from the global count) are identical on every
 /// rank. Inference and frozen modes use the running statistics and exchange nothing.
 ///
-/// It is a ``NormLayer`` (so it is `Normalizing` wherever NormLayer is, with BatchNorm's
-/// `state_dict` keys). With a ``LocalCommunicator`` it is ``BatchNorm`` (equal to the last bits, through the
-/// synchronized code path). Every rank must call forward and backward together; a rank whose
-/// input is wrong reports it to the others in the same exchange, so every rank throws.
+/// It is a ``BatchNorm`` whose statistics source in training is ``StatisticsSource/batch(_:)``
+/// over ``StatisticsReduction/allReduced(_:)`` (so it is `Normalizing` wherever BatchNorm is,
+/// with BatchNorm's `state_dict` keys). With a ``LocalCommunicator`` it is ``BatchNorm`` (equal
+/// to the last bits, through the synchronized code path). Every rank must call forward and
+/// backward together; a rank whose input is wrong reports it to the others in the same
+/// exchange, so every rank throws.
 ///
 /// ## Shape
 /// Input `[N, C, …]` (or channels-last), N ≥ 0 on each rank; output the same. Parameters and
@@ -28,7 +30,7 @@ import TensorCore
 /// 1. Ioffe & Szegedy 2015, "Batch Normalization", arXiv:1502.03167.
 /// 2. Zhang et al. 2018, "Context Encoding for Semantic Segmentation" (cross-GPU BN),
 ///    arXiv:1803.08904; PyTorch `torch.nn.SyncBatchNorm`.
-public final class SyncBatchNorm<Scalar: NormScalar>: NormLayer<Scalar> {
+public final class SyncBatchNorm<Scalar: NormScalar>: BatchNorm<Scalar> {
     /// Creates a synchronized BatchNorm layer with PyTorch's defaults.
     ///
     /// - Parameters:
@@ -42,12 +44,9 @@ public final class SyncBatchNorm<Scalar: NormScalar>: NormLayer<Scalar> {
         trackRunningStatistics: Bool = true, layout: Layout = .channelsFirst
     ) throws(NormError) {
         try super.init(
-            normalizer: Normalizer(
-                partition: .batch, operation: .standardize,
-                recovery: affine ? .channelAffine(channels: featureCount) : .none, epsilon: epsilon),
-            layout: layout, runningMomentum: trackRunningStatistics ? momentum : nil,
-            runningShape: [featureCount], channelCount: featureCount, requiresMultipleValues: true,
-            name: "SyncBatchNorm")
+            featureCount: featureCount, epsilon: epsilon, momentum: momentum, affine: affine,
+            trackRunningStatistics: trackRunningStatistics, layout: layout,
+            singleValuePolicy: .throwError, name: "SyncBatchNorm")
         self.communicator = communicator
     }
 }

@@ -17,7 +17,9 @@ import TensorCore
 /// ## References
 /// 1. Loshchilov et al. 2024, "nGPT: Normalized Transformer with Representation Learning on the
 ///    Hypersphere", arXiv:2410.01131.
-public final class UnitNorm<Scalar: NormScalar>: Normalizing, CustomStringConvertible {
+public final class UnitNorm<Scalar: NormScalar>: ParameterlessNormalizing,
+    CustomStringConvertible
+{
     /// Φ: RMS scaling over the last axis with ε = 0 and the constant γ = 1/√D (rebuilt when D
     /// changes).
     private var inner: NormLayer<Scalar>?
@@ -67,22 +69,6 @@ public final class UnitNorm<Scalar: NormScalar>: Normalizing, CustomStringConver
     public func backward(_ dy: Tensor<Scalar>) throws -> NormGradients<Scalar> {
         guard let cache, let inner else { throw NormError.noForwardCall(layer: displayName) }
         return NormGradients(input: try inner.backward(dy, cache: cache).input)
-    }
-
-    /// No parameters.
-    public var parameters: [String: Tensor<Scalar>] { [:] }
-
-    /// Refuses every key.
-    public func setParameters(_ values: [String: Tensor<Scalar>]) throws {
-        try checkedParameterUpdate(values, current: [:], layer: displayName)
-    }
-
-    /// An empty state.
-    public func state() throws -> NormState<Scalar> { NormState() }
-
-    /// Accepts only an empty state.
-    public func load(_ state: NormState<Scalar>) throws {
-        try refuseUnknownKeys(state.keys, known: [], layer: displayName)
     }
 
     /// One line.

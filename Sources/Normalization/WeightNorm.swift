@@ -116,11 +116,7 @@ public final class WeightNorm<Scalar: NormScalar>: WeightParametrization {
     /// dg = Σ G ⊙ ŵ, dv = (g/‖v‖)(G − ŵ·dg), per row.
     public func backward(_ weightGradient: Tensor<Scalar>) throws -> [String: Tensor<Scalar>] {
         guard let cache else { throw NormError.noForwardCall(layer: displayName) }
-        guard weightGradient.shape == direction.shape else {
-            throw NormError.gradientShapeMismatch(
-                expected: direction.shape, actual: weightGradient.shape)
-        }
-        let grad = rows.gather(weightGradient)
+        let grad = try rows.gatheredGradient(weightGradient)
         var dg = [Double](repeating: 0, count: rows.rows)
         var dv = grad
         for r in 0..<rows.rows {
@@ -219,16 +215,13 @@ public final class CenteredWeightNorm<Scalar: NormScalar>: WeightParametrization
 
     /// w = s · c / (‖c‖ + ε).
     public func weight(mode: Mode) throws -> Tensor<Scalar> {
-        var c = rows.gather(original)
+        let (c, squares) = rows.centred(original)
         let s = scale.scalars.map { Double($0) }
         var out = c
         var norms = [Double](repeating: 0, count: rows.rows)
         let n = rows.cols
         for r in 0..<rows.rows {
-            // Two passes: the mean first, then the centred values (no E[v²] − E[v]²).
-            let mean = row(c, r, n).reduce(0, +) / Double(n)
-            for j in (r * n)..<((r + 1) * n) { c[j] -= mean }
-            let norm = dot(row(c, r, n), row(c, r, n)).squareRoot()
+            let norm = squares[r].squareRoot()
             let q = norm + epsilon
             guard q > 0 else {
                 throw WeightNormError.zeroNorm(
@@ -245,11 +238,7 @@ public final class CenteredWeightNorm<Scalar: NormScalar>: WeightParametrization
     /// dv and, when learnable, ds (see the type's documentation).
     public func backward(_ weightGradient: Tensor<Scalar>) throws -> [String: Tensor<Scalar>] {
         guard let cache else { throw NormError.noForwardCall(layer: displayName) }
-        guard weightGradient.shape == original.shape else {
-            throw NormError.gradientShapeMismatch(
-                expected: original.shape, actual: weightGradient.shape)
-        }
-        let grad = rows.gather(weightGradient)
+        let grad = try rows.gatheredGradient(weightGradient)
         let n = rows.cols
         var dv = grad
         var ds = [Double](repeating: 0, count: rows.rows)

@@ -291,6 +291,31 @@ struct AxisRows: Sendable, Equatable {
         return out
     }
 
+    /// The weight's rows centred, row-major `[rows, cols]`, and Σc² per row (CWN's ‖c‖², WS's
+    /// (n − 1)σ² or nσ²).
+    ///
+    /// Two passes, the mean and then the centred squares (no E[v²] − E[v]²): exact for
+    /// 1000 + 0.05·noise weights.
+    func centred<S: NormScalar>(_ weight: Tensor<S>) -> (rows: [Double], squares: [Double]) {
+        var c = gather(weight)
+        var squares = [Double](repeating: 0, count: rows)
+        for r in 0..<rows {
+            let mean = row(c, r, cols).reduce(0, +) / Double(cols)
+            for j in (r * cols)..<((r + 1) * cols) { c[j] -= mean }
+            squares[r] = dot(row(c, r, cols), row(c, r, cols))
+        }
+        return (c, squares)
+    }
+
+    /// A gradient of the weight as row-major `[rows, cols]`, after checking its shape.
+    /// - Throws: ``NormError/gradientShapeMismatch(expected:actual:)``.
+    func gatheredGradient<S: NormScalar>(_ gradient: Tensor<S>) throws -> [Double] {
+        guard gradient.shape == shape else {
+            throw NormError.gradientShapeMismatch(expected: shape, actual: gradient.shape)
+        }
+        return gather(gradient)
+    }
+
     /// Row-major `[rows, cols]` → a tensor in the weight's order.
     func scatter<S: NormScalar>(_ m: [Double], as _: S.Type = S.self) throws -> Tensor<S> {
         guard let axis, axis != 0 else { return try Tensor(shape: shape, rounding: m) }

@@ -99,16 +99,13 @@ public final class WeightStandardization<Scalar: NormScalar>: WeightParametrizat
 
     /// The standardized weight.
     public func weight(mode: Mode) throws -> Tensor<Scalar> {
-        var c = rows.gather(original)
+        let (c, squares) = rows.centred(original)
         let n = rows.cols
         var out = c
         var sigmas = [Double](repeating: 0, count: rows.rows)
         let divisor = Double(convention == .official ? n - 1 : n)
         for r in 0..<rows.rows {
-            // Two passes (mean, then centred squares): exact for 1000 + 0.05·noise weights.
-            let mean = row(c, r, n).reduce(0, +) / Double(n)
-            for j in (r * n)..<((r + 1) * n) { c[j] -= mean }
-            let sigma = (dot(row(c, r, n), row(c, r, n)) / divisor).squareRoot()
+            let sigma = (squares[r] / divisor).squareRoot()
             let q = denominator(sigma)
             guard q > 0 else {
                 throw WeightNormError.zeroNorm(
@@ -125,11 +122,7 @@ public final class WeightStandardization<Scalar: NormScalar>: WeightParametrizat
     /// dv (see the type's documentation).
     public func backward(_ weightGradient: Tensor<Scalar>) throws -> [String: Tensor<Scalar>] {
         guard let cache else { throw NormError.noForwardCall(layer: displayName) }
-        guard weightGradient.shape == original.shape else {
-            throw NormError.gradientShapeMismatch(
-                expected: original.shape, actual: weightGradient.shape)
-        }
-        let grad = rows.gather(weightGradient)
+        let grad = try rows.gatheredGradient(weightGradient)
         let n = rows.cols
         var dv = grad
         for r in 0..<rows.rows {

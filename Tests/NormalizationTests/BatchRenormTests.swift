@@ -112,6 +112,27 @@ struct BatchRenormTests {
         #expect(Comparison(a.scalars, b.scalars).relative < 1e-12)
     }
 
+    /// Synchronized Batch Renorm is the renormalized source over the all-reduced reduction: on
+    /// one rank it equals the local layer to the last bit (outputs, gradients, moving statistics).
+    @Test func oneRankSynchronizedEqualsLocal() throws {
+        var g = SeededGenerator(seed: 5)
+        let local = try BatchRenorm<Double>(channelCount: 3, limits: .fixed(rMax: 1.5, dMax: 0.5))
+        let synced = try BatchRenorm<Double>(channelCount: 3, limits: .fixed(rMax: 1.5, dMax: 0.5))
+        synced.communicator = LocalCommunicator()
+        for step in 0..<3 {
+            let x = try Tensor<Double>.randomNormal(
+                shape: [4, 3, 5], mean: step == 1 ? 100 : 1, standardDeviation: 2, using: &g)
+            let dy = try Tensor<Double>.randomNormal(shape: x.shape, using: &g)
+            let (y0, c0) = try local.forward(x, mode: .training)
+            let (y1, c1) = try synced.forward(x, mode: .training)
+            let g0 = try local.backward(dy, cache: c0)
+            let g1 = try synced.backward(dy, cache: c1)
+            #expect(y0 == y1 && g0.input == g1.input, "step \(step)")
+            #expect(g0.scale == g1.scale && g0.offset == g1.offset, "step \(step)")
+            #expect(local.state() == synced.state(), "step \(step)")
+        }
+    }
+
     @Test func paperScheduleRampsLinearly() {
         let limits = BatchRenorm<Float>.Limits.paper
         #expect(limits.values(atStep: 0) == (1, 0))
