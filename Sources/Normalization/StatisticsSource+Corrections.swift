@@ -256,11 +256,12 @@ extension SourcedStatistics {
         variance.map { reciprocalStandardDeviation(combined: $0, epsilon: epsilon) }
     }
 
-    /// One set's 1/√(max(σ², 0) + ε), 0 where that is 0 (the mixture engine's and Kalman's).
+    /// One set's 1/√(max(σ², 0) + ε), 0 where that is 0 (the mixture engine's and Kalman's);
+    /// NaN stays NaN.
     @inline(__always)
     static func reciprocalStandardDeviation(combined variance: Double, epsilon: Double) -> Double {
         let d = max(variance, 0) + epsilon
-        return d > 0 ? 1 / d.squareRoot() : 0
+        return d == 0 ? 0 : 1 / d.squareRoot()
     }
 
     /// The combined σ² of a propagated source (what Kalman's running estimate tracks).
