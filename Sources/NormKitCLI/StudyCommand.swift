@@ -4,7 +4,7 @@ import NormKit
 import Studies
 import Training
 
-/// `normkit study NAME`: one of the five literature studies, with seeds, written as CSV, JSON
+/// `normkit study NAME`: one of the literature studies, with seeds, written as CSV, JSON
 /// and an HTML report.
 struct StudyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -16,7 +16,7 @@ struct StudyCommand: ParsableCommand {
     )
 
     @Argument(
-        help: "The study: batch-size, switchable, landscape, ablation, regularization or all.")
+        help: "The study: batch-size, switchable, landscape, ablation, regularization, ngd or all.")
     var name: String
     @Flag(help: "Minutes per study (the default).") var quick = false
     @Flag(help: "The paper-shaped run (hours).") var full = false

@@ -1,0 +1,258 @@
+import Foundation
+import NormKit
+import Training
+
+extension NGDStudy {
+    /// Runs the study.
+    public static func run(_ o: StudyOptions, log: (String) -> Void) throws -> StudyResult {
+        let plan = Plan(o)
+        let (train, test, dataName) = try data(o, plan)
+        let (x, inputs) = try pooledRows(train.images)
+        let (testX, _) = try pooledRows(test.images)
+        let probeCount = min(plan.probeSize, train.count)
+        let probeX = try rows(x, Array(0..<probeCount)[...])
+        let probeLabels = Array(train.labels.prefix(probeCount))
+        var runs: [Method: [Run]] = [:]
+        var csv: [[String]] = [
+            [
+                "method", "seed", "step", "train_seconds", "loss", "layer", "update_cosine",
+                "gradient_cosine", "condition_effective", "condition_own", "test_accuracy",
+            ]
+        ]
+        for method in Method.allCases {
+            for seed in 1...o.seeds {
+                let r = try NGDStudy.train(
+                    method, seed: seed, plan: plan, inputs: inputs, train: train, x: x,
+                    probeX: probeX, probeLabels: probeLabels, testX: testX,
+                    testLabels: test.labels)
+                runs[method, default: []].append(r)
+                for (k, probes) in r.probes.enumerated() {
+                    for (l, p) in probes.enumerated() {
+                        csv.append(
+                            [
+                                method.rawValue, "\(seed)", "\(r.steps[k])", "\(r.seconds[k])",
+                                "\(r.losses[k])", "\(l + 1)", "\(p.updateCosine)",
+                                "\(p.gradientCosine)", "\(p.effectiveCondition)",
+                                "\(p.ownCondition)", "\(r.testAccuracy)",
+                            ])
+                    }
+                }
+                let last = r.probes.last?.first
+                log(
+                    "ngd: \(method.rawValue) seed \(seed): loss \(String(format: "%.3f", r.losses.last ?? .nan)), "
+                        + "hidden-layer cos(update, F⁻¹g) \(String(format: "%.3f", last?.updateCosine ?? .nan))"
+                        + (r.diverged ? ", diverged" : ""))
+            }
+        }
+        let analysis = Analysis(runs: runs, seeds: o.seeds)
+        let setup =
+            "\(dataName), \(train.count) training / \(test.count) test images average-pooled to \(inputs) inputs; "
+            + "MLP \(inputs) → \(plan.hidden) → ReLU → \(train.classCount) in Double; "
+            + "SGD without momentum, batch \(plan.batchSize), learning rate \(plan.learningRate), \(plan.steps) steps; "
+            + "whitening refreshed every \(plan.period) steps (GWNN's data pass every \(10 * plan.period)), no truncation; "
+            + "exact empirical Fisher of each layer on \(probeCount) training images every \(plan.probeEvery) steps, "
+            + "damping λ = \(plan.damping) × its mean eigenvalue; \(o.seeds) seeds (\(o.scale.rawValue) scale)"
+        return StudyResult(
+            name: .ngd, title: "6. Whitened layers and natural gradient (GWNN, EigenNet)",
+            claim:
+                "Whitening a layer's input makes SGD on the reparametrized layer approximate natural gradient descent (Desjardins et al. 2015; GWNN, Luo, ICML 2017), and whitening the back-propagated gradients as well (EigenNet, Luo, IJCAI 2017) makes both Kronecker factors of the layer's Fisher block ≈ I, i.e. the Fisher well conditioned.",
+            headline: analysis.headline, matchesPaper: analysis.matches, setup: setup,
+            command: "", seconds: 0, tables: analysis.tables, charts: analysis.charts,
+            notes: analysis.notes, runs: csv)
+    }
+
+    /// The summaries, charts and words computed from the runs.
+    struct Analysis {
+        let runs: [Method: [Run]]
+        let seeds: Int
+
+        /// Per seed: the mean over the probes after step 0 (step 0 is the common
+        /// initialisation, before any whitening) of one number of layer `layer`.
+        func perSeed(_ m: Method, _ layer: Int, _ key: KeyPath<LayerProbe, Double>) -> Summary {
+            Summary(
+                (runs[m] ?? []).map { r in
+                    let v = zip(r.steps, r.probes).filter { $0.0 > 0 }.map {
+                        $0.1[layer][keyPath: key]
+                    }
+                    return v.isEmpty ? .nan : v.reduce(0, +) / Double(v.count)
+                })
+        }
+
+        func final(_ m: Method, _ key: KeyPath<Run, Double>) -> Summary {
+            Summary((runs[m] ?? []).map { $0[keyPath: key] })
+        }
+
+        /// The points of one probe number over steps (seeds that reached the step).
+        func series(
+            _ m: Method, _ layer: Int, _ key: KeyPath<LayerProbe, Double>, name: String? = nil,
+            dashed: Bool = false
+        ) -> Chart.Series {
+            let list = runs[m] ?? []
+            let steps = list.max { $0.steps.count < $1.steps.count }?.steps ?? []
+            return Chart.Series(
+                name: name ?? m.label,
+                points: steps.enumerated().map { k, step in
+                    Chart.Point(
+                        x: Double(step),
+                        Summary(
+                            list.compactMap {
+                                k < $0.probes.count ? $0.probes[k][layer][keyPath: key] : nil
+                            }))
+                }, dashed: dashed)
+        }
+
+        func lossSeries(_ m: Method, time: Bool) -> Chart.Series {
+            let list = runs[m] ?? []
+            let steps = list.max { $0.steps.count < $1.steps.count }?.steps ?? []
+            return Chart.Series(
+                name: m.label,
+                points: steps.indices.map { k in
+                    let reached = list.filter { k < $0.losses.count }
+                    let x =
+                        time
+                        ? reached.map { $0.seconds[k] }.reduce(0, +) / Double(max(reached.count, 1))
+                        : Double(steps[k])
+                    return Chart.Point(x: x, Summary(reached.map { $0.losses[k] }))
+                })
+        }
+
+        var charts: [Chart] {
+            let methods = Method.allCases
+            var condition = Chart(
+                id: "ngd-condition",
+                title:
+                    "Condition number κ of the hidden layer's damped Fisher block: in the layer's own (whitened) coordinates (solid) and in the coordinates of its input x (dashed)",
+                xLabel: "training step", yLabel: "κ", yScale: .log,
+                series: methods.map { series($0, 0, \.ownCondition) }
+                    + methods.filter { $0 != .plain }.map {
+                        series($0, 0, \.effectiveCondition, name: $0.label + " (x)", dashed: true)
+                    })
+            condition.yIncludes = nil
+            return [
+                Chart(
+                    id: "ngd-cosine-hidden",
+                    title:
+                        "Hidden layer: cosine between SGD's step, as the change of the layer's map in x, and the exact damped natural gradient F⁻¹g",
+                    xLabel: "training step", yLabel: "cos(step, F⁻¹g)",
+                    series: methods.map { series($0, 0, \.updateCosine) }, yIncludes: 0),
+                Chart(
+                    id: "ngd-cosine-output",
+                    title: "Output layer: the same cosine (BN's classifier is a plain layer)",
+                    xLabel: "training step", yLabel: "cos(step, F⁻¹g)",
+                    series: methods.map { series($0, 1, \.updateCosine) }, yIncludes: 0),
+                condition,
+                Chart(
+                    id: "ngd-loss-steps",
+                    title: "Training loss (on the probe images, inference mode) against steps",
+                    xLabel: "training step", yLabel: "cross-entropy",
+                    series: methods.map { lossSeries($0, time: false) }),
+                Chart(
+                    id: "ngd-loss-time",
+                    title:
+                        "Training loss against wall time of the training steps (probes excluded; x is the mean over seeds)",
+                    xLabel: "seconds", yLabel: "cross-entropy",
+                    series: methods.map { lossSeries($0, time: true) }),
+            ]
+        }
+
+        var tables: [Table] {
+            let rows = Method.allCases.map { m -> [String] in
+                [
+                    m.label, perSeed(m, 0, \.updateCosine).text(digits: 3),
+                    perSeed(m, 1, \.updateCosine).text(digits: 3),
+                    perSeed(m, 0, \.gradientCosine).text(digits: 3),
+                    perSeed(m, 0, \.effectiveCondition).text(digits: 0),
+                    perSeed(m, 0, \.ownCondition).text(digits: 0),
+                    final(m, \.finalLoss).text(digits: 3),
+                    final(m, \.testAccuracy).text(scale: 100),
+                    final(m, \.trainSeconds).text(digits: 1),
+                    "\((runs[m] ?? []).filter(\.diverged).count)",
+                ]
+            }
+            return [
+                Table(
+                    title:
+                        "Per method, mean over probes after step 0, then mean ± sd over \(seeds) seeds",
+                    columns: [
+                        "method", "cos(step, F⁻¹g) hidden", "cos(step, F⁻¹g) output",
+                        "cos(g, F⁻¹g) hidden, same weights", "κ hidden (x)", "κ hidden (own)",
+                        "final loss", "test accuracy (%)", "training s", "diverged",
+                    ], rows: rows)
+            ]
+        }
+
+        /// Whether method `m`'s hidden-layer step is closer to F⁻¹g than plain SGD's.
+        func closer(_ m: Method) -> Bool {
+            let a = perSeed(m, 0, \.updateCosine)
+            let p = perSeed(.plain, 0, \.updateCosine)
+            return a.mean > p.mean && a.differs(from: p)
+        }
+
+        /// Whether method `m`'s own-coordinate κ is below plain's.
+        func betterConditioned(_ m: Method) -> Bool {
+            let a = perSeed(m, 0, \.ownCondition)
+            let p = perSeed(.plain, 0, \.ownCondition)
+            return a.mean < p.mean && a.differs(from: p)
+        }
+
+        var matches: Bool { closer(.gwnn) && closer(.eigennet) && betterConditioned(.eigennet) }
+
+        var headline: String {
+            func cos(_ m: Method) -> String { perSeed(m, 0, \.updateCosine).text(digits: 2) }
+            let whitened: [Method] = [.wnn, .gwnn, .eigennet]
+            let yes = whitened.filter(closer).map(\.label)
+            let no = whitened.filter { !closer($0) }.map(\.label)
+            var s =
+                "On the hidden layer, the cosine between SGD's step and the exact damped natural gradient is "
+                + whitened.map { "\($0.label) \(cos($0))" }.joined(separator: ", ")
+                + " against plain SGD \(cos(.plain)) and BN \(cos(.bn)): "
+            if no.isEmpty {
+                s += "every whitened layer's step is closer to natural gradient than SGD's"
+            } else if yes.isEmpty {
+                s +=
+                    "no whitened layer's step is closer to natural gradient than SGD's (the claim does not hold here)"
+            } else {
+                s +=
+                    "\(yes.joined(separator: " and ")) \(yes.count == 1 ? "is" : "are") closer than SGD, "
+                    + "\(no.joined(separator: " and ")) \(no.count == 1 ? "is" : "are") not"
+            }
+            let kPlain = perSeed(.plain, 0, \.ownCondition).text(digits: 0)
+            s +=
+                ". κ of the hidden layer's Fisher block in its own coordinates: plain \(kPlain), "
+                + whitened.map { "\($0.label) \(perSeed($0, 0, \.ownCondition).text(digits: 0))" }
+                .joined(separator: ", ")
+            let wellConditioned = whitened.filter(betterConditioned).map(\.label)
+            s +=
+                wellConditioned.isEmpty
+                ? " (whitening does not lower it here)."
+                : " (lower than plain for \(wellConditioned.joined(separator: ", ")))."
+            return s
+        }
+
+        var notes: [String] {
+            var n: [String] = []
+            let plainLoss = final(.plain, \.finalLoss)
+            for m in Method.allCases where m != .plain {
+                n.append(
+                    "\(m.label): final loss \(Wording.change(from: plainLoss, to: final(m, \.finalLoss), scale: 1, unit: "")) against plain SGD; "
+                        + "training time \(final(m, \.trainSeconds).text(digits: 1, unit: " s")) against \(final(.plain, \.trainSeconds).text(digits: 1, unit: " s"))."
+                )
+            }
+            n.append(
+                "Mapping back: the step's change of the layer's affine map is measured directly, as W_eff and b_eff after a trial SGD step on the layer's own parameters minus before (WNN and EigenNet: S·V·P and b − S·V·P·μ; GWNN: A·Q·W; BN: diag(γ/σ_B)·W with the probe batch's statistics)."
+            )
+            n.append(
+                "cos(g, F⁻¹g) at the same weights shows how far plain gradient and natural gradient are apart in each network; the step's cosine is the one to compare. For BN the Fisher treats the batch's mean and variance as fixed, and its own-coordinate κ covers W and b of the linear map, not γ and β."
+            )
+            n.append(
+                "The whitening is re-estimated every T steps and held in between, so a probe sees whitening up to T − 1 steps old, as SGD does; the probes use the layers' current whitening without refreshing it."
+            )
+            return n
+        }
+    }
+}
+
+extension NGDStudy.Run {
+    var finalLoss: Double { diverged ? .nan : losses.last ?? .nan }
+    var trainSeconds: Double { seconds.last ?? .nan }
+}
