@@ -102,7 +102,7 @@ public enum NGDStudy {
         var steps: [Int] = []
         var seconds: [Double] = []
         var losses: [Double] = []
-        /// [probe][layer]
+        /// The probes, indexed [probe][layer].
         var probes: [[LayerProbe]] = []
         var testAccuracy = Double.nan
         var diverged = false
