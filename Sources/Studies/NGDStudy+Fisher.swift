@@ -106,6 +106,9 @@ extension NGDStudy {
         var effectiveCondition: Double
         /// κ of the Fisher block of the layer's own trainable weight and bias.
         var ownCondition: Double
+        /// κ of the input-side Kronecker factor of that block, the second moment of [âᵢ, 1]
+        /// (≈ 1 right after a whitening refresh on the same batch).
+        var inputFactorCondition: Double
     }
 
     /// Measures every layer of `net` on the batch (x, labels), leaving its parameters and
@@ -139,11 +142,14 @@ extension NGDStudy {
                 layer.method == .plain
                 ? fisher.condition
                 : try Fisher(rows: layer.ownRows(), damping: damping, vectors: false).condition
+            let inputFactor = try Fisher(
+                rows: layer.ownInputFactorRows(), damping: damping, vectors: false)
             result.append(
                 LayerProbe(
                     updateCosine: cosine(change, natural),
                     gradientCosine: cosine(fisher.gradient, natural),
-                    effectiveCondition: fisher.condition, ownCondition: own))
+                    effectiveCondition: fisher.condition, ownCondition: own,
+                    inputFactorCondition: inputFactor.condition))
         }
         for p in net.parameters { p.zeroGradient() }
         try net.loadBuffers(buffers)

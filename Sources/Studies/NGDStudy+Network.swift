@@ -152,37 +152,56 @@ extension NGDStudy {
             NGDStudy.outerRows(outputGradient, scale: Double(input.rows), input)
         }
 
-        /// The per-example gradients of the layer's own trainable weight and bias, one row each:
-        /// plain (W, b) = the effective rows; BN (W, b) through the normalizer, `m·dzᵢ ⊗ [xᵢ, 1]`
-        /// (γ, β left out); WNN and EigenNet (V, b), `m·Sᵀdyᵢ ⊗ [P(xᵢ − μ), 1]`; GWNN (A, c),
-        /// `m·dyᵢ ⊗ [Q(W·xᵢ − ν), 1]` (W left out).
-        func ownRows() -> Matrix {
-            let m = Double(input.rows)
-            guard let core = whitened?.core else {
-                return NGDStudy.outerRows(
-                    method == .bn ? preNormGradient : outputGradient, scale: m, input)
-            }
+        /// The inputs of the layer's own trainable weight, one row each, from the last forward
+        /// call: plain and BN, x; WNN and EigenNet, the whitened P·(x − μ); GWNN, the input of A,
+        /// Q·(W·x − ν).
+        func ownInputs() -> Matrix {
+            guard let core = whitened?.core else { return input }
             let p = Matrix(
                 rows: core.projection.shape[0], cols: core.projection.shape[1],
                 values: core.projection.scalars)
             let mu = core.mean.scalars
-            var gradient = outputGradient
             var centred: Matrix
             switch core.settings.kind {
             case .wnn, .eigennet:
                 centred = input
-                for i in 0..<input.rows { for j in 0..<inputs { centred[i, j] -= mu[j] } }
-                if let s = core.gradientWhitening {
-                    let sm = Matrix(rows: outputs, cols: outputs, values: s.scalars)
-                    gradient = Matrix.product(outputGradient, sm)  // rows of Sᵀ·dyᵢ
-                }
             case .gwnn:
                 let w = Matrix(rows: outputs, cols: inputs, values: core.weight.value.scalars)
                 centred = Matrix.product(input, w, transposeB: true)
-                for i in 0..<input.rows { for j in 0..<outputs { centred[i, j] -= mu[j] } }
             }
-            let whitenedInput = Matrix.product(centred, p, transposeB: true)
-            return NGDStudy.outerRows(gradient, scale: m, whitenedInput)
+            for i in 0..<centred.rows { for j in 0..<centred.cols { centred[i, j] -= mu[j] } }
+            return Matrix.product(centred, p, transposeB: true)
+        }
+
+        /// The gradients of the batch-mean loss at the output of the layer's own trainable
+        /// weight, one row each, from the last backward call: plain, WNN and GWNN, dL/dy; BN,
+        /// dL/dz at the normalizer's input; EigenNet, Sᵀ·dL/dy.
+        func ownOutputGradients() -> Matrix {
+            if method == .bn { return preNormGradient }
+            guard let s = whitened?.core.gradientWhitening else { return outputGradient }
+            // Row i of dy·S is (Sᵀ·dyᵢ)ᵀ.
+            return Matrix.product(
+                outputGradient, Matrix(rows: outputs, cols: outputs, values: s.scalars))
+        }
+
+        /// The per-example gradients of the layer's own trainable weight and bias, one row each,
+        /// `m·ĝᵢ ⊗ [âᵢ, 1]` with âᵢ from ``ownInputs()`` and ĝᵢ from ``ownOutputGradients()``:
+        /// plain (W, b), the effective rows; BN (W, b) through the normalizer (γ, β left out);
+        /// WNN and EigenNet (V, b); GWNN (A, c) (W left out).
+        func ownRows() -> Matrix {
+            NGDStudy.outerRows(ownOutputGradients(), scale: Double(input.rows), ownInputs())
+        }
+
+        /// The rows `[âᵢ, 1]` whose second moment (1/m) Σᵢ [âᵢ, 1][âᵢ, 1]ᵀ is the input-side
+        /// Kronecker factor of the own weight's Fisher block (K-FAC's A).
+        func ownInputFactorRows() -> Matrix {
+            let a = ownInputs()
+            var out = Matrix(rows: a.rows, cols: a.cols + 1)
+            for i in 0..<a.rows {
+                for j in 0..<a.cols { out[i, j] = a[i, j] }
+                out[i, a.cols] = 1
+            }
+            return out
         }
     }
 

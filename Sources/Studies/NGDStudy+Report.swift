@@ -6,51 +6,57 @@ extension NGDStudy {
     /// Runs the study.
     public static func run(_ o: StudyOptions, log: (String) -> Void) throws -> StudyResult {
         let plan = Plan(o)
-        let (train, test, dataName) = try data(o, plan)
-        let (x, inputs) = try pooledRows(train.images)
-        let (testX, _) = try pooledRows(test.images)
-        let probeCount = min(plan.probeSize, train.count)
-        let probeX = try rows(x, Array(0..<probeCount)[...])
-        let probeLabels = Array(train.labels.prefix(probeCount))
+        let data = try data(o, plan)
         var runs: [Method: [Run]] = [:]
+        var pilots: [Method: [Double?]] = [:]
         var csv: [[String]] = [
             [
-                "method", "seed", "step", "train_seconds", "loss", "layer", "update_cosine",
-                "gradient_cosine", "condition_effective", "condition_own", "test_accuracy",
+                "method", "seed", "learning_rate", "step", "train_seconds", "loss", "layer",
+                "update_cosine", "gradient_cosine", "condition_effective", "condition_own",
+                "condition_input_factor", "test_accuracy", "diverged_at",
             ]
         ]
         for method in Method.allCases {
+            let pilot = try pilot(method, plan: plan, data: data)
+            pilots[method] = pilot
+            let rate = chooseRate(pilot, rates: plan.rates)
+            log(
+                "ngd: \(method.rawValue) pilot (seed \(plan.pilotSeed)) losses "
+                    + zip(plan.rates, pilot).map { "\($0): \($1.map { String(format: "%.3f", $0) } ?? "diverged")" }
+                    .joined(separator: ", ") + "; rate \(rate)")
             for seed in 1...o.seeds {
                 let r = try NGDStudy.train(
-                    method, seed: seed, plan: plan, inputs: inputs, train: train, x: x,
-                    probeX: probeX, probeLabels: probeLabels, testX: testX,
-                    testLabels: test.labels)
+                    method, learningRate: rate, seed: seed, plan: plan, data: data)
                 runs[method, default: []].append(r)
+                let divergedAt = r.divergedAt.map { "\($0)" } ?? ""
                 for (k, probes) in r.probes.enumerated() {
                     for (l, p) in probes.enumerated() {
                         csv.append(
                             [
-                                method.rawValue, "\(seed)", "\(r.steps[k])", "\(r.seconds[k])",
-                                "\(r.losses[k])", "\(l + 1)", "\(p.updateCosine)",
-                                "\(p.gradientCosine)", "\(p.effectiveCondition)",
-                                "\(p.ownCondition)", "\(r.testAccuracy)",
+                                method.rawValue, "\(seed)", "\(rate)", "\(r.steps[k])",
+                                "\(r.seconds[k])", "\(r.losses[k])", "\(l + 1)",
+                                "\(p.updateCosine)", "\(p.gradientCosine)",
+                                "\(p.effectiveCondition)", "\(p.ownCondition)",
+                                "\(p.inputFactorCondition)", "\(r.testAccuracy)", divergedAt,
                             ])
                     }
                 }
                 let last = r.probes.last?.first
                 log(
-                    "ngd: \(method.rawValue) seed \(seed): loss \(String(format: "%.3f", r.losses.last ?? .nan)), "
+                    "ngd: \(method.rawValue) seed \(seed) lr \(rate): loss \(String(format: "%.3f", r.losses.last ?? .nan)), "
                         + "hidden-layer cos(update, F⁻¹g) \(String(format: "%.3f", last?.updateCosine ?? .nan))"
-                        + (r.diverged ? ", diverged" : ""))
+                        + (r.divergedAt.map { ", diverged at step \($0)" } ?? ""))
             }
         }
-        let analysis = Analysis(runs: runs, seeds: o.seeds)
+        let analysis = Analysis(runs: runs, seeds: o.seeds, pilots: pilots, rates: plan.rates)
         let setup =
-            "\(dataName), \(train.count) training / \(test.count) test images average-pooled to \(inputs) inputs; "
-            + "MLP \(inputs) → \(plan.hidden) → ReLU → \(train.classCount) in Double; "
-            + "SGD without momentum, batch \(plan.batchSize), learning rate \(plan.learningRate), \(plan.steps) steps; "
-            + "whitening refreshed every \(plan.period) steps (GWNN's data pass every \(10 * plan.period)), no truncation; "
-            + "exact empirical Fisher of each layer on \(probeCount) training images every \(plan.probeEvery) steps, "
+            "\(data.name), \(data.train.count) training / \(data.testLabels.count) test images average-pooled to \(data.inputs) inputs; "
+            + "MLP \(data.inputs) → \(plan.hidden) → ReLU → \(data.train.classCount) in Double; "
+            + "SGD without momentum, batch \(plan.batchSize), \(plan.steps) steps; "
+            + "each method's learning rate is the one of {\(plan.rates.map { "\($0)" }.joined(separator: ", "))} with the lowest loss after a pilot run on seed \(plan.pilotSeed) (not a reported seed; diverged rates excluded): "
+            + Method.allCases.map { "\($0.label) \(runs[$0]?.first?.learningRate ?? .nan)" }.joined(separator: ", ") + "; "
+            + "whitening refreshed every \(plan.period) steps (GWNN's data pass every \(10 * plan.period)), no truncation, ε = 1e-3 × the mean eigenvalue; "
+            + "exact empirical Fisher of each layer on \(data.probeLabels.count) training images every \(plan.probeEvery) steps, "
             + "damping λ = \(plan.damping) × its mean eigenvalue; \(o.seeds) seeds (\(o.scale.rawValue) scale)"
         return StudyResult(
             name: .ngd, title: "6. Whitened layers and natural gradient (GWNN, EigenNet)",
@@ -65,6 +71,9 @@ extension NGDStudy {
     struct Analysis {
         let runs: [Method: [Run]]
         let seeds: Int
+        /// The pilot losses per method, one per rate (nil: diverged).
+        var pilots: [Method: [Double?]] = [:]
+        var rates: [Double] = []
 
         /// Per seed: the mean over the probes after step 0 (step 0 is the common
         /// initialisation, before any whitening) of one number of layer `layer`.
@@ -142,6 +151,12 @@ extension NGDStudy {
                     series: methods.map { series($0, 1, \.updateCosine) }, yIncludes: 0),
                 condition,
                 Chart(
+                    id: "ngd-input-factor",
+                    title:
+                        "Condition number of the hidden layer's input-side Kronecker factor E[[â, 1][â, 1]ᵀ] in its own coordinates (1 = white; whitening goes stale between refreshes)",
+                    xLabel: "training step", yLabel: "κ", yScale: .log,
+                    series: methods.map { series($0, 0, \.inputFactorCondition) }),
+                Chart(
                     id: "ngd-loss-steps",
                     title: "Training loss (on the probe images, inference mode) against steps",
                     xLabel: "training step", yLabel: "cross-entropy",
@@ -158,27 +173,45 @@ extension NGDStudy {
         var tables: [Table] {
             let rows = Method.allCases.map { m -> [String] in
                 [
-                    m.label, perSeed(m, 0, \.updateCosine).text(digits: 3),
+                    m.label, "\(runs[m]?.first?.learningRate ?? .nan)",
+                    perSeed(m, 0, \.updateCosine).text(digits: 3),
                     perSeed(m, 1, \.updateCosine).text(digits: 3),
                     perSeed(m, 0, \.gradientCosine).text(digits: 3),
                     perSeed(m, 0, \.effectiveCondition).text(digits: 0),
                     perSeed(m, 0, \.ownCondition).text(digits: 0),
+                    perSeed(m, 0, \.inputFactorCondition).text(digits: 1),
+                    perSeed(m, 1, \.ownCondition).text(digits: 0),
                     final(m, \.finalLoss).text(digits: 3),
                     final(m, \.testAccuracy).text(scale: 100),
-                    final(m, \.trainSeconds).text(digits: 1),
+                    final(m, \.trainSeconds).text(digits: 2),
                     "\((runs[m] ?? []).filter(\.diverged).count)",
                 ]
             }
-            return [
+            var tables = [
                 Table(
                     title:
-                        "Per method, mean over probes after step 0, then mean ± sd over \(seeds) seeds",
+                        "Per method, mean over probes after step 0, then mean ± sd over \(seeds) seeds (κ: condition number of the damped block)",
                     columns: [
-                        "method", "cos(step, F⁻¹g) hidden", "cos(step, F⁻¹g) output",
+                        "method", "η", "cos(step, F⁻¹g) hidden", "cos(step, F⁻¹g) output",
                         "cos(g, F⁻¹g) hidden, same weights", "κ hidden (x)", "κ hidden (own)",
-                        "final loss", "test accuracy (%)", "training s", "diverged",
+                        "κ hidden input factor (own)", "κ output (own)", "final loss",
+                        "test accuracy (%)", "training s", "diverged",
                     ], rows: rows)
             ]
+            if !pilots.isEmpty {
+                tables.append(
+                    Table(
+                        title:
+                            "Pilot runs (seed 0, no probes): loss on the probe images after the last step, per learning rate",
+                        columns: ["method"] + rates.map { "η = \($0)" },
+                        rows: Method.allCases.map { m in
+                            [m.label]
+                                + (pilots[m] ?? []).map {
+                                    $0.map { String(format: "%.3f", $0) } ?? "diverged"
+                                }
+                        }))
+            }
+            return tables
         }
 
         /// Whether method `m`'s hidden-layer step is closer to F⁻¹g than plain SGD's.

@@ -28,14 +28,17 @@ public enum NGDStudy {
         var probeSize: Int
         var hidden: Int
         var batchSize = 64
-        var learningRate = 0.1
+        /// The grid each method's learning rate is chosen from (see ``chooseRate(_:plan:data:)``).
+        var rates = [0.2, 0.1, 0.05, 0.02, 0.01]
+        /// The seed of the pilot runs that choose the rates (not one of the reported seeds 1…K).
+        var pilotSeed = 0
         var damping = 1e-3
         var period = 10
 
         init(_ o: StudyOptions) {
             if o.isQuick {
                 (trainCount, testCount) = (10_000, 2_000)
-                (steps, probeEvery, probeSize, hidden) = (500, 50, 1024, 16)
+                (steps, probeEvery, probeSize, hidden) = (1000, 100, 1024, 16)
             } else {
                 (trainCount, testCount) = (nil, nil)
                 (steps, probeEvery, probeSize, hidden) = (3000, 150, 2048, 24)
@@ -43,7 +46,28 @@ public enum NGDStudy {
             trainCount = o.trainCount ?? trainCount
             testCount = o.testCount ?? testCount
             if let e = o.epochs { steps = max(1, e * 10_000 / batchSize) }
+            probeEvery = max(1, min(probeEvery, steps))
         }
+
+        /// The whitened layers' settings: every layer whitened in full, refreshed every T steps
+        /// (GWNN's data pass every 10·T), EigenNet's S scale-preserving as in `normkit train`.
+        var whitening: WhiteningSettings {
+            WhiteningSettings(kind: .wnn, period: period, preservesGradientScale: true)
+        }
+    }
+
+    /// The data of one study run, pooled and in Double.
+    struct StudyData {
+        var train: Dataset<Float>
+        var name: String
+        /// Training rows `[N, d]`.
+        var x: Tensor<Double>
+        var inputs: Int
+        /// The probe batch: the first training images.
+        var probeX: Tensor<Double>
+        var probeLabels: [Int]
+        var testX: Tensor<Double>
+        var testLabels: [Int]
     }
 
     /// Images `[N, 1, H, W]` as rows of `(H/f)·(W/f)` pixels averaged over f×f blocks (f = H/7
@@ -79,84 +103,136 @@ public enum NGDStudy {
     }
 
     /// The data: Fashion-MNIST when installed (digits otherwise, or when asked).
-    static func data(_ o: StudyOptions, _ plan: Plan) throws -> (
-        train: Dataset<Float>, test: Dataset<Float>, name: String
-    ) {
+    static func data(_ o: StudyOptions, _ plan: Plan) throws -> StudyData {
         var c = TrainingConfig()
         c.dataset = o.dataset
         c.trainCount = plan.trainCount
         c.testCount = plan.testCount
         c.seed = 1
+        var name = o.dataset
+        let split: (train: Dataset<Float>, test: Dataset<Float>)
         do {
             let s = try Datasets.split(for: c)
-            return (s.train, s.test, o.dataset)
+            split = (s.train, s.test)
         } catch DatasetError.missing {
             c.dataset = "digits"
             let s = try Datasets.split(for: c)
-            return (s.train, s.test, "digits (Fashion-MNIST is not installed)")
+            split = (s.train, s.test)
+            name = "digits (\(o.dataset) is not installed)"
         }
+        let (x, inputs) = try pooledRows(split.train.images)
+        let (testX, _) = try pooledRows(split.test.images)
+        let probeCount = min(plan.probeSize, split.train.count)
+        return StudyData(
+            train: split.train, name: name, x: x, inputs: inputs,
+            probeX: try rows(x, Array(0..<probeCount)[...]),
+            probeLabels: Array(split.train.labels.prefix(probeCount)), testX: testX,
+            testLabels: split.test.labels)
     }
 
     /// One training run's record.
     struct Run {
+        var learningRate = Double.nan
         var steps: [Int] = []
         var seconds: [Double] = []
         var losses: [Double] = []
         /// The probes, indexed [probe][layer].
         var probes: [[LayerProbe]] = []
         var testAccuracy = Double.nan
-        var diverged = false
+        /// The step at which the loss or the whitening statistics stopped being finite.
+        var divergedAt: Int?
+        var diverged: Bool { divergedAt != nil }
     }
 
-    /// Trains one network, probing it every `plan.probeEvery` steps.
+    /// Whether an error thrown by a training step means that training diverged: a whitened
+    /// layer met NaN or infinite statistics (typed, before LAPACK), or an eigendecomposition
+    /// met them.
+    static func isDivergence(_ error: any Error) -> Bool {
+        if case TrainingError.diverged = error { return true }
+        if case LinearAlgebraError.nonFinite = error { return true }
+        return false
+    }
+
+    /// Trains one network; with `probing`, measures it every `plan.probeEvery` steps (and at the
+    /// end), otherwise only its final loss on the probe batch.
     static func train(
-        _ method: Method, seed: Int, plan: Plan, inputs: Int, train: Dataset<Float>,
-        x: Tensor<Double>, probeX: Tensor<Double>, probeLabels: [Int], testX: Tensor<Double>,
-        testLabels: [Int]
+        _ method: Method, learningRate: Double, seed: Int, plan: Plan, data: StudyData,
+        probing: Bool = true
     ) throws -> Run {
-        let settings = WhiteningSettings(
-            kind: .wnn, period: plan.period, preservesGradientScale: true)
         let net = try Network(
-            method, inputs: inputs, hidden: plan.hidden, classes: train.classCount,
-            whitening: settings, seed: UInt64(seed))
-        var run = Run()
+            method, inputs: data.inputs, hidden: plan.hidden, classes: data.train.classCount,
+            whitening: plan.whitening, seed: UInt64(seed))
+        var run = Run(learningRate: learningRate)
         var g = SeededGenerator(seed: UInt64(seed) &* 104_729)
         var order: [Int] = []
         var cursor = 0
         var elapsed = 0.0
         for step in 0...plan.steps {
-            if step % plan.probeEvery == 0 || step == plan.steps {
-                let loss = try net.evaluate(probeX, probeLabels).loss
+            if (probing && step % plan.probeEvery == 0) || step == plan.steps {
+                let loss = try net.evaluate(data.probeX, data.probeLabels).loss
                 guard loss.isFinite else {
-                    run.diverged = true
+                    run.divergedAt = step
                     break
                 }
                 run.steps.append(step)
                 run.seconds.append(elapsed)
                 run.losses.append(loss)
-                run.probes.append(
-                    try probe(
-                        net, probeX, probeLabels, learningRate: plan.learningRate,
-                        damping: plan.damping))
+                if probing {
+                    run.probes.append(
+                        try probe(
+                            net, data.probeX, data.probeLabels, learningRate: learningRate,
+                            damping: plan.damping))
+                }
             }
             if step == plan.steps { break }
             if cursor + plan.batchSize > order.count {
-                order = Array(0..<train.count)
+                order = Array(0..<data.train.count)
                 order.shuffle(using: &g)
                 cursor = 0
             }
             let batch = order[cursor..<(cursor + plan.batchSize)]
             cursor += plan.batchSize
-            let xb = try rows(x, batch)
-            let labels = batch.map { train.labels[$0] }
+            let xb = try rows(data.x, batch)
+            let labels = batch.map { data.train.labels[$0] }
             let start = Date()
-            _ = try net.step(xb, labels, learningRate: plan.learningRate)
+            do {
+                let loss = try net.step(xb, labels, learningRate: learningRate)
+                guard loss.isFinite else {
+                    run.divergedAt = step
+                    break
+                }
+            } catch where isDivergence(error) {
+                run.divergedAt = step
+                break
+            }
             elapsed += Date().timeIntervalSince(start)
         }
         if !run.diverged {
-            let correct = try net.evaluate(testX, testLabels).correct
-            run.testAccuracy = Double(correct) / Double(max(testLabels.count, 1))
+            let correct = try net.evaluate(data.testX, data.testLabels).correct
+            run.testAccuracy = Double(correct) / Double(max(data.testLabels.count, 1))
         }
         return run
+    }
+
+    /// The pilot of one method: its final probe-batch loss at every rate of the grid (nil when
+    /// it diverged), trained on ``Plan/pilotSeed`` without probes.
+    static func pilot(_ method: Method, plan: Plan, data: StudyData) throws -> [Double?] {
+        try plan.rates.map { rate in
+            let r = try train(
+                method, learningRate: rate, seed: plan.pilotSeed, plan: plan, data: data,
+                probing: false)
+            return r.diverged ? nil : r.losses.last
+        }
+    }
+
+    /// The rate of the grid with the lowest pilot loss among those that did not diverge (the
+    /// smallest rate when every one diverged).
+    static func chooseRate(_ pilotLosses: [Double?], rates: [Double]) -> Double {
+        var best: (rate: Double, loss: Double)?
+        for (rate, loss) in zip(rates, pilotLosses) {
+            guard let loss else { continue }
+            if best == nil || loss < best!.loss { best = (rate, loss) }
+        }
+        return best?.rate ?? rates.min() ?? 0.01
     }
 }
