@@ -101,7 +101,8 @@ let package = Package(
         .testTarget(name: "NormKernelsTests", dependencies: ["NormKernels", "NormTestSupport"]),
         .testTarget(name: "NormalizationTests", dependencies: ["NormKit", "NormTestSupport"]),
         .testTarget(name: "NormIOTests", dependencies: ["NormIO", "NormTestSupport"]),
-        .testTarget(name: "NormKitCLITests", dependencies: ["NormKitCLI", "NormTestSupport"]),
+        .testTarget(
+            name: "NormKitCLITests", dependencies: ["NormKitCLI", "Training", "NormTestSupport"]),
         /// Launches `mpirun -np 2` and `-np 3` on `normkit sync-check` and `normkit train`.
         /// (They never start MPI in the test process: an MPI singleton must not launch mpirun.)
         .testTarget(name: "NormMPITests", dependencies: ["NormIO", "TensorCore"]),
@@ -110,6 +111,6 @@ let package = Package(
             name: "WhitenedTrainingTests", dependencies: ["Training", "NormTestSupport"]),
         .testTarget(
             name: "TrainingTests",
-            dependencies: ["Training", "Studies", "NormKitCLI", "NormTestSupport"]),
+            dependencies: ["Training", "Studies", "NormTestSupport"]),
     ]
 )

@@ -177,9 +177,18 @@ def standard(args):
     print("| layer | shape | layout | pass | NormKit ms | PyTorch ms | torch/NormKit | "
           "NormKit GB/s | copy GB/s | fraction |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    layers = set(args.layers.split(","))
+    layouts = set(args.layouts.split(","))
+    shapes = set(args.shapes.split(",")) if args.shapes else None
     for layer, shape, layout in STANDARD:
+        if layer not in layers or layout not in layouts:
+            continue
+        if shapes is not None and "x".join(map(str, shape)) not in shapes:
+            continue
         passes = ["forward", "backward"] + (["inference"] if layer == "batchnorm" else [])
         for pass_ in passes:
+            if pass_ not in args.passes.split(","):
+                continue
             nk = time_normkit(args.binary, layer, shape, layout, pass_, args.threads, args.repeat)
             _, tm = time_torch(layer, shape, layout, pass_, args.repeat)
             count = 1
@@ -204,6 +213,8 @@ def standard(args):
               + ", ".join(f"{r[0]} {'x'.join(map(str, r[1]))} {r[2]} {r[3]} {r[5]:.2f}"
                           for r in big)
               + ".")
+    if args.no_whitening:
+        return
     # Whitening: one training step against BatchNorm's, same tensor, same run.
     shape = (32, 64, 28, 28)
     print(f"\n| step on {'x'.join(map(str, shape))}, groups of 16 | NormKit ms | × NormKit BN "
@@ -231,6 +242,11 @@ def main():
     ap.add_argument("--layers", default=",".join(SHAPES))
     ap.add_argument("--passes", default="forward,inference,backward,residual")
     ap.add_argument("--set", choices=["standard", "all"], default="standard")
+    ap.add_argument("--layouts", default="nchw,nhwc", help="standard set: layouts to run")
+    ap.add_argument("--shapes", default="",
+                    help="standard set: only these shapes, e.g. 8x256x28x28,512x768")
+    ap.add_argument("--no-whitening", action="store_true",
+                    help="standard set: skip the whitening step table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.set == "standard":

@@ -183,10 +183,12 @@ public final class SPADE<Scalar: NormScalar>: ConditionalNormalizing, CustomStri
         guard let s = conditions["segmap"] else {
             throw NormError.invalidCondition(name: "segmap", problem: "is missing")
         }
-        guard s.rank == 4, s.shape[1] == labelCount, s.count > 0 else {
+        // N = 0 is an empty batch (as the input's); an empty map plane has nothing to resize.
+        guard s.rank == 4, s.shape[1] == labelCount, s.shape[2] > 0, s.shape[3] > 0 else {
             throw NormError.invalidCondition(
                 name: "segmap",
-                problem: "must have shape [N, \(labelCount), H, W] (rank 4), got \(s.shape)")
+                problem:
+                    "must have shape [N, \(labelCount), H, W] (rank 4, H, W ≥ 1), got \(s.shape)")
         }
         guard s.isFinite else {
             throw NormError.invalidCondition(
@@ -218,6 +220,11 @@ public final class SPADE<Scalar: NormScalar>: ConditionalNormalizing, CustomStri
                 name: "segmap",
                 problem: "must have the input's batch size: segmap \(segmap.shape), input "
                     + "\(x.shape)")
+        }
+        // An empty batch is computed (every loop is empty); an empty plane with N > 0 has
+        // statistic sets of no values.
+        guard x.count > 0 || x.shape[0] == 0 else {
+            throw NormError.emptyTensor(layer: displayName, shape: x.shape)
         }
         let (n, h, w) = (x.shape[0], x.shape[2], x.shape[3])
         let resized = Self.resize(segmap, height: h, width: w)

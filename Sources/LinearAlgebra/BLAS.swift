@@ -55,33 +55,30 @@ public enum BLAS {
         return try body()
     }
 
-    /// `C[m×n] ← α·op(A)·op(B) + β·C` in Float, row-major, with explicit leading dimensions
-    /// (blocks of a larger array: lda, ldb, ldc are the row strides of A, B and C as stored).
-    public static func sgemm(
-        transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Float = 1,
-        _ a: UnsafePointer<Float>, lda: Int, _ b: UnsafePointer<Float>, ldb: Int, beta: Float = 0,
-        _ c: UnsafeMutablePointer<Float>, ldc: Int
+    /// The upper triangle of `C[n×n] ← α·A·Aᵀ + β·C` (`ssyrk`/`dsyrk`), row-major, A is n×k
+    /// with row stride lda: half the work of a general product; the lower triangle is left
+    /// untouched.
+    public static func syrk<T: NormScalar>(
+        n: Int, k: Int, alpha: T = 1, _ a: UnsafePointer<T>, lda: Int, beta: T = 0,
+        _ c: UnsafeMutablePointer<T>, ldc: Int
     ) {
         _ = startsSingleThreaded
-        cblas_sgemm(
-            CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans,
-            transposeB ? CblasTrans : CblasNoTrans, Int32(m), Int32(n), Int32(k), alpha, a,
-            Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
+        if T.self == Float.self {
+            cblas_ssyrk(
+                CblasRowMajor, CblasUpper, CblasNoTrans, Int32(n), Int32(k), Float(alpha),
+                UnsafeRawPointer(a).assumingMemoryBound(to: Float.self), Int32(lda), Float(beta),
+                UnsafeMutableRawPointer(c).assumingMemoryBound(to: Float.self), Int32(ldc))
+        } else {
+            cblas_dsyrk(
+                CblasRowMajor, CblasUpper, CblasNoTrans, Int32(n), Int32(k), Double(alpha),
+                UnsafeRawPointer(a).assumingMemoryBound(to: Double.self), Int32(lda),
+                Double(beta), UnsafeMutableRawPointer(c).assumingMemoryBound(to: Double.self),
+                Int32(ldc))
+        }
     }
 
-    /// The upper triangle of `C[n×n] ← α·A·Aᵀ + β·C` in Float, row-major, A is n×k with row
-    /// stride lda (half the work of a general product; the lower triangle is left untouched).
-    public static func ssyrk(
-        n: Int, k: Int, alpha: Float = 1, _ a: UnsafePointer<Float>, lda: Int, beta: Float = 0,
-        _ c: UnsafeMutablePointer<Float>, ldc: Int
-    ) {
-        _ = startsSingleThreaded
-        cblas_ssyrk(
-            CblasRowMajor, CblasUpper, CblasNoTrans, Int32(n), Int32(k), alpha, a, Int32(lda),
-            beta, c, Int32(ldc))
-    }
-
-    /// `C[m×n] ← α·op(A)·op(B) + β·C`, row-major; op(A) is m×k, op(B) is k×n.
+    /// `C[m×n] ← α·op(A)·op(B) + β·C` (`sgemm`/`dgemm`), row-major; op(A) is m×k, op(B) is
+    /// k×n; lda, ldb, ldc are the row strides of A, B and C as stored (blocks of a larger array).
     public static func gemm<T: NormScalar>(
         transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: T = 1,
         _ a: UnsafePointer<T>, lda: Int, _ b: UnsafePointer<T>, ldb: Int, beta: T = 0,

@@ -17,6 +17,7 @@ public struct Matrix: Sendable, Equatable {
     public var values: [Double]
 
     /// A zero matrix.
+    @inlinable
     public init(rows: Int, cols: Int) {
         self.rows = rows
         self.cols = cols
@@ -24,6 +25,7 @@ public struct Matrix: Sendable, Equatable {
     }
 
     /// A matrix from values.
+    @inlinable
     public init(rows: Int, cols: Int, values: [Double]) {
         precondition(
             values.count == rows * cols, "A \(rows)×\(cols) matrix needs \(rows * cols) values.")
@@ -39,7 +41,8 @@ public struct Matrix: Sendable, Equatable {
         return m
     }
 
-    /// Element access.
+    /// Element access (inlinable: the whitening layers' d × d loops index it element by element).
+    @inlinable
     public subscript(_ i: Int, _ j: Int) -> Double {
         get { values[i * cols + j] }
         set { values[i * cols + j] = newValue }
@@ -80,18 +83,22 @@ public struct Matrix: Sendable, Equatable {
     /// a·b.
     public static func * (a: Matrix, b: Matrix) -> Matrix { product(a, b) }
     /// Elementwise sum.
+    @inlinable
     public static func + (a: Matrix, b: Matrix) -> Matrix {
         Matrix(rows: a.rows, cols: a.cols, values: zip(a.values, b.values).map { $0 + $1 })
     }
     /// Elementwise difference.
+    @inlinable
     public static func - (a: Matrix, b: Matrix) -> Matrix {
         Matrix(rows: a.rows, cols: a.cols, values: zip(a.values, b.values).map { $0 - $1 })
     }
     /// Scaling.
+    @inlinable
     public static func * (s: Double, a: Matrix) -> Matrix {
         Matrix(rows: a.rows, cols: a.cols, values: a.values.map { s * $0 })
     }
     /// Σ a ∘ b.
+    @inlinable
     public static func frobenius(_ a: Matrix, _ b: Matrix) -> Double {
         zip(a.values, b.values).reduce(0) { $0 + $1.0 * $1.1 }
     }

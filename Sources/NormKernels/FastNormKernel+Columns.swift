@@ -109,11 +109,15 @@ extension FastNormKernel {
         let sets = plan.setCount
         var shifts = [Float](repeating: 0, count: sets)
         if op.centers {
-            for s in 0..<sets {
-                // The first element of the set: outer index o (0 when reduced), row 0, first column.
-                let o = plan.reduceOuter ? 0 : s / plan.groups
-                let column = (s % plan.groups) * plan.groupWidth
-                shifts[s] = x[o * plan.mid * plan.inner + column]
+            var columnTotals = [Double](repeating: 0, count: plan.inner)
+            shifts.withUnsafeMutableBufferPointer { sh in
+                columnTotals.withUnsafeMutableBufferPointer { ct in
+                    for o in 0..<(plan.reduceOuter ? 1 : plan.outer) {
+                        columnShifts(
+                            x, plan, outer: o, into: sh.baseAddress! + o * plan.groups,
+                            scratch: ct.baseAddress!)
+                    }
+                }
             }
         }
         var (s1, s2) = columnSetSums(x, plan, shifts: shifts)
@@ -128,11 +132,7 @@ extension FastNormKernel {
             }
             if redo { (s1, s2) = columnSetSums(x, plan, shifts: shifts) }
         }
-        statistics = Statistics(
-            mean: [Double](repeating: 0, count: sets),
-            variance: [Double](repeating: 0, count: sets),
-            biasedVariance: [Double](repeating: 0, count: sets),
-            rstd: [Double](repeating: 1, count: sets))
+        statistics = Statistics(setCount: sets)
         for s in 0..<sets {
             let r = finish(
                 n: plan.setSize, inverseCount: 1 / Double(plan.setSize), shift: shifts[s],
@@ -145,12 +145,165 @@ extension FastNormKernel {
         return statistics
     }
 
+    /// The shift of every set of outer index `o` (sets `0..<groups` of that index).
+    ///
+    /// The mean of the set's elements in up to 16 mid rows spread evenly over the set. A shift
+    /// near the mean
+    /// spares the second summation pass that a first element two standard deviations out would
+    /// cost (with 64 channels of normal data some channel almost always has one, and a column
+    /// set cannot be summed again without streaming the whole tensor again).
+    static func columnShifts(
+        _ x: UnsafePointer<Float>, _ plan: ColumnPlan, outer o: Int,
+        into shift: UnsafeMutablePointer<Float>, scratch: UnsafeMutablePointer<Double>
+    ) {
+        let inner = plan.inner
+        let samples = min(plan.mid, 16)
+        for i in 0..<inner { scratch[i] = 0 }
+        for k in 0..<samples {
+            let row = x + (o * plan.mid + k * plan.mid / samples) * inner
+            for i in 0..<inner { scratch[i] += Double(row[i]) }
+        }
+        let count = Double(samples * plan.groupWidth)
+        for g in 0..<plan.groups {
+            var total = 0.0
+            for j in 0..<plan.groupWidth { total += scratch[g * plan.groupWidth + j] }
+            shift[g] = Float(total / count)
+        }
+    }
+
+    /// Training forward on a column geometry whose sets end with their outer index (GroupNorm,
+    /// InstanceNorm and LayerNorm2d channels-last): one chunk per outer index computes that
+    /// sample's statistics and writes its output while the sample's slice is still in cache, with
+    /// per-column Float tables on the chunk's stack (no allocation besides the statistics).
+    static func columnsForwardPerOuter(
+        _ x: UnsafePointer<Float>, _ plan: ColumnPlan, operation op: ReferenceNormKernel.Operation,
+        gamma: UnsafePointer<Float>?, beta: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>,
+        statistics: inout Statistics
+    ) {
+        let sets = plan.setCount
+        let inner = plan.inner
+        let groups = plan.groups
+        statistics = Statistics(setCount: sets)
+        let inverse = 1 / Double(plan.setSize)
+        statistics.mean.withUnsafeMutableBufferPointer { meanOut in
+            statistics.variance.withUnsafeMutableBufferPointer { varOut in
+                statistics.biasedVariance.withUnsafeMutableBufferPointer { biasedOut in
+                    statistics.rstd.withUnsafeMutableBufferPointer { rstdOut in
+                        Parallelism.forEachChunk(plan.outer, work: plan.outer * plan.mid * inner) {
+                            o in
+                            // Doubles: column sums s1, s2, then per-set sums; Floats: per-set
+                            // shift, per-column shift, a, b, and columnSums' accumulators.
+                            withUnsafeTemporaryAllocation(
+                                of: Double.self, capacity: 2 * inner + 2 * groups
+                            ) { doubles in
+                                withUnsafeTemporaryAllocation(
+                                    of: Float.self, capacity: groups + 5 * inner
+                                ) { floats in
+                                    let d = doubles.baseAddress!
+                                    let f = floats.baseAddress!
+                                    let setShift = f
+                                    let columnShift = f + groups
+                                    let aTable = columnShift + inner
+                                    let bTable = aTable + inner
+                                    let scratch = bTable + inner
+                                    let c1 = d
+                                    let c2 = d + inner
+                                    let t1 = c2 + inner
+                                    let t2 = t1 + groups
+                                    if op.centers {
+                                        columnShifts(x, plan, outer: o, into: setShift, scratch: c1)
+                                    } else {
+                                        for g in 0..<groups { setShift[g] = 0 }
+                                    }
+                                    var again = true
+                                    var passes = 0
+                                    while again {
+                                        passes += 1
+                                        for i in 0..<inner {
+                                            columnShift[i] = setShift[plan.columnGroup[i]]
+                                            c1[i] = 0
+                                            c2[i] = 0
+                                        }
+                                        columnSums(
+                                            x, plan, outer: o, rows: 0..<plan.mid,
+                                            shift: columnShift, s1: c1, s2: c2, scratch: scratch)
+                                        for g in 0..<groups {
+                                            t1[g] = 0
+                                            t2[g] = 0
+                                        }
+                                        for i in 0..<inner {
+                                            t1[plan.columnGroup[i]] += c1[i]
+                                            t2[plan.columnGroup[i]] += c2[i]
+                                        }
+                                        again = false
+                                        if op.centers && passes == 1 {
+                                            for g in 0..<groups
+                                            where shiftIsFar(
+                                                n: plan.setSize, inverseCount: inverse, s1: t1[g],
+                                                s2: t2[g])
+                                            {
+                                                setShift[g] = Float(
+                                                    Double(setShift[g]) + t1[g] * inverse)
+                                                again = true
+                                            }
+                                        }
+                                    }
+                                    for g in 0..<groups {
+                                        let s = o * groups + g
+                                        let r = finish(
+                                            n: plan.setSize, inverseCount: inverse,
+                                            shift: setShift[g], s1: t1[g], s2: t2[g], operation: op)
+                                        meanOut[s] = r.mean
+                                        varOut[s] = r.variance
+                                        biasedOut[s] = r.biased
+                                        rstdOut[s] = r.rstd
+                                    }
+                                    for i in 0..<inner {
+                                        let s = o * groups + plan.columnGroup[i]
+                                        let mean = meanOut[s]
+                                        let rstd = rstdOut[s]
+                                        let shift = Float(mean)
+                                        let t = (Double(shift) - mean) * rstd
+                                        var a = rstd
+                                        var b = t
+                                        if plan.gamma == .alongInner {
+                                            let g = gamma.map { Double($0[i]) } ?? 1
+                                            a = g * rstd
+                                            b = (beta.map { Double($0[i]) } ?? 0) + g * t
+                                        }
+                                        columnShift[i] = shift
+                                        aTable[i] = Float(a)
+                                        bTable[i] = Float(b)
+                                    }
+                                    let alongMid = plan.gamma == .alongMid
+                                    for m in 0..<plan.mid {
+                                        let offset = (o * plan.mid + m) * inner
+                                        columnRow(
+                                            x + offset, y + offset, inner, shift: columnShift,
+                                            a: aTable, b: bTable,
+                                            gamma: alongMid ? (gamma?[m] ?? 1) : 1,
+                                            beta: alongMid ? (beta?[m] ?? 0) : 0)
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Training forward on a column geometry.
     static func columnsForward(
         _ x: UnsafePointer<Float>, _ plan: ColumnPlan, operation op: ReferenceNormKernel.Operation,
         gamma: UnsafePointer<Float>?, beta: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>,
         statistics: inout Statistics
     ) {
+        if !plan.reduceOuter {
+            columnsForwardPerOuter(
+                x, plan, operation: op, gamma: gamma, beta: beta, y: y, statistics: &statistics)
+            return
+        }
         statistics = columnsMoments(x, plan, operation: op)
         columnsForward(
             x, plan, mean: statistics.mean, rstd: statistics.rstd, gamma: gamma, beta: beta, y: y)

@@ -141,6 +141,15 @@ public enum FastNormKernel {
             self.biasedVariance = biasedVariance
             self.rstd = rstd
         }
+
+        /// Zero means and variances and unit rstd for `setCount` sets, to be filled in.
+        init(setCount: Int) {
+            self.init(
+                mean: [Double](repeating: 0, count: setCount),
+                variance: [Double](repeating: 0, count: setCount),
+                biasedVariance: [Double](repeating: 0, count: setCount),
+                rstd: [Double](repeating: 1, count: setCount))
+        }
     }
 
     /// Per-set gradient sums: Σg and Σg·(x − μ) with g = dy·γ, and the affine parameters'

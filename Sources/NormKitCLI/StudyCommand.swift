@@ -27,7 +27,12 @@ struct StudyCommand: ParsableCommand {
     @Option(help: "Use only the first N training examples.") var trainCount: Int?
     @Option(help: "Use only the first N test examples.") var testCount: Int?
     @Option(help: "Epochs per run.") var epochs: Int?
+    @Option(help: "Channels of the network's first layer.") var width: Int?
     @Option(help: "Threads.") var threads: Int?
+    @Flag(
+        help:
+            "regularization: also train PN + ζ(h), ζ estimated per channel (normalizers-spec section 9)."
+    ) var estimatedZeta = false
 
     func run() throws {
         let names: [StudyName]
@@ -44,8 +49,12 @@ struct StudyCommand: ParsableCommand {
         guard seeds >= 1 else { throw ValidationError("--seeds must be at least 1") }
         for (flag, value) in [
             ("--train-count", trainCount), ("--test-count", testCount), ("--epochs", epochs),
+            ("--width", width),
         ] {
             if let value, value < 1 { throw ValidationError("\(flag) must be at least 1") }
+        }
+        if let width, width > TrainingConfig.Limits.width {
+            throw ValidationError("--width must be at most \(TrainingConfig.Limits.width)")
         }
         if let threads {
             guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
@@ -59,6 +68,9 @@ struct StudyCommand: ParsableCommand {
         options.trainCount = trainCount
         options.testCount = testCount
         options.epochs = epochs
+        options.width = width
+        options.estimatedZeta = estimatedZeta
+        try StudyReport.prepare(names, in: output)  // a bad --output fails before training
         for n in names {
             let result = try Studies.run(n, options: options) { print($0) }
             let page = try StudyReport.write(result, to: output)

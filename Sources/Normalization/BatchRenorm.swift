@@ -139,6 +139,8 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
         let isTraining: Bool
         /// Values per channel behind μ_B, σ_B (every rank's when synchronized).
         var count = 0
+        /// An unsynchronized empty batch: backward returns an empty dx and zero gradients.
+        var isEmptyBatch = false
     }
 
     /// Normalizes `x`; in training mode corrects by r, d and moves the running statistics.
@@ -148,6 +150,8 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
         output: Tensor<Scalar>, cache: Cache
     ) {
         let synchronizing = mode == .training ? communicator : nil
+        // A synchronized rank with no samples still takes part in the collective calls below.
+        if x.count == 0, synchronizing == nil { return try forwardEmptyBatch(x, mode: mode) }
         let validated = Result { () throws(NormError) in
             try validatedPlan(x, allowingEmptyBatch: synchronizing != nil)
         }
@@ -238,6 +242,32 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
         return (y, cache)
     }
 
+    /// An empty batch (N = 0) as PyTorch's BatchNorm treats one.
+    ///
+    /// An empty output of the input's shape, the moving statistics untouched, and in training
+    /// the step (`num_batches_tracked`) counted, as PyTorch's module counts an empty batch. A
+    /// zero-size axis other than the batch axis with N > 0 is refused with
+    /// ``NormError/emptyTensor(layer:shape:)``.
+    private func forwardEmptyBatch(_ x: Tensor<Scalar>, mode: Mode) throws(NormError) -> (
+        output: Tensor<Scalar>, cache: Cache
+    ) {
+        try validateChannels(x)
+        guard x.shape[0] == 0 else { throw .emptyTensor(layer: "BatchRenorm", shape: x.shape) }
+        if mode == .training { step = step.addingSaturated(1) }
+        let c = channelCount
+        let y: Tensor<Scalar>
+        do { y = try Tensor(zeros: x.shape) } catch { throw .tensor(error) }
+        let cache = Cache(
+            input: x,
+            plan: ReductionPlan(
+                viewShape: x.shape, reduced: [Bool](repeating: false, count: x.rank)),
+            batchMean: [Double](repeating: 0, count: c),
+            batchStandardDeviation: [Double](repeating: 1, count: c),
+            r: [Double](repeating: 1, count: c), d: [Double](repeating: 0, count: c),
+            isTraining: mode == .training, isEmptyBatch: true)
+        return (y, cache)
+    }
+
     /// Gradients of a scalar loss.
     public struct Gradients: Sendable {
         /// dL/dx.
@@ -259,8 +289,15 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
         guard dy.shape == x.shape else {
             throw .gradientShapeMismatch(expected: x.shape, actual: dy.shape)
         }
-        let indexing = parameterIndexing(x.shape)
         let c = channelCount
+        if cache.isEmptyBatch {
+            do {
+                return Gradients(
+                    input: try Tensor(zeros: x.shape), scale: try Tensor(zeros: [c]),
+                    offset: try Tensor(zeros: [c]))
+            } catch { throw .tensor(error) }
+        }
+        let indexing = parameterIndexing(x.shape)
         let sigma = cache.batchStandardDeviation
         var sums = kernels.gradientSums(
             x, outputGradient: dy, plan: cache.plan, mean: cache.batchMean,
@@ -351,6 +388,12 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
                 || (allowingEmptyBatch && x.rank >= 2 && x.shape[0] == 0
                     && x.shape.dropFirst().allSatisfy({ $0 > 0 }))
         else { throw .emptyTensor(layer: "BatchRenorm", shape: x.shape) }
+        try validateChannels(x)
+        return try Normalizer.Partition.batch.plan(for: x.shape, layout: layout)
+    }
+
+    /// The rank, the channel count and the parameter and buffer shapes an input must match.
+    func validateChannels(_ x: Tensor<Scalar>) throws(NormError) {
         guard x.rank >= 2 else {
             throw .invalidRank(layer: "BatchRenorm", expected: "rank ≥ 2 (N, C, …)", shape: x.shape)
         }
@@ -362,7 +405,6 @@ public final class BatchRenorm<Scalar: NormScalar>: CustomStringConvertible {
         for (label, t) in stateDictionary() where t.shape != [channelCount] {
             throw .parameterShapeMismatch(name: label, expected: [channelCount], actual: t.shape)
         }
-        return try Normalizer.Partition.batch.plan(for: x.shape, layout: layout)
     }
 
     func parameterIndexing(_ shape: [Int]) -> ParameterIndexing {

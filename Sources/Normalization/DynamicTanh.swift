@@ -65,7 +65,6 @@ public final class DynamicTanh<Scalar: NormScalar>: Normalizing, CustomStringCon
 
     /// The size of the block that shares one channel (1 channels-last).
     private func inner(_ x: Tensor<Scalar>) throws(NormError) -> Int {
-        guard x.count > 0 else { throw .emptyTensor(layer: displayName, shape: x.shape) }
         let needed = layout == .channelsLast ? 1 : 2
         guard x.rank >= needed else {
             throw .invalidRank(
@@ -85,10 +84,17 @@ public final class DynamicTanh<Scalar: NormScalar>: Normalizing, CustomStringCon
     // MARK: - Forward
 
     /// y = w ⊙ tanh(α x) + b.
-    /// - Throws: ``NormError`` for an empty input or a wrong channel count.
+    ///
+    /// Elementwise, so an empty input (N = 0 or any zero-size axis) gives an empty output of
+    /// its shape, as in PyTorch.
+    /// - Throws: ``NormError`` for a wrong rank or channel count.
     public func normalize(_ x: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
         let inner = try inner(x)
         var y = try Tensor<Scalar>(zeros: x.shape)
+        guard x.count > 0 else {
+            input = x
+            return y
+        }
         let a = alpha.scalars[0]
         y.withUnsafeMutableBufferPointer { yb in
             x.withUnsafeBufferPointer { xb in
@@ -122,6 +128,11 @@ public final class DynamicTanh<Scalar: NormScalar>: Normalizing, CustomStringCon
         }
         let inner = try inner(x)
         var dx = try Tensor<Scalar>(zeros: x.shape)
+        if x.count == 0 {
+            // An empty input: an empty dx and zero parameter gradients.
+            return NormGradients(
+                input: dx, parameters: try parameters.mapValues { try Tensor(zeros: $0.shape) })
+        }
         var dAlpha = 0.0
         var dWeight: [Double] = []
         var dBias: [Double] = []

@@ -99,6 +99,11 @@ public final class IBN<Scalar: NormScalar>: CustomStringConvertible {
             throw .channelMismatch(
                 layer: "IBN", expected: channelCount, actual: x.shape[axis], shape: x.shape)
         }
+        // An empty batch goes through both parts (as PyTorch); an empty spatial extent with
+        // samples is refused here, so that the error names IBN and the whole input.
+        guard x.count > 0 || x.shape[0] == 0 else {
+            throw .emptyTensor(layer: "IBN", shape: x.shape)
+        }
         let (a, b) = try ChannelSplit.split(x, at: instanceChannels, axis: axis)
         // Run the part that cannot change state first: if BatchNorm then throws, nothing changed.
         let (ya, ca) = try instance.forward(a, mode: mode)

@@ -105,6 +105,8 @@ public final class KalmanNorm<Scalar: NormScalar> {
         let previous: (mean: [Double], variance: [Double])?
         let gain: [Double]
         let training: Bool
+        /// An empty batch: backward returns an empty dx and zero gradients.
+        var isEmptyBatch = false
     }
 
     /// Gradients of the layer's own parameters.
@@ -134,6 +136,7 @@ public final class KalmanNorm<Scalar: NormScalar> {
                 layer: "KalmanNorm", expected: channelCount, actual: x.rank >= 2 ? x.shape[1] : 0,
                 shape: x.shape)
         }
+        if x.count == 0 { return try forwardEmptyBatch(x, mode: mode) }
         let plan = try Normalizer.Partition.batch.plan(for: x.shape, layout: .channelsFirst)
         let c = channelCount
         let op = ReferenceNormKernel.Operation(centers: true, scales: true, epsilon: epsilon)
@@ -182,7 +185,11 @@ public final class KalmanNorm<Scalar: NormScalar> {
                 runningVariance[i] = 0.9 * runningVariance[i] + 0.1 * variance[i]
             }
         }
-        let rstd = variance.map { 1 / (max($0, 0) + epsilon).squareRoot() }
+        // ε = 0 and a zero variance (a constant channel): x̂ = 0, as the other layers define it.
+        let rstd = variance.map { v in
+            let d = max(v, 0) + epsilon
+            return d > 0 ? 1 / d.squareRoot() : 0
+        }
         var y = try Tensor<Scalar>(zeros: x.shape)
         y.withUnsafeMutableBufferPointer { yb in
             KernelChoice.automatic.forward(
@@ -200,10 +207,50 @@ public final class KalmanNorm<Scalar: NormScalar> {
         )
     }
 
+    /// An empty batch (N = 0), as PyTorch's BatchNorm treats one.
+    ///
+    /// An empty output of the input's shape and the running estimates untouched. In training
+    /// the layer passes no estimate down the chain for this call (the next layer, whose batch
+    /// is empty too in a sequential network, would otherwise see the previous call's). A
+    /// zero-size axis other than the batch axis with N > 0 is refused with
+    /// ``NormError/emptyTensor(layer:shape:)``.
+    private func forwardEmptyBatch(_ x: Tensor<Scalar>, mode: Mode) throws -> (
+        output: Tensor<Scalar>, cache: Cache
+    ) {
+        guard x.shape[0] == 0 else {
+            throw NormError.emptyTensor(layer: "KalmanNorm", shape: x.shape)
+        }
+        let training = mode == .training
+        if training { chain.estimates[index] = nil }
+        let c = channelCount
+        let none = [Double](repeating: 0, count: c)
+        let cache = Cache(
+            x: x,
+            plan: ReductionPlan(
+                viewShape: x.shape, reduced: [Bool](repeating: false, count: x.rank)),
+            batchMean: none, batchVariance: none, mean: runningMean,
+            rstd: [Double](repeating: 1, count: c), predictedMean: none, predictedVariance: none,
+            previous: nil, gain: none, training: training, isEmptyBatch: true)
+        return (try Tensor(zeros: x.shape), cache)
+    }
+
     /// Back-propagates into x, γ, β, A, q, and deposits dL/d(previous estimates) in the chain.
+    /// - Throws: ``NormError/gradientShapeMismatch(expected:actual:)``.
     public func backward(_ dy: Tensor<Scalar>, cache: Cache) throws -> Gradients {
         let c = channelCount
         let x = cache.x
+        guard dy.shape == x.shape else {
+            throw NormError.gradientShapeMismatch(expected: x.shape, actual: dy.shape)
+        }
+        if cache.isEmptyBatch {
+            // The loss does not depend on an empty output: every gradient is zero, and a
+            // gradient the next layer left for this one's estimates has nowhere to go.
+            if cache.training { chain.downstream[index] = nil }
+            return Gradients(
+                input: try Tensor(zeros: x.shape), scale: try Tensor(zeros: [c]),
+                offset: try Tensor(zeros: [c]), transition: try Tensor(zeros: transition.shape),
+                gainLogits: try Tensor(zeros: [c]))
+        }
         let sums = KernelChoice.automatic.gradientSums(
             x, outputGradient: dy, plan: cache.plan, mean: cache.mean, rstd: cache.rstd,
             scale: scale,

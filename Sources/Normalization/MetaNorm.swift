@@ -51,22 +51,26 @@ public final class MetaNorm<Scalar: NormScalar>: CustomStringConvertible {
     public let epsilon: Double
     /// Channel axis.
     public let layout: Layout
-    /// Running-statistic rule for batch-pooling aggregations.
-    public var momentum: Momentum
-    /// γ (`weight`).
-    public var scale: Tensor<Scalar>
-    /// β (`bias`).
-    public var offset: Tensor<Scalar>
+    /// γ and β (`weight`, `bias`).
+    public var affine: ChannelAffine<Scalar>
     /// Mean-mixture logits (`mean_weight`), one per aggregation, initially 1.
-    public var meanLogits: Tensor<Scalar>
+    public var meanMixture: MixtureLogits<Scalar>
     /// Variance-mixture logits (`var_weight`).
-    public var varianceLogits: Tensor<Scalar>
+    public var varianceMixture: MixtureLogits<Scalar>
+    /// The rule of the running estimates (counting batches only for `.cumulative`).
+    public var runningAverage: RunningAverage
     /// Running μ_k per channel for each aggregation (only batch-pooling ones are used).
     public var runningMean: [[Double]]
     /// Running σ²_k per channel for each aggregation.
     public var runningVariance: [[Double]]
     /// Kernels.
     public var kernels = KernelChoice.automatic
+
+    /// Running-statistic rule for batch-pooling aggregations.
+    public var momentum: Momentum {
+        get { runningAverage.momentum }
+        set { runningAverage.momentum = newValue }
+    }
 
     /// Creates a MetaNorm layer over a dictionary of aggregations.
     /// - Throws: ``NormError`` when the dictionary is empty or a group count does not divide C.
@@ -92,241 +96,95 @@ public final class MetaNorm<Scalar: NormScalar>: CustomStringConvertible {
         self.channelCount = channelCount
         self.aggregations = aggregations
         self.epsilon = epsilon
-        self.momentum = momentum
         self.layout = layout
-        do {
-            scale = try Tensor(repeating: 1, shape: [channelCount])
-            offset = try Tensor(zeros: [channelCount])
-            meanLogits = try Tensor(repeating: 1, shape: [aggregations.count])
-            varianceLogits = try Tensor(repeating: 1, shape: [aggregations.count])
-        } catch { throw .tensor(error) }
+        runningAverage = RunningAverage(momentum: momentum)
+        affine = try ChannelAffine(channelCount: channelCount)
+        meanMixture = try MixtureLogits(componentCount: aggregations.count)
+        varianceMixture = try MixtureLogits(componentCount: aggregations.count)
         runningMean = aggregations.map { _ in [Double](repeating: 0, count: channelCount) }
         runningVariance = aggregations.map { _ in [Double](repeating: 1, count: channelCount) }
     }
 
     /// The learned mixture weights, as data.
     public var importanceWeights: (components: [String], mean: [Double], variance: [Double]) {
-        (aggregations.map(\.description), softmax(meanLogits), softmax(varianceLogits))
+        (
+            aggregations.map(\.description), meanMixture.evaluate(.softmax).weights,
+            varianceMixture.evaluate(.softmax).weights
+        )
     }
 
-    func softmax(_ t: Tensor<Scalar>) -> [Double] {
-        MixtureWeights.softmax(t.scalars.map(Double.init))
+    /// MetaNorm as a configuration of the mixture engine: the dictionary of aggregations.
+    var engine: MixtureEngine {
+        MixtureEngine(
+            channelCount: channelCount, components: aggregations, epsilon: epsilon,
+            layer: "MetaNorm")
     }
 
     /// What forward keeps for backward.
-    public struct Cache: Sendable {
-        let input: Tensor<Scalar>
-        let plan: ReductionPlan
-        let n: Int
-        let spatial: Int
-        let m: [Double]
-        let mu: [Double]
-        let rstd: [Double]
-        let muK: [[Double]]
-        let varK: [[Double]]
-        let constant: [Bool]
-        let w: [Double]
-        let wv: [Double]
-    }
-
+    public typealias Cache = MixtureCache<Scalar>
     /// Gradients.
-    public struct Gradients: Sendable {
-        /// dL/dx.
-        public var input: Tensor<Scalar>
-        /// dL/dγ.
-        public var scale: Tensor<Scalar>
-        /// dL/dβ.
-        public var offset: Tensor<Scalar>
-        /// dL/d(mean logits).
-        public var meanLogits: Tensor<Scalar>
-        /// dL/d(variance logits).
-        public var varianceLogits: Tensor<Scalar>
-    }
-
-    /// Block mean over aggregation `a` of a per-(n, c) table: every entry replaced by its block's mean.
-    func blockMean(_ t: [Double], _ a: Aggregation, n: Int) -> [Double] {
-        let c = channelCount
-        let width = a.channelBlock(c)
-        let samples = a.batch == .all ? n : 1
-        var out = [Double](repeating: 0, count: n * c)
-        for i0 in stride(from: 0, to: n, by: samples) {
-            for j0 in stride(from: 0, to: c, by: width) {
-                var total = 0.0
-                for i in i0..<(i0 + samples) {
-                    for j in j0..<(j0 + width) { total += t[i * c + j] }
-                }
-                let mean = total / Double(samples * width)
-                for i in i0..<(i0 + samples) {
-                    for j in j0..<(j0 + width) { out[i * c + j] = mean }
-                }
-            }
-        }
-        return out
-    }
+    public typealias Gradients = MixtureGradients<Scalar>
 
     /// Normalizes `x`; in training mode updates the running statistics of batch-pooling
     /// aggregations.
+    ///
+    /// An empty batch (N = 0) gives an empty output and leaves the running statistics as they
+    /// are, as PyTorch's normalizers do.
     /// - Throws: ``NormError`` for a wrong rank, channel count or logit shape, or non-finite
     ///   statistics; nothing changes then.
     public func forward(_ x: Tensor<Scalar>, mode: Mode) throws(NormError) -> (
         output: Tensor<Scalar>, cache: Cache
     ) {
-        guard x.count > 0 else { throw .emptyTensor(layer: "MetaNorm", shape: x.shape) }
-        guard x.rank >= 2 else {
-            throw .invalidRank(layer: "MetaNorm", expected: "rank ≥ 2 (N, C, …)", shape: x.shape)
+        let engine = self.engine
+        try engine.validate(x.shape, layout: layout, allowingEmptyBatch: true)
+        try engine.validateLogits(meanLogits, varianceLogits)
+        let (plan, indexing, spatial) = engine.instancePlan(x.shape, layout: layout)
+        if x.count == 0 {
+            if mode == .training { runningAverage.countEmptyBatch(countingEveryBatch: false) }
+            return try engine.emptyBatch(x, plan: plan, spatial: spatial, unbiased: false)
         }
-        let axis = layout.channelAxis(rank: x.rank)
-        let c = channelCount
-        guard x.shape[axis] == c else {
-            throw .channelMismatch(
-                layer: "MetaNorm", expected: c, actual: x.shape[axis], shape: x.shape)
+        let (m, v) = engine.instanceMoments(
+            x, plan: plan, indexing: indexing, spatial: spatial, unbiased: false, kernels: kernels)
+        let sources = aggregations.indices.map { index -> MixtureEngine.Source in
+            aggregations[index].batch == .all && mode.usesRunningStatistics
+                ? .fixed(mean: runningMean[index], variance: runningVariance[index]) : .batch
         }
-        let k = aggregations.count
-        for (label, t) in [("mean_weight", meanLogits), ("var_weight", varianceLogits)]
-        where t.count != k {
-            throw .parameterShapeMismatch(name: label, expected: [k], actual: t.shape)
-        }
-        let n = x.shape[0]
-        let spatialAxes = layout.spatialAxes(rank: x.rank)
-        let plan = ReductionPlan(
-            viewShape: x.shape, reduced: (0..<x.rank).map { spatialAxes.contains($0) })
-        let indexing = ParameterIndexing(divisor: Shape.strides(x.shape)[axis], modulus: c)
-        let op = ReferenceNormKernel.Operation(centers: true, scales: true, epsilon: 0)
-        let moments = kernels.moments(x, plan: plan, operation: op, indexing: indexing)
-        let m = moments.mean
-        let vb = moments.biasedVariance
-        guard m.allSatisfy(\.isFinite), vb.allSatisfy(\.isFinite) else {
-            throw .nonFiniteStatistics(layer: "MetaNorm")
-        }
-        var muK: [[Double]] = []
-        var varK: [[Double]] = []
-        var constant: [Bool] = []
-        var newRunningMean = runningMean
-        var newRunningVariance = runningVariance
-        for (index, a) in aggregations.enumerated() {
-            let useRunning = a.batch == .all && mode.usesRunningStatistics
-            constant.append(useRunning)
-            if useRunning {
-                let means = runningMean[index]
-                let variances = runningVariance[index]
-                muK.append((0..<(n * c)).map { (s: Int) -> Double in means[s % c] })
-                varK.append((0..<(n * c)).map { (s: Int) -> Double in variances[s % c] })
-                continue
-            }
-            let mu = blockMean(m, a, n: n)
-            var spread = [Double](repeating: 0, count: n * c)
-            for s in 0..<(n * c) {
-                let d = m[s] - mu[s]
-                spread[s] = vb[s] + d * d
-            }
-            let variance = blockMean(spread, a, n: n)
-            muK.append(mu)
-            varK.append(variance)
-            if a.batch == .all && mode == .training {
-                let f = momentum.weightOfNew(batchesTracked: 1)
-                for j in 0..<c {
-                    newRunningMean[index][j] = (1 - f) * runningMean[index][j] + f * mu[j]
-                    newRunningVariance[index][j] =
-                        (1 - f) * runningVariance[index][j] + f * variance[j]
-                }
-            }
-        }
-        let w = softmax(meanLogits)
-        let wv = softmax(varianceLogits)
-        var mu = [Double](repeating: 0, count: n * c)
-        var rstd = [Double](repeating: 0, count: n * c)
-        for s in 0..<(n * c) {
-            var mean = 0.0
-            var variance = 0.0
-            for index in 0..<k {
-                mean += w[index] * muK[index][s]
-                variance += wv[index] * varK[index][s]
-            }
-            mu[s] = mean
-            rstd[s] = 1 / (max(variance, 0) + epsilon).squareRoot()
-        }
-        var y: Tensor<Scalar>
-        do { y = try Tensor(zeros: x.shape) } catch { throw .tensor(error) }
-        y.withUnsafeMutableBufferPointer { yb in
-            kernels.forward(
-                x, plan: plan, mean: mu, rstd: rstd, scale: scale, offset: offset,
-                indexing: indexing, into: yb)
-        }
+        let statistics = try engine.forward(
+            m: m, v: v, n: x.shape[0], sources: sources,
+            meanWeights: meanMixture.evaluate(.softmax),
+            varianceWeights: varianceMixture.evaluate(.softmax), communicator: nil,
+            shape: x.shape)
+        let y = try engine.apply(
+            x, plan: plan, indexing: indexing, statistics: statistics, affine: affine,
+            kernels: kernels)
         if mode == .training {
-            runningMean = newRunningMean
-            runningVariance = newRunningVariance
+            var average = runningAverage
+            let f = average.advance(countingEveryBatch: false)
+            for index in aggregations.indices {
+                guard
+                    let batch = statistics.channelStatistics(
+                        index, components: aggregations, channels: channelCount)
+                else { continue }
+                runningMean[index] = RunningAverage.blend(
+                    runningMean[index], toward: batch.mean, weightOfNew: f)
+                runningVariance[index] = RunningAverage.blend(
+                    runningVariance[index], toward: batch.variance, weightOfNew: f)
+            }
+            runningAverage = average
         }
         let cache = Cache(
-            input: x, plan: plan, n: n, spatial: x.count / (n * c), m: m, mu: mu, rstd: rstd,
-            muK: muK, varK: varK,
-            constant: constant, w: w, wv: wv)
+            input: x, plan: plan, spatial: spatial, statistics: statistics,
+            unbiasedInstanceVariance: false)
         return (y, cache)
     }
 
-    /// Back-propagates: as Switchable Normalization, with each aggregation's gradient spread
-    /// back over its blocks (dM += mean_B dμ_k, dσ²_IN += mean_B dσ²_k,
-    /// dM += 2(M − μ_k)·mean_B dσ²_k), then `dx = rstd·g + dM/L + dσ²_IN·2(x − M)/L`.
+    /// Back-propagates through ``MixtureEngine``: each aggregation's gradient spread back over
+    /// its blocks (dM += mean_B dμ_k + 2(M − μ_k)·mean_B dσ²_k, dσ²_IN += mean_B dσ²_k), then
+    /// `dx = rstd·g + dM/L + dσ²_IN·2(x − M)/L`.
     /// - Throws: ``NormError/gradientShapeMismatch(expected:actual:)``.
     public func backward(_ dy: Tensor<Scalar>, cache: Cache) throws(NormError) -> Gradients {
-        let x = cache.input
-        guard dy.shape == x.shape else {
-            throw .gradientShapeMismatch(expected: x.shape, actual: dy.shape)
-        }
-        let c = channelCount
-        let n = cache.n
-        let indexing = ParameterIndexing(
-            divisor: Shape.strides(x.shape)[layout.channelAxis(rank: x.rank)], modulus: c)
-        let sums = kernels.gradientSums(
-            x, outputGradient: dy, plan: cache.plan, mean: cache.mu, rstd: cache.rstd, scale: scale,
-            indexing: indexing)
-        let count = n * c
-        var dmu = [Double](repeating: 0, count: count)
-        var dvar = [Double](repeating: 0, count: count)
-        for s in 0..<count {
-            let r = cache.rstd[s]
-            dmu[s] = -r * sums.sumG[s]
-            dvar[s] = -0.5 * r * r * r * sums.sumGD[s]
-        }
-        let k = aggregations.count
-        var aMean = [Double](repeating: 0, count: k)
-        var aVar = [Double](repeating: 0, count: k)
-        var dM = [Double](repeating: 0, count: count)
-        var dV = [Double](repeating: 0, count: count)
-        for (index, a) in aggregations.enumerated() {
-            for s in 0..<count {
-                aMean[index] += dmu[s] * cache.muK[index][s]
-                aVar[index] += dvar[s] * cache.varK[index][s]
-            }
-            if cache.constant[index] { continue }
-            let dmuK = blockMean(dmu.map { $0 * cache.w[index] }, a, n: n)
-            let dvarK = blockMean(dvar.map { $0 * cache.wv[index] }, a, n: n)
-            for s in 0..<count {
-                dM[s] += dmuK[s] + 2 * (cache.m[s] - cache.muK[index][s]) * dvarK[s]
-                dV[s] += dvarK[s]
-            }
-        }
-        // The blocks' means are over |B| entries; blockMean already divided by |B|, and each
-        // entry's share of Σ_B is the same, which is what mean_B of the upstream gives.
-        let l = Double(cache.spatial)
-        let b = dV.map { 2 * $0 / l }
-        let cc = dM.map { $0 / l }
-        var dx: Tensor<Scalar>
-        do { dx = try Tensor(zeros: x.shape) } catch { throw .tensor(error) }
-        dx.withUnsafeMutableBufferPointer { dxb in
-            kernels.applyGradient(
-                x, outputGradient: dy, plan: cache.plan, mean: cache.m, a: cache.rstd, b: b, c: cc,
-                scale: scale,
-                indexing: indexing, into: dxb)
-        }
-        do {
-            return Gradients(
-                input: dx, scale: try Tensor(shape: [c], rounding: sums.scaleGradient),
-                offset: try Tensor(shape: [c], rounding: sums.offsetGradient),
-                meanLogits: try Tensor(
-                    shape: [k], rounding: MixtureWeights.softmaxBackward(cache.w, aMean)),
-                varianceLogits: try Tensor(
-                    shape: [k], rounding: MixtureWeights.softmaxBackward(cache.wv, aVar)))
-        } catch { throw .tensor(error) }
+        try engine.backward(
+            dy, cache: cache, affine: affine, layout: layout, kernels: kernels, communicator: nil)
     }
 
     /// Parameters by name (`weight`, `bias`, `mean_weight`, `var_weight`).
@@ -338,19 +196,12 @@ public final class MetaNorm<Scalar: NormScalar>: CustomStringConvertible {
     /// Loads parameters by name.
     /// - Throws: ``NormError/parameterShapeMismatch(name:expected:actual:)``; nothing is loaded then.
     public func load(_ tensors: [String: Tensor<Scalar>]) throws(NormError) {
-        let expected = [
-            "weight": channelCount, "bias": channelCount, "mean_weight": aggregations.count,
-            "var_weight": aggregations.count,
-        ]
-        for (key, value) in tensors where expected[key] != value.count {
-            throw .parameterShapeMismatch(
-                name: key, expected: expected[key].map { [$0] } ?? [], actual: value.shape)
-        }
-        func flat(_ t: Tensor<Scalar>) -> Tensor<Scalar> { (try? t.reshaped([t.count])) ?? t }
-        if let t = tensors["weight"] { scale = flat(t) }
-        if let t = tensors["bias"] { offset = flat(t) }
-        if let t = tensors["mean_weight"] { meanLogits = flat(t) }
-        if let t = tensors["var_weight"] { varianceLogits = flat(t) }
+        let k = aggregations.count
+        _ = try loadMixtureParameters(
+            tensors,
+            expected: [
+                "weight": channelCount, "bias": channelCount, "mean_weight": k, "var_weight": k,
+            ])
     }
 
     /// One line with the configuration.

@@ -260,10 +260,8 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
         guard x.rank >= 1, x.shape[0] == 0 || plan.setCount == 0 else {
             throw .emptyTensor(layer: name, shape: x.shape)
         }
-        if mode == .training, var running = runningStatistics,
-            countsEveryBatch || running.momentum == .cumulative
-        {
-            running.batchesTracked = running.batchesTracked.addingSaturated(1)
+        if mode == .training, var running = runningStatistics {
+            running.average.countEmptyBatch(countingEveryBatch: countsEveryBatch)
             runningStatistics = running
         }
         output = try zeros(x.shape)
@@ -598,22 +596,12 @@ public class NormLayer<Scalar: NormScalar>: CustomStringConvertible {
             batchVariance[s % slots] += variance / perSlot
         }
         // Saturates at Int64.max (PyTorch's int64 counter wraps to Int64.min instead).
-        if countsEveryBatch || running.momentum == .cumulative {
-            running.batchesTracked = running.batchesTracked.addingSaturated(1)
-        }
-        let f = running.momentum.weightOfNew(batchesTracked: running.batchesTracked)
-        let oldMean = running.mean.scalars
-        let oldVariance = running.variance.scalars
-        let newMean = (0..<slots).map { Scalar((1 - f) * Double(oldMean[$0]) + f * batchMean[$0]) }
-        let newVariance = (0..<slots).map {
-            Scalar((1 - f) * Double(oldVariance[$0]) + f * batchVariance[$0])
-        }
-        guard newMean.allSatisfy(\.isFinite), newVariance.allSatisfy(\.isFinite) else {
-            throw .statisticsOutOfRange(layer: name)
-        }
-        running.mean = try tensor(shape: running.mean.shape, scalars: newMean)
-        running.variance = try tensor(shape: running.variance.shape, scalars: newVariance)
-        runningStatistics = running
+        guard
+            let updated = running.updated(
+                batchMean: batchMean, batchVariance: batchVariance,
+                countingEveryBatch: countsEveryBatch)
+        else { throw .statisticsOutOfRange(layer: name) }
+        runningStatistics = updated
     }
 
     func parameterIndexing(for shape: [Int]) -> ParameterIndexing? {

@@ -93,13 +93,7 @@ extension SwitchableNorm: Normalizing, CachingNormalizer {
     }
 
     /// The gradients under the parameters' `state_dict` keys.
-    public func keyed(_ g: Gradients) -> NormGradients<Scalar> {
-        NormGradients(
-            input: g.input,
-            parameters: mixtureParameters(
-                scale: g.scale, offset: g.offset, meanLogits: g.meanLogits,
-                varianceLogits: g.varianceLogits))
-    }
+    public func keyed(_ g: Gradients) -> NormGradients<Scalar> { g.keyed }
 
     /// Mixture and Kalman parameters get their own optimiser group.
     public func role(ofParameter key: String) -> ParameterRole { mixtureRole(ofParameter: key) }
@@ -133,13 +127,7 @@ extension MetaNorm: Normalizing, CachingNormalizer {
     public var parameters: [String: Tensor<Scalar>] { stateDictionary() }
 
     /// The gradients under the parameters' `state_dict` keys.
-    public func keyed(_ g: Gradients) -> NormGradients<Scalar> {
-        NormGradients(
-            input: g.input,
-            parameters: mixtureParameters(
-                scale: g.scale, offset: g.offset, meanLogits: g.meanLogits,
-                varianceLogits: g.varianceLogits))
-    }
+    public func keyed(_ g: Gradients) -> NormGradients<Scalar> { g.keyed }
 
     /// Mixture and Kalman parameters get their own optimiser group.
     public func role(ofParameter key: String) -> ParameterRole { mixtureRole(ofParameter: key) }

@@ -48,6 +48,93 @@ public struct RunningStatistics<Scalar: NormScalar>: Sendable, Equatable {
     }
 }
 
+extension RunningStatistics {
+    /// The rule and counter of these statistics.
+    public var average: RunningAverage {
+        get { RunningAverage(momentum: momentum, batchesTracked: batchesTracked) }
+        set {
+            momentum = newValue.momentum
+            batchesTracked = newValue.batchesTracked
+        }
+    }
+
+    /// The statistics after one training batch whose per-slot mean and variance (the variance
+    /// as stored: unbiased where the layer keeps the unbiased one) are given; nil when a new
+    /// value is not finite in `Scalar` (then nothing may change).
+    /// - Parameter countingEveryBatch: see ``RunningAverage/advance(countingEveryBatch:)``.
+    public func updated(
+        batchMean: [Double], batchVariance: [Double], countingEveryBatch: Bool = true
+    ) -> RunningStatistics? {
+        var result = self
+        let f = result.average.advance(countingEveryBatch: countingEveryBatch)
+        let newMean = RunningAverage.blend(
+            mean.scalars.map(Double.init), toward: batchMean, weightOfNew: f
+        ).map { Scalar($0) }
+        let newVariance = RunningAverage.blend(
+            variance.scalars.map(Double.init), toward: batchVariance, weightOfNew: f
+        ).map { Scalar($0) }
+        guard newMean.allSatisfy(\.isFinite), newVariance.allSatisfy(\.isFinite),
+            let m = try? Tensor(shape: mean.shape, scalars: newMean),
+            let v = try? Tensor(shape: variance.shape, scalars: newVariance)
+        else { return nil }
+        result.mean = m
+        result.variance = v
+        return result
+    }
+}
+
+/// The update rule and batch counter of a running estimate, for any buffer of statistics
+/// (means, variances, whitening's covariance matrices): the one place where
+/// `r ← (1 − f)·r + f·s` is written.
+///
+/// ```
+/// advance:  batchesTracked ← batchesTracked + 1   (saturating at Int.max)
+///           f = 1/batchesTracked (cumulative)  or  m (exponential)
+/// blend:    r ← (1 − f)·r + f·s
+/// ```
+/// PyTorch's BatchNorm counts every training batch (its int64 `num_batches_tracked` would wrap
+/// to Int64.min; NormKit saturates). Layers whose PyTorch counterpart keeps no counter
+/// (Switchable Normalization, MetaNorm, the whitening layers) advance with
+/// `countingEveryBatch: false`, which counts only for the cumulative rule, where the count is
+/// the rule.
+public struct RunningAverage: Sendable, Hashable {
+    /// The update rule.
+    public var momentum: Momentum
+    /// Training batches counted so far; `num_batches_tracked` where a layer saves it.
+    public var batchesTracked: Int
+
+    /// A rule with a counter (0: no batch yet).
+    public init(momentum: Momentum, batchesTracked: Int = 0) {
+        self.momentum = momentum
+        self.batchesTracked = batchesTracked
+    }
+
+    /// Counts one more batch (always when `countingEveryBatch`, otherwise only for the
+    /// cumulative rule) and returns f, the weight of that batch.
+    public mutating func advance(countingEveryBatch: Bool = true) -> Double {
+        if countingEveryBatch || momentum == .cumulative {
+            batchesTracked = batchesTracked.addingSaturated(1)
+        }
+        return momentum.weightOfNew(batchesTracked: batchesTracked)
+    }
+
+    /// Counts a batch that updates no statistic (an empty batch in training, which PyTorch's
+    /// BatchNorm counts too).
+    public mutating func countEmptyBatch(countingEveryBatch: Bool = true) {
+        if countingEveryBatch || momentum == .cumulative {
+            batchesTracked = batchesTracked.addingSaturated(1)
+        }
+    }
+
+    /// `(1 − f)·old + f·new`, entry by entry.
+    public static func blend(_ old: [Double], toward new: [Double], weightOfNew f: Double)
+        -> [Double]
+    {
+        precondition(old.count == new.count, "A running estimate and its update need one length.")
+        return zip(old, new).map { (1 - f) * $0 + f * $1 }
+    }
+}
+
 /// The parameters and buffers of a layer under PyTorch's `state_dict` key names: the one table
 /// that maps NormKit's names to PyTorch's.
 public enum ParameterKey: String, Sendable, CaseIterable {

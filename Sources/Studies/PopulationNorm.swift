@@ -25,6 +25,52 @@ final class PopulationNorm: Module {
     let epsilon = 1e-5
     let channels: Int
     var lastXhat: Tensor<Float>?
+    /// When set, every backward pass updates ``zeta`` for BN's batch noise at this batch size M.
+    var zetaBatchSize: Int?
+    /// The estimated γ-decay strength ζ(h) of each channel (normalizers-spec section 9), a
+    /// running average over training steps (nil before the first estimate).
+    var zeta: [Double]?
+
+    /// One step's estimate of ζ(h) per channel, from the normalized values n̄ = (h − μ_P)/σ_P and
+    /// dy = ∂L/∂y of the batch-mean loss L over `n` samples.
+    ///
+    /// BN's batch statistics perturb every position of a sample's channel alike, so sample i's
+    /// output moves by Δy = −γ·(δμ + n̄·δσ)/σ_P with δμ/σ_P ~ N(0, 1/M) and
+    /// δσ/σ_P ~ N(0, (ρ + 2)/(4M)) (ρ the excess kurtosis of h). With the Hessian of sample i's
+    /// loss ℓ_i in y replaced by its outer-product (Fisher) estimate g_i g_iᵀ, g_i = n·dy_i, the
+    /// expected second-order loss increase is ζ·γ² with
+    /// ζ = 1/(2M)·mean_i a_i² + (ρ + 2)/(8M)·mean_i b_i², a_i = Σ_p g_ip, b_i = Σ_p n̄_p·g_ip:
+    /// the spec's ζ(h) with loss'' estimated by the squared gradient (the two coincide for one
+    /// position per sample).
+    static func estimateZeta(
+        normalized: UnsafeBufferPointer<Float>, dy: UnsafeBufferPointer<Float>, n: Int,
+        channels: Int, positions l: Int, batchSize m: Int
+    ) -> [Double] {
+        let scale = Double(n)
+        return (0..<channels).map { c in
+            var (sumA2, sumB2, m2, m4) = (0.0, 0.0, 0.0, 0.0)
+            for s in 0..<n {
+                let base = (s * channels + c) * l
+                var (a, b) = (0.0, 0.0)
+                for i in base..<(base + l) {
+                    let g = scale * Double(dy[i])
+                    let v = Double(normalized[i])
+                    a += g
+                    b += v * g
+                    m2 += v * v
+                    m4 += v * v * v * v
+                }
+                sumA2 += a * a
+                sumB2 += b * b
+            }
+            let count = Double(n * l)
+            let variance = m2 / count
+            let kurtosis = variance > 0 ? (m4 / count) / (variance * variance) - 3 : 0
+            let rho = max(kurtosis, -2)  // ρ + 2 = E[n̄⁴]/E[n̄²]² − 1 ≥ 0
+            return (sumA2 / Double(n)) / (2 * Double(m))
+                + (rho + 2) / (8 * Double(m)) * (sumB2 / Double(n))
+        }
+    }
 
     init(channels: Int, name: String, momentum: Double = 0.1) throws {
         self.channels = channels
@@ -136,6 +182,16 @@ final class PopulationNorm: Module {
                 }
             }
         }
+        if let m = zetaBatchSize {
+            let step = xhat.withUnsafeBufferPointer { hp in
+                dy.withUnsafeBufferPointer { dp in
+                    Self.estimateZeta(
+                        normalized: hp, dy: dp, n: n, channels: channels, positions: l,
+                        batchSize: m)
+                }
+            }
+            zeta = zeta.map { old in zip(old, step).map { 0.9 * $0 + 0.1 * $1 } } ?? step
+        }
         weight.gradient = try weight.gradient + Tensor(dg)
         bias.gradient = try bias.gradient + Tensor(db)
         return dx
@@ -149,29 +205,10 @@ enum StudyNetwork {
         inputShape: [Int], classes: Int, width: Int, seed: UInt64,
         norm: (Int, String) throws -> AnyModule<Float>
     ) throws -> Sequential<Float> {
-        var g = SeededGenerator(seed: seed)
-        let c = inputShape[0]
-        return Sequential(
-            try Conv2d<Float>(
-                c, width, kernel: 3, padding: 1, bias: false, name: "conv1", generator: &g
-            )
-            .erased,
-            try norm(width, "norm1"), ReLU<Float>().erased,
-            try Conv2d<Float>(
-                width, 2 * width, kernel: 3, padding: 1, bias: false, name: "conv2", generator: &g
-            ).erased,
-            try norm(2 * width, "norm2"), ReLU<Float>().erased,
-            Pool2d<Float>(.max, size: 2).erased,
-            try Conv2d<Float>(
-                2 * width, 2 * width, kernel: 3, padding: 1, bias: false, name: "conv3",
-                generator: &g
-            ).erased,
-            try norm(2 * width, "norm3"), ReLU<Float>().erased,
-            GlobalAveragePool<Float>().erased,
-            try Linear<Float>(2 * width, classes, name: "fc", generator: &g).erased)
+        try Models.convnet(
+            inputShape: inputShape, classes: classes, width: width, seed: seed, norm: norm)
     }
 
-    /// Loss and error rate in inference mode.
     static func evaluate(_ model: Sequential<Float>, _ data: Dataset<Float>) throws -> (
         loss: Double, error: Double
     ) {

@@ -8,51 +8,77 @@ import NormIO
 /// of ``StudyName/allCases``: running the studies one by one into the same folder builds one
 /// report. Other files in DIR are left alone.
 public enum StudyReport {
-    /// Writes `result`'s JSON and CSV into `directory` (created if missing), then rebuilds
-    /// `directory/report.html`; returns the page's path.
+    /// Creates `directory` if missing and checks that a study's files can be written there
+    /// (``OutputSet``), so that a bad `--output` fails before any training.
+    ///
+    /// - Throws: ``FileFormatError/io(path:reason:)`` naming the folder or file.
     @discardableResult
-    public static func write(_ result: StudyResult, to directory: String) throws -> String {
+    public static func prepare(_ names: [StudyName], in directory: String) throws -> OutputSet {
         do {
             try FileManager.default.createDirectory(
                 atPath: directory, withIntermediateDirectories: true)
         } catch {
             throw FileFormatError.io(path: directory, reason: "the folder cannot be created")
         }
+        return try OutputSet(
+            names.flatMap {
+                [directory + "/\($0.rawValue).json", directory + "/\($0.rawValue).csv"]
+            }
+                + [directory + "/report.html"])
+    }
+
+    /// Writes `result`'s JSON and CSV into `directory` (created if missing) and rebuilds
+    /// `directory/report.html`, all three through one ``OutputSet`` (each file is the old one
+    /// or the complete new one); returns the page's path.
+    @discardableResult
+    public static func write(_ result: StudyResult, to directory: String) throws -> String {
+        var files = try prepare([result.name], in: directory)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         encoder.nonConformingFloatEncodingStrategy = .convertToString(
             positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
         let name = result.name.rawValue
-        try save(encoder.encode(result), to: directory + "/\(name).json")
+        files.stage(Array(try encoder.encode(result)), to: directory + "/\(name).json")
         let csv = result.runs.map { $0.map(csvField).joined(separator: ",") }.joined(
             separator: "\n")
-        try save(Data((csv + "\n").utf8), to: directory + "/\(name).csv")
-        return try rebuild(directory)
+        files.stage(csv + "\n", to: directory + "/\(name).csv")
+        let page = directory + "/report.html"
+        files.stage(html(results(in: directory, replacing: result)), to: page)
+        try files.commit()
+        return page
     }
 
     /// Renders `directory/report.html` from the study JSON files there; returns its path.
     @discardableResult
     public static func rebuild(_ directory: String) throws -> String {
+        let path = directory + "/report.html"
+        var files = try OutputSet([path])
+        files.stage(html(results(in: directory)), to: path)
+        try files.commit()
+        return path
+    }
+
+    /// The studies whose JSON is in `directory`, in the order of ``StudyName/allCases``, with
+    /// `replacement` in place of its study's file.
+    static func results(in directory: String, replacing replacement: StudyResult? = nil)
+        -> [StudyResult]
+    {
         let decoder = JSONDecoder()
         decoder.nonConformingFloatDecodingStrategy = .convertFromString(
             positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
         var results: [StudyResult] = []
         for name in StudyName.allCases {
+            if let replacement, replacement.name == name {
+                results.append(replacement)
+                continue
+            }
             let path = directory + "/\(name.rawValue).json"
             guard let data = FileManager.default.contents(atPath: path),
                 let r = try? decoder.decode(StudyResult.self, from: data), r.name == name
             else { continue }
             results.append(r)
         }
-        let path = directory + "/report.html"
-        try save(Data(html(results).utf8), to: path)
-        return path
-    }
-
-    static func save(_ data: Data, to path: String) throws {
-        do { try data.write(to: URL(fileURLWithPath: path), options: .atomic) } catch {
-            throw FileFormatError.io(path: path, reason: "it cannot be written")
-        }
+        return results
     }
 
     static func csvField(_ s: String) -> String {

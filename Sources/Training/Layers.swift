@@ -385,9 +385,7 @@ public final class Conv2d<Scalar: NormScalar>: Module {
                                                         + ((start + s) * outChannels + o) * plane
                                                     let dst = gp.baseAddress! + o * ld + s * plane
                                                     dst.update(from: src, count: plane)
-                                                    var total = Scalar(0)
-                                                    for q in 0..<plane { total += src[q] }
-                                                    db[o] += total
+                                                    db[o] += Elementwise.sum(src, count: plane)
                                                 }
                                             }
                                             // dW += dy · colsᵀ
@@ -436,12 +434,17 @@ public final class ReLU<Scalar: NormScalar>: Module {
     public var parameters: [Parameter<Scalar>] { [] }
 
     /// Computes the output (see the type's documentation).
+    ///
+    /// One pass from x into a new buffer (no copy of x first); NaN becomes 0.
     public func forward(_ x: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
-        var y = x
-        y.withUnsafeMutableBufferPointer { p in
-            // max(x, 0) as a select (vectorizes); NaN becomes 0 as before.
-            for i in p.indices { p[i] = p[i] > 0 ? p[i] : 0 }
+        let n = x.count
+        let scalars = x.withUnsafeBufferPointer { xp in
+            [Scalar](unsafeUninitializedCapacity: n) { yp, initialized in
+                Elementwise.rectify(xp.baseAddress!, into: yp.baseAddress!, count: n)
+                initialized = n
+            }
         }
+        let y = try Tensor(shape: x.shape, scalars: scalars)
         output = y
         return y
     }
@@ -451,13 +454,76 @@ public final class ReLU<Scalar: NormScalar>: Module {
         guard let y = output, dy.shape == y.shape else {
             throw TrainingError.noForward(layer: "ReLU")
         }
-        var dx = dy
-        y.withUnsafeBufferPointer { yp in
-            dx.withUnsafeMutableBufferPointer { p in
-                for i in p.indices { p[i] = yp[i] > 0 ? p[i] : 0 }
+        let n = dy.count
+        let scalars = y.withUnsafeBufferPointer { yp in
+            dy.withUnsafeBufferPointer { dp in
+                [Scalar](unsafeUninitializedCapacity: n) { dx, initialized in
+                    Elementwise.pass(
+                        dp.baseAddress!, where: yp.baseAddress!, into: dx.baseAddress!, count: n)
+                    initialized = n
+                }
             }
         }
-        return dx
+        return try Tensor(shape: dy.shape, scalars: scalars)
+    }
+}
+
+/// The harness's elementwise loops, eight Float lanes at a time (the generic loops compile to
+/// one scalar compare-and-branch per element).
+enum Elementwise {
+    typealias Lanes = SIMD8<Float>
+
+    /// y = x > 0 ? x : 0 (NaN → 0): ``pass(_:where:into:count:)`` with x as both inputs.
+    static func rectify<Scalar: NormScalar>(
+        _ x: UnsafePointer<Scalar>, into y: UnsafeMutablePointer<Scalar>, count n: Int
+    ) {
+        pass(x, where: x, into: y, count: n)
+    }
+
+    /// dx = y > 0 ? dy : 0 (ReLU's backward from its output y).
+    static func pass<Scalar: NormScalar>(
+        _ dy: UnsafePointer<Scalar>, where y: UnsafePointer<Scalar>,
+        into dx: UnsafeMutablePointer<Scalar>, count n: Int
+    ) {
+        guard Scalar.self == Float.self else {
+            for i in 0..<n { dx[i] = y[i] > 0 ? dy[i] : 0 }
+            return
+        }
+        let (g, out, dst) = (UnsafeRawPointer(dy), UnsafeRawPointer(y), UnsafeMutableRawPointer(dx))
+        var i = 0
+        while i + 8 <= n {
+            let v = g.loadUnaligned(fromByteOffset: i * 4, as: Lanes.self)
+            let o = out.loadUnaligned(fromByteOffset: i * 4, as: Lanes.self)
+            dst.storeBytes(
+                of: v.replacing(with: 0, where: .!(o .> 0)), toByteOffset: i * 4, as: Lanes.self)
+            i += 8
+        }
+        while i < n {
+            dx[i] = y[i] > 0 ? dy[i] : 0
+            i += 1
+        }
+    }
+
+    /// The sum of `n` values, in eight partial sums for Float.
+    static func sum<Scalar: NormScalar>(_ x: UnsafePointer<Scalar>, count n: Int) -> Scalar {
+        guard Scalar.self == Float.self else {
+            var total = Scalar(0)
+            for i in 0..<n { total += x[i] }
+            return total
+        }
+        let src = UnsafeRawPointer(x)
+        var partial = Lanes()
+        var i = 0
+        while i + 8 <= n {
+            partial += src.loadUnaligned(fromByteOffset: i * 4, as: Lanes.self)
+            i += 8
+        }
+        var total = partial.sum()
+        while i < n {
+            total += src.load(fromByteOffset: i * 4, as: Float.self)
+            i += 1
+        }
+        return unsafeBitCast(total, to: Scalar.self)
     }
 }
 

@@ -605,6 +605,23 @@ public final class Trainer {
             throw damaged(
                 "step \(step) and \(examples) examples do not match epoch \(epoch), batch \(batch)")
         }
+        // Every step gives each parameter a velocity, except parameters a layer has frozen
+        // (Sparse SN's one-hot logits): a missing one would resume with zero momentum.
+        if step > 0 {
+            var frozen: Set<String> = []
+            for slot in trainer.slots {
+                guard let scheduled = slot.layer as? any ScheduledNormalizing else { continue }
+                for (key, p) in zip(slot.keys, slot.parameters)
+                where scheduled.frozenParameterKeys.contains(key) {
+                    frozen.insert(p.name)
+                }
+            }
+            for p in trainer.model.parameters
+            where trainer.optimizer.velocity[p.name] == nil && !frozen.contains(p.name) {
+                throw damaged(
+                    "the optimizer velocity of '\(p.name)' is missing after \(step) steps")
+            }
+        }
         let stepLosses = losses.tensor(as: Double.self).scalars
         guard losses.shape == [Int(step)], stepLosses.allSatisfy({ $0.isFinite }) else {
             throw damaged("state.step_losses must hold \(step) finite losses")

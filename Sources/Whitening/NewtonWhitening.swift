@@ -32,16 +32,16 @@ enum NewtonWhitening {
         var dP = (1 / tr.squareRoot()) * dW
         let dtr = -0.5 * pow(tr, -1.5) * Matrix.frobenius(dW, ps[iterations])
         var dSn = Matrix(rows: sigma.rows, cols: sigma.cols)
+        // Every iterate is a polynomial in Σ_N, so A = P_{k−1} is symmetric and commutes with
+        // Σ_N: the step's three terms dP (A²Σ_N)ᵀ + Aᵀ dP (AΣ_N)ᵀ + A²ᵀ dP Σ_Nᵀ are
+        // (dP A² + A dP A + A² dP) Σ_N, and A³ᵀ dP = A (A (A dP)): 7 products instead of 10.
         for step in stride(from: iterations, through: 1, by: -1) {
             let a = ps[step - 1]
-            let a2 = a * a
-            let a3 = a2 * a
-            dSn = dSn - 0.5 * Matrix.product(a3, dP, transposeA: true)
-            let t1 = Matrix.product(dP, a2 * sn, transposeB: true)
-            let t2 = Matrix.product(
-                Matrix.product(a, dP, transposeA: true), a * sn, transposeB: true)
-            let t3 = Matrix.product(Matrix.product(a2, dP, transposeA: true), sn, transposeB: true)
-            dP = 1.5 * dP - 0.5 * (t1 + t2 + t3)
+            let aDP = a * dP
+            let a2DP = a * aDP
+            dSn = dSn - 0.5 * (a * a2DP)
+            let inner = dP * (a * a) + aDP * a + a2DP
+            dP = 1.5 * dP - 0.5 * (inner * sn)
         }
         var dSigma = (1 / tr) * dSn
         let diagonal = dtr - Matrix.frobenius(dSn, sigma) / (tr * tr)

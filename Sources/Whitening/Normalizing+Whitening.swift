@@ -1,18 +1,16 @@
 import Normalization
 import TensorCore
 
-/// The whitening layers keep γ and β optional (`affine: false`) and their running matrices as
-/// `[G, d, d]` tensors under the official names.
-extension DecorrelatedBatchNorm: Normalizing, CachingNormalizer {
-    /// The layer's name in messages.
-    public var displayName: String { "DecorrelatedBatchNorm" }
+/// DBN and IterNorm (one conformance for both): γ and β are optional (`affine: false`), the
+/// running matrices a `[G, d, d]` tensor under the method's official name.
+extension GroupWhiteningNorm: Normalizing, CachingNormalizer {
     /// The trainable parameters by `state_dict` key.
     public var parameters: [String: Tensor<Scalar>] { affineParameters(scale, offset) }
     /// The gradients under the parameters' `state_dict` keys.
     public func keyed(_ g: Gradients) -> NormGradients<Scalar> {
         NormGradients(input: g.input, parameters: affineParameters(g.scale, g.offset))
     }
-    /// Parameters, buffers and counters under their `state_dict` keys.
+    /// Parameters and buffers under their `state_dict` keys.
     public func state() throws -> NormState<Scalar> { NormState(tensors: try stateDictionary()) }
     /// Restores a state: keys and shapes checked, all or nothing.
     public func load(_ state: NormState<Scalar>) throws {
@@ -21,25 +19,7 @@ extension DecorrelatedBatchNorm: Normalizing, CachingNormalizer {
     }
 }
 
-extension IterNorm: Normalizing, CachingNormalizer {
-    /// The layer's name in messages.
-    public var displayName: String { "IterNorm" }
-    /// The trainable parameters by `state_dict` key.
-    public var parameters: [String: Tensor<Scalar>] { affineParameters(scale, offset) }
-    /// The gradients under the parameters' `state_dict` keys.
-    public func keyed(_ g: Gradients) -> NormGradients<Scalar> {
-        NormGradients(input: g.input, parameters: affineParameters(g.scale, g.offset))
-    }
-    /// Parameters, buffers and counters under their `state_dict` keys.
-    public func state() throws -> NormState<Scalar> { NormState(tensors: try stateDictionary()) }
-    /// Restores a state: keys and shapes checked, all or nothing.
-    public func load(_ state: NormState<Scalar>) throws {
-        try checkWhiteningState(state, known: try stateDictionary(), layer: displayName)
-        try load(state.tensors)
-    }
-}
-
-extension SwitchableWhitening: Normalizing, CachingNormalizer {
+extension SwitchableWhitening: Normalizing, CachingNormalizer, MixtureNormalizing {
     /// The layer's name in messages.
     public var displayName: String { "SwitchableWhitening" }
     /// The trainable parameters by `state_dict` key.
@@ -56,9 +36,9 @@ extension SwitchableWhitening: Normalizing, CachingNormalizer {
                 scale: g.scale, offset: g.offset, meanLogits: g.meanLogits,
                 varianceLogits: g.varianceLogits, logitPrefix: "sw_"))
     }
-    /// Mixture and Kalman parameters get their own optimiser group.
+    /// Mixture logits get their own optimiser group.
     public func role(ofParameter key: String) -> ParameterRole { mixtureRole(ofParameter: key) }
-    /// Parameters, buffers and counters under their `state_dict` keys.
+    /// Parameters and buffers under their `state_dict` keys.
     public func state() throws -> NormState<Scalar> { NormState(tensors: try stateDictionary()) }
     /// Restores a state: keys and shapes checked, all or nothing.
     public func load(_ state: NormState<Scalar>) throws {
@@ -85,4 +65,3 @@ func checkWhiteningState<Scalar: NormScalar>(
         throw NormError.unknownParameter(layer: layer, key: key, known: known.keys.sorted())
     }
 }
-extension SwitchableWhitening: MixtureNormalizing {}

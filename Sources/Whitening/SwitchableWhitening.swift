@@ -29,7 +29,13 @@ import TensorCore
 /// and BN statistics from them, IW, IN and LN from the sample, and still runs the iterations.
 ///
 /// Channels-first, any rank ≥ 3 (rank 2 has one position per sample: instance statistics are
-/// those of one value, and are defined as 0 variance).
+/// those of one value, and are defined as 0 variance). An empty batch gives an empty output,
+/// leaves the running statistics untouched and has zero parameter and logit gradients.
+///
+/// Data stays in the tensor's scalar type (Float32 storage for `Float`): per group and sample one
+/// pass for the instance mean, one to centre, one syrk for the instance covariance, one gemm for
+/// the output; batch and layer statistics are merged from the instance ones (``GroupWhitening``),
+/// and backward is two gemm per unit plus the d × d algebra in Double.
 ///
 /// ## References
 /// 1. Pan, Zhan, Shi, Tang & Luo 2019, "Switchable Whitening for Deep Representation
@@ -49,16 +55,29 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
     public let iterations: Int
     /// ε.
     public let epsilon: Double
+    /// Keep-convention rule (0.99) and its batch count (counted for the cumulative rule only).
+    public var average: RunningAverage
     /// Keep-convention rule (0.99).
-    public var momentum: Momentum
+    public var momentum: Momentum {
+        get { average.momentum }
+        set { average.momentum = newValue }
+    }
     /// γ (`weight`).
     public var scale: Tensor<Scalar>
     /// β (`bias`).
     public var offset: Tensor<Scalar>
+    /// The mean and variance mixtures (`sw_mean_weight`, `sw_var_weight`), softmax-weighted.
+    public var mixture: (mean: MixtureLogits<Scalar>, variance: MixtureLogits<Scalar>)
     /// `sw_mean_weight`.
-    public var meanLogits: Tensor<Scalar>
+    public var meanLogits: Tensor<Scalar> {
+        get { mixture.mean.logits }
+        set { mixture.mean.logits = newValue }
+    }
     /// `sw_var_weight`.
-    public var varianceLogits: Tensor<Scalar>
+    public var varianceLogits: Tensor<Scalar> {
+        get { mixture.variance.logits }
+        set { mixture.variance.logits = newValue }
+    }
     /// `running_mean` `[C]`.
     public var runningMean: [Double]
     /// `running_cov` per group (d × d), initially 0.
@@ -66,7 +85,9 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
     let groups: [Range<Int>]
 
     /// Creates a Switchable Whitening layer.
-    /// - Throws: ``NormError`` for a type other than 2, 3, 5 or a group size that does not divide C.
+    /// - Throws: ``NormError/invalidHyperparameter(name:value:requirement:)`` for a type other
+    ///   than 2, 3, 5, a group size that does not divide C, ε not finite and > 0, or T outside
+    ///   1…1000.
     public init(
         channelCount: Int, groupSize: Int = 16, type: Int = 5, iterations: Int = 5,
         epsilon: Double = 1e-5,
@@ -76,36 +97,29 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
             throw .invalidHyperparameter(
                 name: "sw_type", value: "\(type)", requirement: "must be 2, 3 or 5")
         }
+        self.type = type
         let d = min(groupSize, channelCount)
         guard d >= 1, channelCount % d == 0 else {
-            throw .groupsDoNotDivideChannels(groups: d, channels: channelCount)
-        }
-        guard epsilon > 0, epsilon.isFinite else {
+            // (groupsDoNotDivideChannels speaks of a group *count*; this is a group size.)
             throw .invalidHyperparameter(
-                name: "epsilon", value: "\(epsilon)", requirement: "must be finite and > 0")
+                name: "group size", value: "\(groupSize)",
+                requirement: "must be ≥ 1 and divide the channel count \(channelCount)")
         }
-        try HyperparameterCheck.count(
-            iterations, limit: IterNorm<Scalar>.maximumIterations, name: "iterations")
-        try momentum.validate()
+        groups = try GroupWhitening.checkedGroups(
+            channelCount: channelCount, groupSize: d, epsilon: epsilon, iterations: iterations,
+            momentum: momentum)
         self.channelCount = channelCount
         self.groupSize = d
-        self.type = type
         self.iterations = iterations
         self.epsilon = epsilon
-        self.momentum = momentum
-        groups = GroupWhitening.groups(channels: channelCount, size: d)
+        average = RunningAverage(momentum: momentum)
         do {
             scale = try Tensor(repeating: 1, shape: [channelCount])
             offset = try Tensor(zeros: [channelCount])
-            meanLogits = try Tensor(repeating: 1, shape: [type])
-            varianceLogits = try Tensor(repeating: 1, shape: [type])
         } catch { throw .tensor(error) }
+        mixture = (try MixtureLogits(componentCount: type), try MixtureLogits(componentCount: type))
         runningMean = [Double](repeating: 0, count: channelCount)
         runningCovariance = groups.map { Matrix(rows: $0.count, cols: $0.count) }
-    }
-
-    static func softmax(_ t: Tensor<Scalar>) -> [Double] {
-        MixtureWeights.softmax(t.scalars.map(Double.init))
     }
 
     /// The importance weights (BW, IW[, LN] or BW, IW, BN, IN, LN).
@@ -113,32 +127,38 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
         let names =
             type == 2
             ? ["BW", "IW"] : type == 3 ? ["BW", "IW", "LN"] : ["BW", "IW", "BN", "IN", "LN"]
-        return (names, Self.softmax(meanLogits), Self.softmax(varianceLogits))
+        return (
+            names, mixture.mean.evaluate(.softmax).weights,
+            mixture.variance.evaluate(.softmax).weights
+        )
     }
 
-    /// Per-sample, per-group quantities forward keeps.
+    /// What forward keeps per group and sample (a unit; index `k·N + b`).
     struct Unit: Sendable {
-        var x: Matrix  // d × L
-        var mu: [Double]
-        var sigma: Matrix
-        var iterates: [Matrix]
-        var whitening: Matrix
+        /// The sample's channel means over its positions (IW/IN), d.
         var meanIn: [Double]
+        /// The sample's covariance over its positions (biased), d × d.
         var covIn: Matrix
+        /// The mixed mean μ subtracted.
+        var mu: [Double] = []
+        /// W = P_T(Σ)/√tr Σ.
+        var whitening = Matrix(rows: 0, cols: 0)
+        /// Σ and the Newton iterates.
+        var factors: WhiteningMethod.Factors? = nil
     }
 
     /// What forward keeps for backward.
     public struct Cache: Sendable {
-        let input: Tensor<Scalar>
-        let whitened: [Double]
-        let units: [[Unit]]  // [n][group]
+        let shape: [Int]
+        /// X − μ_IN per sample and channel, at the input's offsets (empty for an empty batch).
+        let centred: [Scalar]
+        let units: [Unit]
         let meanBW: [[Double]]
         let covBW: [Matrix]
-        let centredBW: [Matrix]
         let muLN: [Double]
         let varLN: [Double]
-        let w: [Double]
-        let wv: [Double]
+        let w: MixtureEvaluation
+        let wv: MixtureEvaluation
         let batchIsConstant: Bool
     }
 
@@ -166,205 +186,270 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
         }
     }
 
+    /// The block of unit u = k·N + b: group k, sample b.
+    func unitBlock(_ u: Int, n: Int) -> GroupWhitening.Block {
+        GroupWhitening.Block(group: groups[u / n], samples: (u % n)..<(u % n + 1))
+    }
+
+    // MARK: - Forward
+
     /// Whitens `x`.
+    ///
+    /// Per unit (group, sample) the instance statistics come from one pass and one syrk over
+    /// the sample's d × L block; the batch (BW) and layer (LN) statistics are merged from them
+    /// (Chan's formula: Σ_BW = mean_b[Σ_IN,b + (μ_IN,b − μ_BW)(μ_IN,b − μ_BW)ᵀ], and LN from the
+    /// channel means and variances), so x is read twice and written once.
     /// - Throws: ``NormError`` for a wrong shape or non-finite statistics.
     public func forward(_ x: Tensor<Scalar>, mode: Mode) throws -> (
         output: Tensor<Scalar>, cache: Cache
     ) {
-        try GroupWhitening.validate(x, channels: channelCount, layer: "SwitchableWhitening")
+        try GroupWhitening.validate(x, channels: channelCount, layer: displayName)
         for t in [meanLogits, varianceLogits] where t.count != type {
             throw NormError.parameterShapeMismatch(
                 name: "sw_mean_weight", expected: [type], actual: t.shape)
         }
-        let n = x.shape[0]
-        let c = channelCount
-        let l = x.count / (n * c)
+        let w = mixture.mean.evaluate(.softmax)
+        let wv = mixture.variance.evaluate(.softmax)
         let batchIsConstant = mode.usesRunningStatistics
-        if mode == .training && n * l < 2 {
-            throw NormError.singleValuePerStatistic(layer: "SwitchableWhitening", shape: x.shape)
+        guard x.count > 0 else {
+            if mode == .training { average.countEmptyBatch(countingEveryBatch: false) }
+            let cache = Cache(
+                shape: x.shape, centred: [], units: [], meanBW: [], covBW: [], muLN: [],
+                varLN: [], w: w, wv: wv, batchIsConstant: batchIsConstant)
+            return (x, cache)
         }
-        let w = Self.softmax(meanLogits)
-        let wv = Self.softmax(varianceLogits)
-        let (em, ev) = effective(w, wv)
-        // LN statistics per sample over all channels and positions (unbiased variance).
+        let shape = GroupWhitening.Shape(x.shape)
+        if mode == .training && shape.m < 2 {
+            throw NormError.singleValuePerStatistic(layer: displayName, shape: x.shape)
+        }
+        let (centred, instance) = try GroupWhitening.filled(x.count) {
+            try instanceStatistics(x, shape: shape, into: $0)
+        }
+        // LN: per sample over all channels and positions (unbiased variance).
+        let (n, l) = (shape.n, Double(shape.l))
+        let cl = Double(shape.c) * l
         var muLN = [Double](repeating: 0, count: n)
         var varLN = [Double](repeating: 0, count: n)
-        let xAll = GroupWhitening.doubles(x)
-        do {
-            for b in 0..<n {
-                let values = xAll[(b * c * l)..<((b + 1) * c * l)]
-                let mean = values.reduce(0, +) / Double(values.count)
-                muLN[b] = mean
-                varLN[b] =
-                    values.count > 1
-                    ? values.map { ($0 - mean) * ($0 - mean) }.reduce(0, +)
-                        / Double(values.count - 1) : 0
+        for b in 0..<n {
+            let parts = stride(from: b, to: instance.count, by: n).map { instance[$0] }
+            muLN[b] = parts.reduce(0) { $0 + $1.meanIn.reduce(0, +) } / Double(shape.c)
+            var m2 = 0.0
+            for unit in parts {
+                for (i, mean) in unit.meanIn.enumerated() {
+                    m2 += l * (unit.covIn[i, i] + (mean - muLN[b]) * (mean - muLN[b]))
+                }
             }
+            varLN[b] = cl > 1 ? m2 / (cl - 1) : 0
         }
+        // BW: over the batch, merged from the units, or the running estimates.
         var meanBW: [[Double]] = []
         var covBW: [Matrix] = []
-        var centredBW: [Matrix] = []
-        var units = [[Unit]](repeating: [], count: n)
-        let xd = GroupWhitening.doubles(x)
-        var yd = [Double](repeating: 0, count: x.count)
-        var newMean = runningMean
-        var newCov = runningCovariance
-        let f = momentum.weightOfNew(batchesTracked: 1)
         for (k, group) in groups.enumerated() {
-            let xg = GroupWhitening.gather(xd, shape: x.shape, group)  // d × (N·L)
-            let d = group.count
-            var mBW: [Double]
-            var cBW: Matrix
             if batchIsConstant {
-                mBW = Array(runningMean[group])
-                cBW = runningCovariance[k]
-                centredBW.append(Matrix(rows: 0, cols: 0))
-            } else {
-                let (mean, xc) = GroupWhitening.centre(xg)
-                mBW = mean
-                cBW = (1 / Double(xc.cols)) * Matrix.product(xc, xc, transposeB: true)
-                centredBW.append(xc)
-                for (i, ch) in group.enumerated() {
-                    newMean[ch] = (1 - f) * runningMean[ch] + f * mean[i]
-                }
-                newCov[k] = (1 - f) * runningCovariance[k] + f * cBW
+                meanBW.append(Array(runningMean[group]))
+                covBW.append(runningCovariance[k])
+                continue
             }
-            meanBW.append(mBW)
-            covBW.append(cBW)
-            var out = Matrix(rows: d, cols: n * l)
-            for b in 0..<n {
-                var xn = Matrix(rows: d, cols: l)
-                for i in 0..<d { for s in 0..<l { xn[i, s] = xg[i, b * l + s] } }
-                let (meanIn, xcIn) = GroupWhitening.centre(xn)
-                let covIn = (1 / Double(l)) * Matrix.product(xcIn, xcIn, transposeB: true)
-                var mu = [Double](repeating: 0, count: d)
-                var sigma = Matrix(rows: d, cols: d)
-                for i in 0..<d {
-                    mu[i] = em[0] * mBW[i] + em[1] * meanIn[i] + em[2] * muLN[b]
-                    for j in 0..<d {
-                        sigma[i, j] = ev[0] * cBW[i, j] + ev[1] * covIn[i, j]
+            let parts = instance[(k * n)..<((k + 1) * n)]
+            var mean = [Double](repeating: 0, count: group.count)
+            for unit in parts { for i in mean.indices { mean[i] += unit.meanIn[i] / Double(n) } }
+            var cov = Matrix(rows: group.count, cols: group.count)
+            for unit in parts {
+                for i in mean.indices {
+                    for j in mean.indices {
+                        cov[i, j] +=
+                            (unit.covIn[i, j] + (unit.meanIn[i] - mean[i])
+                                * (unit.meanIn[j] - mean[j]))
+                            / Double(n)
                     }
-                    sigma[i, i] +=
-                        ev[2] * cBW[i, i] + ev[3] * covIn[i, i] + ev[4] * varLN[b] + epsilon
                 }
-                let (wm, iterates) = NewtonWhitening.forward(sigma, iterations: iterations)
-                let yn = wm * GroupWhitening.subtracting(rowMeans: mu, from: xn)
-                for i in 0..<d { for s in 0..<l { out[i, b * l + s] = yn[i, s] } }
-                units[b].append(
-                    Unit(
-                        x: xn, mu: mu, sigma: sigma, iterates: iterates, whitening: wm,
-                        meanIn: meanIn, covIn: covIn))
             }
-            GroupWhitening.scatter(out, group, shape: x.shape, into: &yd)
+            meanBW.append(mean)
+            covBW.append(cov)
         }
-        guard yd.allSatisfy(\.isFinite) else {
-            throw NormError.nonFiniteStatistics(layer: "SwitchableWhitening")
-        }
+        let (y, units) = try whiten(
+            x, shape: shape, centred: centred, units: instance, meanBW: meanBW, covBW: covBW,
+            muLN: muLN, varLN: varLN, weights: effective(w.weights, wv.weights))
         if mode == .training {
-            runningMean = newMean
-            runningCovariance = newCov
+            let f = average.advance(countingEveryBatch: false)
+            runningMean = RunningAverage.blend(
+                runningMean, toward: meanBW.flatMap { $0 }, weightOfNew: f)
+            runningCovariance = GroupWhitening.blend(
+                runningCovariance, toward: covBW, weightOfNew: f)
         }
-        let whitened = yd
-        GroupWhitening.affine(&yd, shape: x.shape, scale: scale, offset: offset)
-        let y = try Tensor<Scalar>(shape: x.shape, rounding: yd)
         return (
             y,
             Cache(
-                input: x, whitened: whitened, units: units, meanBW: meanBW, covBW: covBW,
-                centredBW: centredBW,
+                shape: x.shape, centred: centred, units: units, meanBW: meanBW, covBW: covBW,
                 muLN: muLN, varLN: varLN, w: w, wv: wv, batchIsConstant: batchIsConstant)
         )
     }
 
-    /// Back-propagates through the whitening, the mixture and the statistics.
-    public func backward(_ dy: Tensor<Scalar>, cache: Cache) throws -> Gradients {
-        let x = cache.input
-        guard dy.shape == x.shape else {
-            throw NormError.gradientShapeMismatch(expected: x.shape, actual: dy.shape)
+    /// μ_IN and Σ_IN per unit, and X − μ_IN into `centred`.
+    @_specialize(where Scalar == Float)
+    @_specialize(where Scalar == Double)
+    func instanceStatistics(
+        _ x: Tensor<Scalar>, shape: GroupWhitening.Shape, into cb: UnsafeMutablePointer<Scalar>
+    ) throws -> [Unit] {
+        let count = groups.count * shape.n
+        return try x.withUnsafeBufferPointer { xp in
+            let xb = xp.baseAddress!
+            return try GroupWhitening.forEachBlock(count, work: x.count * groupSize) { u in
+                let block = unitBlock(u, n: shape.n)
+                let mean = GroupWhitening.means(xb, shape, block)
+                GroupWhitening.centre(xb, shape, block, mean: mean, into: cb)
+                let cov = GroupWhitening.covariance(cb, shape, block, divisor: Double(shape.l))
+                return Unit(meanIn: mean, covIn: cov)
+            }
         }
-        let n = x.shape[0]
+    }
+
+    /// The mixture, W by Newton's iterations, and y = diag(γ) W (X − μ) + β per unit.
+    @_specialize(where Scalar == Float)
+    @_specialize(where Scalar == Double)
+    func whiten(
+        _ x: Tensor<Scalar>, shape: GroupWhitening.Shape, centred: [Scalar], units previous: [Unit],
+        meanBW: [[Double]], covBW: [Matrix], muLN: [Double], varLN: [Double],
+        weights: (m: [Double], v: [Double])
+    ) throws -> (Tensor<Scalar>, [Unit]) {
+        let (em, ev) = weights
+        let method = WhiteningMethod.newton(iterations: iterations)
+        let gammas = scale.scalars.map { Double($0) }
+        let betas = offset.scalars.map { Double($0) }
+        let (y, units) = try centred.withUnsafeBufferPointer { cp in
+            try GroupWhitening.filled(x.count) { yb in
+                let cb = cp.baseAddress!
+                let work = x.count * groupSize
+                return try GroupWhitening.forEachBlock(previous.count, work: work) { u in
+                    var unit = previous[u]
+                    let (k, b) = (u / shape.n, u % shape.n)
+                    let block = unitBlock(u, n: shape.n)
+                    let d = block.d
+                    let (cBW, cIn) = (covBW[k], unit.covIn)
+                    var sigma = Matrix(rows: d, cols: d)
+                    unit.mu = (0..<d).map {
+                        em[0] * meanBW[k][$0] + em[1] * unit.meanIn[$0] + em[2] * muLN[b]
+                    }
+                    for i in 0..<d {
+                        for j in 0..<d { sigma[i, j] = ev[0] * cBW[i, j] + ev[1] * cIn[i, j] }
+                        sigma[i, i] +=
+                            ev[2] * cBW[i, i] + ev[3] * cIn[i, i] + ev[4] * varLN[b] + epsilon
+                    }
+                    (unit.whitening, unit.factors) = try method.whitening(
+                        sigma, epsilon: epsilon, layer: "SwitchableWhitening")
+                    // y = diag(γ) W X_cIN + (diag(γ) W (μ_IN − μ) + β) 1ᵀ.
+                    let gamma = block.group.map { gammas[$0] }
+                    let a: [Scalar] = GroupWhitening.stored(unit.whitening, rowScale: gamma)
+                    var rowOffsets = [Scalar](repeating: 0, count: d)
+                    for i in 0..<d {
+                        var v = 0.0
+                        for j in 0..<d { v += unit.whitening[i, j] * (unit.meanIn[j] - unit.mu[j]) }
+                        rowOffsets[i] = Scalar(gamma[i] * v + betas[block.group.lowerBound + i])
+                    }
+                    GroupWhitening.apply(
+                        a, rowOffsets: rowOffsets, centred: cb, shape, block, into: yb)
+                    return unit
+                }
+            }
+        }
+        return (try Tensor(shape: x.shape, scalars: y), units)
+    }
+
+    // MARK: - Backward
+
+    /// Back-propagates through the whitening, the mixture and the statistics.
+    ///
+    /// Per unit, with G = diag(γ) dy and r = G1: dW = G (X − μ)ᵀ, dΣ from Newton's backward,
+    /// dμ = −Wᵀ r. dμ and dΣ split over the statistics by the mixture weights; every statistic
+    /// is a mean or a covariance of X, so per unit dx = A X_cIN + B dy − c 1ᵀ with
+    /// `A = (2/L) dΣ_IN + (2/m) dΣ_BW + 2 dσ²_LN/(CL − 1)·I`, `B = Wᵀ diag(γ)` and c collecting
+    /// the mean terms (the BW terms only when the batch statistics were used).
+    public func backward(_ dy: Tensor<Scalar>, cache: Cache) throws -> Gradients {
+        guard dy.shape == cache.shape else {
+            throw NormError.gradientShapeMismatch(expected: cache.shape, actual: dy.shape)
+        }
         let c = channelCount
-        let l = x.count / (n * c)
-        let (em, ev) = effective(cache.w, cache.wv)
-        // dŷ and the affine gradients.
-        let (g, dScale, dOffset) = try GroupWhitening.affineBackward(
-            dy, whitened: cache.whitened, scale: scale)
-        let xd = GroupWhitening.doubles(x)
-        var dx = [Double](repeating: 0, count: x.count)
-        var aMean = [Double](repeating: 0, count: 3)  // Σ dμ·(BW, IW, LN) contributions
+        guard dy.count > 0 else {
+            let zeros = try Tensor<Scalar>(zeros: [c])
+            let logits = try Tensor<Scalar>(zeros: [type])
+            return Gradients(
+                input: dy, scale: zeros, offset: zeros, meanLogits: logits,
+                varianceLogits: logits)
+        }
+        let shape = GroupWhitening.Shape(dy.shape)
+        let (n, l) = (shape.n, Double(shape.l))
+        let (m, cl) = (Double(shape.m), Double(c) * l)
+        let (em, ev) = effective(cache.w.weights, cache.wv.weights)
+        let terms = try unitGradients(dy, cache: cache, shape: shape)
+        var dScale = [Double](repeating: 0, count: c)
+        var dOffset = [Double](repeating: 0, count: c)
+        var aMean = [Double](repeating: 0, count: 3)  // Σ dμ·(BW, IW, LN)
         var aVar = [Double](repeating: 0, count: 5)  // Σ ⟨dΣ, (BW, IW, diagBW, diagIW, LN·I)⟩
         var dmuLN = [Double](repeating: 0, count: n)
         var dvarLN = [Double](repeating: 0, count: n)
-        for (k, group) in groups.enumerated() {
-            let d = group.count
-            let gk = GroupWhitening.gather(g, shape: dy.shape, group)
-            var dMeanBW = [Double](repeating: 0, count: d)
-            var dCovBW = Matrix(rows: d, cols: d)
-            for b in 0..<n {
-                let unit = cache.units[b][k]
-                var gn = Matrix(rows: d, cols: l)
-                for i in 0..<d { for s in 0..<l { gn[i, s] = gk[i, b * l + s] } }
-                let xmu = GroupWhitening.subtracting(rowMeans: unit.mu, from: unit.x)
-                let dW = Matrix.product(gn, xmu, transposeB: true)
-                let dSigma = NewtonWhitening.backward(
-                    dW, sigma: unit.sigma, iterates: unit.iterates)
-                let wtg = Matrix.product(unit.whitening, gn, transposeA: true)  // direct dX
-                var dmu = [Double](repeating: 0, count: d)
-                for i in 0..<d { for s in 0..<l { dmu[i] -= wtg[i, s] } }
-                // Split over the statistics.
-                var dCovIn = ev[1] * dSigma
-                for i in 0..<d { dCovIn[i, i] += ev[3] * dSigma[i, i] }
-                let dMeanIn = dmu.map { em[1] * $0 }
-                for i in 0..<d {
-                    dMeanBW[i] += em[0] * dmu[i]
-                    dmuLN[b] += em[2] * dmu[i]
-                    dvarLN[b] += ev[4] * dSigma[i, i]
-                }
-                dCovBW = dCovBW + ev[0] * dSigma
-                for i in 0..<d { dCovBW[i, i] += ev[2] * dSigma[i, i] }
-                // Logit sums.
-                for i in 0..<d {
-                    aMean[0] += dmu[i] * cache.meanBW[k][i]
-                    aMean[1] += dmu[i] * unit.meanIn[i]
-                    aMean[2] += dmu[i] * cache.muLN[b]
-                    aVar[2] += dSigma[i, i] * cache.covBW[k][i, i]
-                    aVar[3] += dSigma[i, i] * unit.covIn[i, i]
-                    aVar[4] += dSigma[i, i] * cache.varLN[b]
-                }
-                aVar[0] += Matrix.frobenius(dSigma, cache.covBW[k])
-                aVar[1] += Matrix.frobenius(dSigma, unit.covIn)
-                // dX_n: direct path, instance mean and covariance.
-                var xcIn = unit.x
-                for i in 0..<d { for s in 0..<l { xcIn[i, s] -= unit.meanIn[i] } }
-                let fromCov = (2 / Double(l)) * (dCovIn * xcIn)
-                for (i, ch) in group.enumerated() {
-                    for s in 0..<l {
-                        dx[(b * c + ch) * l + s] +=
-                            wtg[i, s] + dMeanIn[i] / Double(l) + fromCov[i, s]
-                    }
-                }
+        var dMeanBW = groups.map { [Double](repeating: 0, count: $0.count) }
+        var dCovBW = groups.map { Matrix(rows: $0.count, cols: $0.count) }
+        for (u, term) in terms.enumerated() {
+            let (k, b) = (u / n, u % n)
+            let unit = cache.units[u]
+            let (dSigma, dmu) = (term.dSigma, term.dmu)
+            for (i, ch) in groups[k].enumerated() {
+                dScale[ch] += term.dGamma[i]
+                dOffset[ch] += term.rowSums[i]
+                dMeanBW[k][i] += em[0] * dmu[i]
+                dmuLN[b] += em[2] * dmu[i]
+                dvarLN[b] += ev[4] * dSigma[i, i]
+                aMean[0] += dmu[i] * cache.meanBW[k][i]
+                aMean[1] += dmu[i] * unit.meanIn[i]
+                aMean[2] += dmu[i] * cache.muLN[b]
+                aVar[2] += dSigma[i, i] * cache.covBW[k][i, i]
+                aVar[3] += dSigma[i, i] * unit.covIn[i, i]
+                aVar[4] += dSigma[i, i] * cache.varLN[b]
             }
-            if !cache.batchIsConstant {
-                let m = Double(n * l)
-                let xc = cache.centredBW[k]
-                let fromCov = (2 / m) * (dCovBW * xc)
-                for (i, ch) in group.enumerated() {
-                    for b in 0..<n {
-                        for s in 0..<l {
-                            dx[(b * c + ch) * l + s] += dMeanBW[i] / m + fromCov[i, b * l + s]
-                        }
-                    }
-                }
+            dCovBW[k] = dCovBW[k] + ev[0] * dSigma
+            for i in 0..<groups[k].count {
+                dCovBW[k][i, i] += ev[2] * dSigma[i, i]
             }
+            aVar[0] += Matrix.frobenius(dSigma, cache.covBW[k])
+            aVar[1] += Matrix.frobenius(dSigma, unit.covIn)
         }
-        // LN statistics of each sample over all C·L values (unbiased variance).
-        let cl = Double(c * l)
-        for b in 0..<n {
-            for j in 0..<(c * l) {
-                let i = b * c * l + j
-                var v = dmuLN[b] / cl
-                if c * l > 1 { v += dvarLN[b] * 2 * (xd[i] - cache.muLN[b]) / (cl - 1) }
-                dx[i] += v
+        let batch = !cache.batchIsConstant
+        let ln = cl > 1 ? 2 / (cl - 1) : 0
+        let gammas = scale.scalars.map { Double($0) }
+        let (dx, _) = try GroupWhitening.filled(dy.count) { dxb in
+            try dy.withUnsafeBufferPointer { dyp in
+                try cache.centred.withUnsafeBufferPointer { cp in
+                    let (dyb, cb) = (dyp.baseAddress!, cp.baseAddress!)
+                    _ = try GroupWhitening.forEachBlock(terms.count, work: dy.count * groupSize) {
+                        u in
+                        let (k, b) = (u / n, u % n)
+                        let (unit, term, block) = (cache.units[u], terms[u], unitBlock(u, n: n))
+                        let d = block.d
+                        var a = (2 / l) * ev[1] * term.dSigma
+                        if batch { a = a + (2 / m) * dCovBW[k] }
+                        var cVector = [Scalar](repeating: 0, count: d)
+                        for i in 0..<d {
+                            a[i, i] += (2 / l) * ev[3] * term.dSigma[i, i] + ln * dvarLN[b]
+                            var v = em[1] * term.dmu[i] / l + dmuLN[b] / cl
+                            v += ln * dvarLN[b] * (unit.meanIn[i] - cache.muLN[b])
+                            if batch {
+                                v += dMeanBW[k][i] / m
+                                for j in 0..<d {
+                                    v +=
+                                        (2 / m) * dCovBW[k][i, j]
+                                        * (unit.meanIn[j] - cache.meanBW[k][j])
+                                }
+                            }
+                            cVector[i] = Scalar(-v)
+                        }
+                        let gamma = block.group.map { gammas[$0] }
+                        GroupWhitening.applyGradient(
+                            a: GroupWhitening.stored(a),
+                            b: GroupWhitening.stored(
+                                GroupWhitening.transposedTimesGamma(unit.whitening, gamma)),
+                            c: cVector, centred: cb, dy: dyb, shape, block, into: dxb)
+                    }
+                }
             }
         }
         // Logits through the type's mixture, then softmax.
@@ -382,11 +467,63 @@ public final class SwitchableWhitening<Scalar: NormScalar>: CustomStringConverti
             dwv = [aVar[0] + aVar[2], aVar[1] + aVar[3], 0, 0, aVar[4]]
         }
         return Gradients(
-            input: try Tensor(shape: x.shape, rounding: dx), scale: dScale!, offset: dOffset!,
+            input: try Tensor(shape: dy.shape, scalars: dx),
+            scale: try Tensor(shape: [c], rounding: dScale),
+            offset: try Tensor(shape: [c], rounding: dOffset),
             meanLogits: try Tensor(
-                shape: [type], rounding: MixtureWeights.softmaxBackward(cache.w, dw)),
+                shape: [type], rounding: cache.w.logitGradient(dw)),
             varianceLogits: try Tensor(
-                shape: [type], rounding: MixtureWeights.softmaxBackward(cache.wv, dwv)))
+                shape: [type], rounding: cache.wv.logitGradient(dwv)))
+    }
+
+    /// Per unit: dΣ, dμ, dγ and the row sums of dy (dβ).
+    struct UnitGradient: Sendable {
+        var dSigma: Matrix
+        var dmu: [Double]
+        var dGamma: [Double]
+        var rowSums: [Double]
+    }
+
+    /// dW = diag(γ)·dy X_cINᵀ + r (μ_IN − μ)ᵀ through Newton's backward, per unit.
+    @_specialize(where Scalar == Float)
+    @_specialize(where Scalar == Double)
+    func unitGradients(_ dy: Tensor<Scalar>, cache: Cache, shape: GroupWhitening.Shape) throws
+        -> [UnitGradient]
+    {
+        let gammas = scale.scalars.map { Double($0) }
+        return try dy.withUnsafeBufferPointer { dyp in
+            try cache.centred.withUnsafeBufferPointer { cp in
+                let (dyb, cb) = (dyp.baseAddress!, cp.baseAddress!)
+                let count = cache.units.count
+                return try GroupWhitening.forEachBlock(count, work: dy.count * groupSize) { u in
+                    let unit = cache.units[u]
+                    let block = unitBlock(u, n: shape.n)
+                    let d = block.d
+                    let (dyX, rowSums) = GroupWhitening.gradientProducts(
+                        dyb, centred: cb, shape, block)
+                    let shift = (0..<d).map { unit.meanIn[$0] - unit.mu[$0] }
+                    // dy (X − μ)ᵀ, dγ_i = Σ_j W[i, j]·(dy (X − μ)ᵀ)[i, j].
+                    var product = dyX
+                    var dGamma = [Double](repeating: 0, count: d)
+                    for i in 0..<d {
+                        for j in 0..<d {
+                            product[i, j] += rowSums[i] * shift[j]
+                            dGamma[i] += unit.whitening[i, j] * product[i, j]
+                        }
+                    }
+                    let gamma = block.group.map { gammas[$0] }
+                    var dW = product
+                    for i in 0..<d { for j in 0..<d { dW[i, j] *= gamma[i] } }
+                    let dSigma = WhiteningMethod.backward(dW, unit.factors!)
+                    var dmu = [Double](repeating: 0, count: d)
+                    for i in 0..<d {
+                        for j in 0..<d { dmu[i] -= unit.whitening[j, i] * gamma[j] * rowSums[j] }
+                    }
+                    return UnitGradient(
+                        dSigma: dSigma, dmu: dmu, dGamma: dGamma, rowSums: rowSums)
+                }
+            }
+        }
     }
 
     /// One line with the configuration.

@@ -53,60 +53,46 @@ enum GroupMatrices {
     }
 }
 
-extension DecorrelatedBatchNorm {
-    /// `weight`, `bias`, `running_mean` [C], `running_projection` [G, d, d].
-    func stateDictionary() throws -> [String: Tensor<Scalar>] {
-        var out: [String: Tensor<Scalar>] = [
-            "running_mean": runningMean,
-            "running_projection": try GroupMatrices.pack(runningProjections),
-        ]
-        if let scale, let offset {
-            out["weight"] = scale
-            out["bias"] = offset
-        }
-        return out
-    }
+/// The entries of a loaded state every whitening layer has (`weight`, `bias`, the running
+/// matrices), checked and converted but not yet written.
+struct WhiteningEntries<S: NormScalar> {
+    var weight: Tensor<S>?
+    var bias: Tensor<S>?
+    var matrices: [Matrix]?
 
-    /// Loads the entries of ``state()`` (any shape with the right element count).
-    public func load(_ t: [String: Tensor<Scalar>]) throws {
-        let projections = try t["running_projection"].map {
-            try GroupMatrices.unpack($0, like: runningProjections, name: "running_projection")
+    init(_ t: [String: Tensor<S>], channels: Int, matrixKey: String, like current: [Matrix])
+        throws
+    {
+        matrices = try t[matrixKey].map {
+            try GroupMatrices.unpack($0, like: current, name: matrixKey)
         }
-        let mean = try GroupMatrices.entry(t, "running_mean", count: channelCount)
-        let w = try GroupMatrices.entry(t, "weight", count: channelCount)
-        let b = try GroupMatrices.entry(t, "bias", count: channelCount)
-        if let projections { runningProjections = projections }
-        if let mean { runningMean = mean }
-        if let w { scale = w }
-        if let b { offset = b }
+        weight = try GroupMatrices.entry(t, "weight", count: channels)
+        bias = try GroupMatrices.entry(t, "bias", count: channels)
     }
 }
 
-extension IterNorm {
-    /// `weight`, `bias`, `running_mean` [C], `running_wm` [G, d, d].
+extension GroupWhiteningNorm {
+    /// The running matrices' key: DBN's `running_projection` or IterNorm's `running_wm`.
+    var matrixKey: String { method == .eigendecomposition ? "running_projection" : "running_wm" }
+
+    /// `weight`, `bias` (with affine), `running_mean` [C] and the running matrices [G, d, d].
     func stateDictionary() throws -> [String: Tensor<Scalar>] {
-        var out: [String: Tensor<Scalar>] = [
-            "running_mean": runningMean, "running_wm": try GroupMatrices.pack(runningWhitening),
-        ]
-        if let scale, let offset {
-            out["weight"] = scale
-            out["bias"] = offset
-        }
+        var out = affineParameters(scale, offset)
+        out["running_mean"] = runningMean
+        out[matrixKey] = try GroupMatrices.pack(runningWhitening)
         return out
     }
 
-    /// Loads the entries of ``state()`` (any shape with the right element count).
+    /// Loads the entries of ``state()`` (any shape with the right element count); all are
+    /// checked before any is written.
     public func load(_ t: [String: Tensor<Scalar>]) throws {
-        let wm = try t["running_wm"].map {
-            try GroupMatrices.unpack($0, like: runningWhitening, name: "running_wm")
-        }
+        let common = try WhiteningEntries(
+            t, channels: channelCount, matrixKey: matrixKey, like: runningWhitening)
         let mean = try GroupMatrices.entry(t, "running_mean", count: channelCount)
-        let w = try GroupMatrices.entry(t, "weight", count: channelCount)
-        let b = try GroupMatrices.entry(t, "bias", count: channelCount)
-        if let wm { runningWhitening = wm }
         if let mean { runningMean = mean }
-        if let w { scale = w }
-        if let b { offset = b }
+        if let matrices = common.matrices { runningWhitening = matrices }
+        scale = common.weight ?? scale
+        offset = common.bias ?? offset
     }
 }
 
@@ -123,21 +109,18 @@ extension SwitchableWhitening {
 
     /// Loads the entries of ``state()`` (any shape with the right element count).
     public func load(_ t: [String: Tensor<Scalar>]) throws {
-        let cov = try t["running_cov"].map {
-            try GroupMatrices.unpack($0, like: runningCovariance, name: "running_cov")
-        }
+        let common = try WhiteningEntries(
+            t, channels: channelCount, matrixKey: "running_cov", like: runningCovariance)
         let mean = try t["running_mean"].map {
             try GroupMatrices.vector($0, count: channelCount, name: "running_mean")
         }
-        let w = try GroupMatrices.entry(t, "weight", count: channelCount)
-        let b = try GroupMatrices.entry(t, "bias", count: channelCount)
         let ml = try GroupMatrices.entry(t, "sw_mean_weight", count: type)
         let vl = try GroupMatrices.entry(t, "sw_var_weight", count: type)
-        if let cov { runningCovariance = cov }
         if let mean { runningMean = mean }
-        if let w { scale = w }
-        if let b { offset = b }
-        if let ml { meanLogits = ml }
-        if let vl { varianceLogits = vl }
+        if let matrices = common.matrices { runningCovariance = matrices }
+        scale = common.weight ?? scale
+        offset = common.bias ?? offset
+        meanLogits = ml ?? meanLogits
+        varianceLogits = vl ?? varianceLogits
     }
 }

@@ -1,3 +1,5 @@
 import NormKitCLI
 
+ProcessStart.unblockTerminationSignals()
+ProcessStart.refuseNonUTF8Arguments()
 NormKitCommand.main()

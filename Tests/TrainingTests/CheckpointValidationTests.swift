@@ -2,7 +2,6 @@ import Foundation
 import NormKit
 import Testing
 
-@testable import NormKitCLI
 @testable import Training
 
 /// Bad settings and damaged checkpoints give typed errors before any training; nothing traps,
@@ -94,21 +93,6 @@ struct CheckpointValidationTests {
         }
     }
 
-    @Test func badFlagsAreRefusedBeforeTraining() throws {
-        let dir = NSTemporaryDirectory() + "flags-\(UUID().uuidString)"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        for flags in [
-            ["--momentum", "nan"], ["--momentum", "5"], ["--weight-decay=-1"],
-            ["--weight-decay", "nan"], ["--lr", "nan"], ["--epochs", "300000000000000000"],
-        ] {
-            var command = try NormKitCommand.parseAsRoot(
-                ["train", "--checkpoint", dir + "/c.safetensors"] + flags)
-            #expect(throws: TrainingError.self, "\(flags)") { try command.run() }
-        }
-        #expect(try FileManager.default.contentsOfDirectory(atPath: dir).isEmpty)
-    }
-
     @Test func damagedCheckpointsGiveTypedErrors() throws {
         // The undamaged checkpoint resumes.
         let good = try Self.resume(Self.checkpoint)
@@ -135,6 +119,15 @@ struct CheckpointValidationTests {
                 { file in
                     let key = file.tensors.keys.first { $0.hasPrefix("optimizer.velocity.") }!
                     file.tensors[key] = .float32(Tensor([1, 2, 3]))
+                }
+            ),
+            (
+                "missing velocity after steps (would resume with zero momentum)",
+                { file in
+                    let key = file.tensors.keys.sorted().first {
+                        $0.hasPrefix("optimizer.velocity.")
+                    }!
+                    file.tensors[key] = nil
                 }
             ),
             (
@@ -172,17 +165,6 @@ struct CheckpointValidationTests {
                 Issue.record("\(name): not a TrainingError: \(error)")
             }
         }
-    }
-
-    @Test func resumingWithAnotherNormalizerIsRefused() throws {
-        let path = NSTemporaryDirectory() + "mismatch-\(UUID().uuidString).safetensors"
-        defer { try? FileManager.default.removeItem(atPath: path) }
-        try Data(Self.checkpoint).write(to: URL(fileURLWithPath: path))
-        var command = try NormKitCommand.parseAsRoot([
-            "train", "--resume", path, "--normalizer", "gn", "--checkpoint", path,
-        ])
-        #expect(throws: TrainingError.self) { try command.run() }
-        #expect([UInt8](FileManager.default.contents(atPath: path)!) == Self.checkpoint)
     }
 
     /// Seeded, bounded: mutated checkpoints resume or give a typed error, never trap.

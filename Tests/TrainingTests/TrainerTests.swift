@@ -3,7 +3,6 @@ import NormKit
 import Studies
 import Testing
 
-@testable import NormKitCLI
 @testable import Training
 
 @Suite("Training")
@@ -113,70 +112,5 @@ struct TrainerTests {
         #expect(throws: (any Error).self) { _ = try Trainer.resume(from: path) }
         try Safetensors.write(Safetensors.File(tensors: ["x": .float32(Tensor([1]))]), to: path)
         #expect(throws: TrainingError.self) { _ = try Trainer.resume(from: path) }
-    }
-
-    @Test func quickDemoWritesAReport() throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
-            "demo-\(UUID().uuidString)"
-        ).path
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        var command = try NormKitCommand.parseAsRoot(["demo", "--quick", "--output", dir])
-        try command.run()
-        let html = try String(contentsOfFile: dir + "/index.html", encoding: .utf8)
-        #expect(html.contains("<svg") && html.contains("Test error by batch size"))
-        let summary = try String(contentsOfFile: dir + "/summary.md", encoding: .utf8)
-        #expect(summary.contains("| bn |"))
-    }
-
-    @Test func unwritableOutputsAreRefusedBeforeTheRun() throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
-            "outputs-\(UUID().uuidString)"
-        ).path
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let clock = ContinuousClock()
-        // An epoch count that would take hours shows that the refusal comes first.
-        var train = try NormKitCommand.parseAsRoot([
-            "train", "--epochs", "100000", "--checkpoint", dir + "/missing/c.safetensors",
-        ])
-        let elapsed = try clock.measure {
-            #expect(throws: FileFormatError.self) { try train.run() }
-        }
-        #expect(elapsed < .seconds(5))
-        var metrics = try NormKitCommand.parseAsRoot([
-            "train", "--epochs", "100000", "--checkpoint", dir + "/c.safetensors", "--metrics",
-            dir,
-        ])
-        #expect(throws: FileFormatError.self) { try metrics.run() }
-        try Data([1]).write(to: URL(fileURLWithPath: dir + "/file"))
-        var demo = try NormKitCommand.parseAsRoot(["demo", "--output", dir + "/file"])
-        #expect(
-            throws: FileFormatError.io(
-                path: dir + "/file", reason: "it is a file; --output names the report's folder")
-        ) { try demo.run() }
-        var nested = try NormKitCommand.parseAsRoot(["demo", "--output", dir + "/file/report"])
-        #expect(throws: FileFormatError.self) { try nested.run() }
-        #expect(!FileManager.default.fileExists(atPath: dir + "/c.safetensors"))
-    }
-
-    @Test func trainCommandWritesMetricsAndCheckpoint() throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
-            "train-\(UUID().uuidString)"
-        ).path
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        var command = try NormKitCommand.parseAsRoot([
-            "train", "--epochs", "1", "--batch-size", "128", "--normalizer", "gn", "--metrics",
-            dir + "/m.csv",
-            "--checkpoint", dir + "/c.safetensors",
-        ])
-        try command.run()
-        let csv = try String(contentsOfFile: dir + "/m.csv", encoding: .utf8)
-        #expect(csv.hasPrefix("epoch,train_loss,test_loss,test_error,examples_per_second\n1,"))
-        #expect(FileManager.default.fileExists(atPath: dir + "/c.safetensors"))
-        var bad = try NormKitCommand.parseAsRoot([
-            "train", "--normalizer", "xx", "--checkpoint", dir + "/d.safetensors",
-        ])
-        #expect(throws: TrainingError.self) { try bad.run() }
     }
 }

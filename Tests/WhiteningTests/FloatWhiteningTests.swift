@@ -4,8 +4,9 @@ import Testing
 
 @testable import Whitening
 
-/// The Float32 BLAS path of DBN and IterNorm against the Double path (the one the fixtures and
-/// finite differences check), on awkward sizes, uneven groups, offset data, both modes.
+/// The Float32 instantiation of DBN and IterNorm (Float storage through sgemm/ssyrk) against the
+/// Double one (dgemm/dsyrk; the one the fixtures and finite differences check), on awkward
+/// sizes, uneven groups, offset data, both modes.
 @Suite("Float whitening equals the Double path")
 struct FloatWhiteningTests {
     /// Float storage with Double d × d algebra: X_c and the products carry Float rounding
@@ -52,53 +53,72 @@ struct FloatWhiteningTests {
         #expect(comparison.relative < tolerance, "\(c) \(label): \(comparison)")
     }
 
+    /// Both instantiations through ``Normalizing`` in training then inference: y, dx, every
+    /// parameter gradient by key, and the running mean.
+    static func compare(
+        _ reference: any Normalizing<Double>, _ fast: any Normalizing<Float>, _ c: Case,
+        seed: UInt64
+    ) throws {
+        let x = try Self.data(c, seed: seed)
+        var g = SeededGenerator(seed: seed + 1)
+        let dy = try Tensor<Double>.randomNormal(shape: c.shape, using: &g)
+        for mode in [Mode.training, .inference] {
+            let yr = try reference.normalize(x, mode: mode)
+            let yf = try fast.normalize(x.converted(to: Float.self), mode: mode)
+            Self.expectClose(yf, yr, "y \(mode)", c)
+            let gr = try reference.backward(dy)
+            let gf = try fast.backward(dy.converted(to: Float.self))
+            Self.expectClose(gf.input, gr.input, "dx \(mode)", c)
+            #expect(Set(gf.parameters.keys) == Set(gr.parameters.keys))
+            for key in gr.parameters.keys.sorted() {
+                Self.expectClose(gf.parameters[key], gr.parameters[key], "d\(key) \(mode)", c)
+            }
+            Self.expectClose(
+                try fast.state()["running_mean"], try reference.state()["running_mean"],
+                "running_mean", c)
+        }
+    }
+
     @Test(arguments: cases)
     func dbnFloatEqualsDouble(_ c: Case) throws {
-        let xd = try Self.data(c, seed: 11)
-        var g = SeededGenerator(seed: 12)
-        let dyd = try Tensor<Double>.randomNormal(shape: c.shape, using: &g)
         let reference = try DecorrelatedBatchNorm<Double>(
             channelCount: c.shape[1], groupSize: c.group)
         let fast = try DecorrelatedBatchNorm<Float>(channelCount: c.shape[1], groupSize: c.group)
         let gamma = (0..<c.shape[1]).map { 1 + 0.1 * Double($0 % 5) }
         reference.scale = try Tensor(shape: [c.shape[1]], rounding: gamma)
         fast.scale = try Tensor(shape: [c.shape[1]], rounding: gamma)
-        let xf = xd.converted(to: Float.self)
-        let dyf = dyd.converted(to: Float.self)
-        for mode in [Mode.training, .inference] {
-            let (yr, cr) = try reference.forward(xd, mode: mode)
-            let (yf, cf) = try fast.forward(xf, mode: mode)
-            #expect(cf.fast != nil, "the Float path was not taken")
-            Self.expectClose(yf, yr, "y \(mode)", c)
-            let gr = try reference.backward(dyd, cache: cr)
-            let gf = try fast.backward(dyf, cache: cf)
-            Self.expectClose(gf.input, gr.input, "dx \(mode)", c)
-            Self.expectClose(gf.scale, gr.scale, "dweight \(mode)", c)
-            Self.expectClose(gf.offset, gr.offset, "dbias \(mode)", c)
-            Self.expectClose(fast.runningMean, reference.runningMean, "running_mean", c)
-        }
+        try Self.compare(reference, fast, c, seed: 11)
     }
 
     @Test(arguments: cases)
     func iterNormFloatEqualsDouble(_ c: Case) throws {
-        let xd = try Self.data(c, seed: 21)
-        var g = SeededGenerator(seed: 22)
-        let dyd = try Tensor<Double>.randomNormal(shape: c.shape, using: &g)
         let reference = try IterNorm<Double>(channelCount: c.shape[1], groupSize: c.group)
         let fast = try IterNorm<Float>(channelCount: c.shape[1], groupSize: c.group)
-        let xf = xd.converted(to: Float.self)
-        let dyf = dyd.converted(to: Float.self)
-        for mode in [Mode.training, .inference] {
-            let (yr, cr) = try reference.forward(xd, mode: mode)
-            let (yf, cf) = try fast.forward(xf, mode: mode)
-            #expect(cf.fast != nil, "the Float path was not taken")
-            Self.expectClose(yf, yr, "y \(mode)", c)
-            let gr = try reference.backward(dyd, cache: cr)
-            let gf = try fast.backward(dyf, cache: cf)
-            Self.expectClose(gf.input, gr.input, "dx \(mode)", c)
-            Self.expectClose(gf.scale, gr.scale, "dweight \(mode)", c)
-            Self.expectClose(gf.offset, gr.offset, "dbias \(mode)", c)
-        }
+        try Self.compare(reference, fast, c, seed: 21)
+    }
+
+    static let switchableCases: [(Case, type: Int)] = [
+        (Case(shape: [7, 3, 1], group: 3), 5),
+        (Case(shape: [4, 8, 5, 3], group: 4), 5),
+        (Case(shape: [3, 6, 7], group: 3), 3),
+        (Case(shape: [2, 6, 63], group: 2), 2),
+        (Case(shape: [5, 4, 65], group: 4, offset: 1000), 5),
+        (Case(shape: [2, 16, 9, 9], group: 16, offset: 1000), 5),
+    ]
+
+    @Test(arguments: switchableCases)
+    func switchableWhiteningFloatEqualsDouble(_ c: Case, type: Int) throws {
+        let reference = try SwitchableWhitening<Double>(
+            channelCount: c.shape[1], groupSize: c.group, type: type)
+        let fast = try SwitchableWhitening<Float>(
+            channelCount: c.shape[1], groupSize: c.group, type: type)
+        var g = SeededGenerator(seed: 43)
+        let logits = (0..<(2 * type)).map { _ in 0.5 * g.nextNormal() }
+        reference.meanLogits = try Tensor(shape: [type], rounding: Array(logits[..<type]))
+        reference.varianceLogits = try Tensor(shape: [type], rounding: Array(logits[type...]))
+        fast.meanLogits = reference.meanLogits.converted()
+        fast.varianceLogits = reference.varianceLogits.converted()
+        try Self.compare(reference, fast, c, seed: 41)
     }
 
     /// Results do not depend on how many threads the groups ran on.
@@ -109,9 +129,20 @@ struct FloatWhiteningTests {
         for threads in [1, 2] {
             try Parallelism.$serialCutoffOverride.withValue(0) {
                 try Parallelism.$threadLimit.withValue(threads) {
-                    let layer = try IterNorm<Float>(channelCount: 16, groupSize: 4)
-                    let (y, cache) = try layer.forward(x, mode: .training)
-                    outputs.append(y.scalars + (try layer.backward(x, cache: cache)).input.scalars)
+                    let layers: [any Normalizing<Float>] = [
+                        try IterNorm<Float>(channelCount: 16, groupSize: 4),
+                        try SwitchableWhitening<Float>(channelCount: 16, groupSize: 4),
+                    ]
+                    var values: [Float] = []
+                    for layer in layers {
+                        values += try layer.normalize(x, mode: .training).scalars
+                        let g = try layer.backward(x)
+                        values += g.input.scalars
+                        for key in g.parameters.keys.sorted() {
+                            values += g.parameters[key]!.scalars
+                        }
+                    }
+                    outputs.append(values)
                 }
             }
         }

@@ -44,11 +44,25 @@ struct WhiteningTests {
     }
 
     /// The whitened covariance of each group (over the batch) is the identity, up to ε.
+    /// (Plain loops, independent of the layers' BLAS kernels.)
     static func groupCovariances(_ y: Tensor<Double>, group: Int) -> [Matrix] {
-        let c = y.shape[1]
-        return GroupWhitening.groups(channels: c, size: group).map { r in
-            let (_, yc) = GroupWhitening.centre(GroupWhitening.gather(y, r))
-            return (1 / Double(yc.cols)) * Matrix.product(yc, yc, transposeB: true)
+        let (n, c) = (y.shape[0], y.shape[1])
+        let l = y.count / (n * c)
+        let m = Double(n * l)
+        return stride(from: 0, to: c, by: group).map { first in
+            let rows = (first..<min(c, first + group)).map { ch in
+                (0..<n).flatMap { b in (0..<l).map { y[flat: (b * c + ch) * l + $0] } }
+            }
+            let means = rows.map { $0.reduce(0, +) / m }
+            var sigma = Matrix(rows: rows.count, cols: rows.count)
+            for i in rows.indices {
+                for j in rows.indices {
+                    for t in rows[i].indices {
+                        sigma[i, j] += (rows[i][t] - means[i]) * (rows[j][t] - means[j]) / m
+                    }
+                }
+            }
+            return sigma
         }
     }
 
@@ -88,6 +102,25 @@ struct WhiteningTests {
         // Inference is affine: its gradient is Wᵀ dy.
         try Conformance.checkGradients(
             layer, input: x, mode: .inference, tolerance: 1e-8, seed: 8, step: 1e-6)
+    }
+
+    /// A NaN in the input makes Σ non-finite: a named error (not a LAPACK failure or NaN
+    /// output), and nothing changes.
+    @Test func nonFiniteInputIsANamedErrorAndChangesNothing() throws {
+        var x = try Self.data([6, 4, 3], seed: 9)
+        x[flat: 5] = .nan
+        let layers: [any Normalizing<Double>] = [
+            try DecorrelatedBatchNorm<Double>(channelCount: 4, groupSize: 2),
+            try IterNorm<Double>(channelCount: 4, groupSize: 2),
+            try SwitchableWhitening<Double>(channelCount: 4, groupSize: 2),
+        ]
+        for layer in layers {
+            let before = try layer.state()
+            #expect(throws: NormError.nonFiniteStatistics(layer: layer.displayName)) {
+                _ = try layer.normalize(x, mode: .training)
+            }
+            #expect(try layer.state() == before, "\(layer.displayName)")
+        }
     }
 
     @Test func badInputIsRefused() throws {
@@ -143,6 +176,79 @@ struct SwitchableWhiteningTests {
         for sigma in WhiteningTests.groupCovariances(y, group: 4) {
             let error = zip(sigma.values, Matrix.identity(4).values).map { abs($0 - $1) }.max() ?? 1
             #expect(error < 1e-3, "\(error)")
+        }
+    }
+}
+
+/// An empty batch behaves as PyTorch's BatchNorm does (checked with torch.nn.BatchNorm1d on
+/// (0, 4, 3), (2, 4, 0) and (0, 4)): an empty output of the input's shape, running statistics
+/// untouched, an empty dx and zero parameter gradients.
+@Suite("Whitening empty batches")
+struct WhiteningEmptyBatchTests {
+    static func layers<T: NormScalar>(_: T.Type) throws -> [any Normalizing<T>] {
+        [
+            try DecorrelatedBatchNorm<T>(channelCount: 4, groupSize: 3),
+            try IterNorm<T>(channelCount: 4, groupSize: 2),
+            try SwitchableWhitening<T>(channelCount: 4, groupSize: 2, type: 5),
+            try SwitchableWhitening<T>(channelCount: 4, groupSize: 4, type: 2),
+        ]
+    }
+
+    static func check<T: NormScalar>(_: T.Type) throws {
+        for layer in try layers(T.self) {
+            // A real batch first, so that the running statistics are not their initial values.
+            _ = try layer.normalize(
+                try WhiteningTests.data([5, 4, 3], seed: 40).converted(), mode: .training)
+            for shape in [[0, 4, 3], [2, 4, 0], [0, 4], [0, 4, 2, 2]] {
+                for mode in Mode.allCases {
+                    let before = try layer.state()
+                    let y = try layer.normalize(try Tensor<T>(zeros: shape), mode: mode)
+                    #expect(y.shape == shape, "\(layer.displayName) \(shape) \(mode)")
+                    #expect(try layer.state() == before, "\(layer.displayName) \(mode): state")
+                    let g = try layer.backward(try Tensor<T>(zeros: shape))
+                    #expect(g.input.shape == shape)
+                    #expect(Set(g.parameters.keys) == Set(layer.parameters.keys))
+                    for (key, value) in g.parameters {
+                        #expect(value.shape == layer.parameters[key]?.shape)
+                        #expect(
+                            value.scalars.allSatisfy { $0 == 0 }, "\(layer.displayName) d\(key)")
+                    }
+                }
+            }
+        }
+    }
+
+    @Test func emptyBatchesGiveEmptyOutputsAndZeroGradients() throws {
+        try Self.check(Float.self)
+        try Self.check(Double.self)
+    }
+
+    @Test func anEmptyBatchStillChecksTheChannelCount() throws {
+        let layer = try IterNorm<Double>(channelCount: 4)
+        #expect(
+            throws: NormError.channelMismatch(
+                layer: "IterNorm", expected: 4, actual: 3, shape: [0, 3])
+        ) {
+            _ = try layer.forward(try Tensor(zeros: [0, 3]), mode: .training)
+        }
+    }
+
+    /// After an empty batch a real one gives what it gives alone (nothing was cached or moved).
+    @Test func anEmptyBatchThenARealOneMatchesARealOneAlone() throws {
+        let x = try WhiteningTests.data([6, 4, 3], seed: 41)
+        for (a, b) in [
+            (
+                try DecorrelatedBatchNorm<Double>(channelCount: 4) as any Normalizing<Double>,
+                try DecorrelatedBatchNorm<Double>(channelCount: 4) as any Normalizing<Double>
+            ),
+            (
+                try SwitchableWhitening<Double>(channelCount: 4, groupSize: 2),
+                try SwitchableWhitening<Double>(channelCount: 4, groupSize: 2)
+            ),
+        ] {
+            _ = try a.normalize(try Tensor(zeros: [0, 4, 3]), mode: .training)
+            #expect(try a.normalize(x, mode: .training) == b.normalize(x, mode: .training))
+            #expect(try a.state() == b.state())
         }
     }
 }
