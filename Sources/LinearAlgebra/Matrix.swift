@@ -103,11 +103,24 @@ public struct Matrix: Sendable, Equatable {
         zip(a.values, b.values).reduce(0) { $0 + $1.0 * $1.1 }
     }
 
-    /// Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix, by LAPACK's
-    /// `dsyev`.
-    /// - Throws: ``LinearAlgebraError/lapackFailure(routine:info:)`` when LAPACK reports a failure.
+    /// Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix, by `dsyev`.
+    ///
+    /// A 0×0 matrix has none (LAPACK is not called).
+    /// LAPACK only ever sees a square, finite matrix whose size fits its 32-bit integers: anything
+    /// else is refused first, so that a caller gets an error naming the problem rather than an
+    /// `info` code (LAPACKE answers a NaN with −5, the number of its matrix argument).
+    /// - Throws: ``LinearAlgebraError/invalidDimensions(routine:rows:cols:)`` for a non-square or
+    ///   too large matrix; ``LinearAlgebraError/nonFinite(routine:)`` for NaN or infinite entries;
+    ///   ``LinearAlgebraError/lapackFailure(routine:info:)`` when LAPACK still reports a failure
+    ///   (the iteration did not converge).
     public func symmetricEigen() throws -> (values: [Double], vectors: Matrix) {
-        precondition(rows == cols, "The eigendecomposition needs a square matrix.")
+        guard rows == cols, rows <= Int(Int32.max) / 3 else {
+            throw LinearAlgebraError.invalidDimensions(routine: "dsyev", rows: rows, cols: cols)
+        }
+        guard values.allSatisfy({ $0.isFinite }) else {
+            throw LinearAlgebraError.nonFinite(routine: "dsyev")
+        }
+        if rows == 0 { return ([], Matrix(rows: 0, cols: 0)) }
         var a = values
         var w = [Double](repeating: 0, count: rows)
         let n = rows
@@ -144,14 +157,21 @@ public struct Matrix: Sendable, Equatable {
 public enum LinearAlgebraError: Error, Equatable, CustomStringConvertible {
     /// A LAPACK routine returned a non-zero `info`.
     case lapackFailure(routine: String, info: Int)
+    /// The matrix has NaN or infinite entries (refused before LAPACK sees it).
+    case nonFinite(routine: String)
+    /// The matrix is not square, or too large for LAPACK's 32-bit sizes (refused before LAPACK).
+    case invalidDimensions(routine: String, rows: Int, cols: Int)
 
     /// A readable one-line description.
     public var description: String {
         switch self {
         case .lapackFailure(let routine, let info):
+            return "LAPACK \(routine) failed (info \(info)): the iteration did not converge"
+        case .nonFinite(let routine):
+            return "\(routine): the matrix has NaN or infinite entries"
+        case .invalidDimensions(let routine, let rows, let cols):
             return
-                "LAPACK \(routine) failed (info \(info)): the matrix has NaN or infinite entries "
-                + "or the iteration did not converge"
+                "\(routine): a \(rows)×\(cols) matrix is not square or is too large for LAPACK"
         }
     }
 }

@@ -16,13 +16,15 @@ extension NGDStudy {
                 "condition_input_factor", "test_accuracy", "diverged_at",
             ]
         ]
-        for method in Method.allCases {
+        for method in plan.methods {
             let pilot = try pilot(method, plan: plan, data: data)
             pilots[method] = pilot
             let rate = chooseRate(pilot, rates: plan.rates)
             log(
-                "ngd: \(method.rawValue) pilot (seed \(plan.pilotSeed)) losses "
-                    + zip(plan.rates, pilot).map { "\($0): \($1.map { String(format: "%.3f", $0) } ?? "diverged")" }
+                "ngd: \(method.rawValue) pilot losses "
+                    + zip(plan.rates, pilot).map {
+                        "\($0): \($1.map { String(format: "%.3f", $0) } ?? "—")"
+                    }
                     .joined(separator: ", ") + "; rate \(rate)")
             for seed in 1...o.seeds {
                 let r = try NGDStudy.train(
@@ -49,15 +51,33 @@ extension NGDStudy {
             }
         }
         let analysis = Analysis(runs: runs, seeds: o.seeds, pilots: pilots, rates: plan.rates)
-        let setup =
-            "\(data.name), \(data.train.count) training / \(data.testLabels.count) test images average-pooled to \(data.inputs) inputs; "
-            + "MLP \(data.inputs) → \(plan.hidden) → ReLU → \(data.train.classCount) in Double; "
-            + "SGD without momentum, batch \(plan.batchSize), \(plan.steps) steps; "
-            + "each method's learning rate is the one of {\(plan.rates.map { "\($0)" }.joined(separator: ", "))} with the lowest loss after a pilot run on seed \(plan.pilotSeed) (not a reported seed; diverged rates excluded): "
-            + Method.allCases.map { "\($0.label) \(runs[$0]?.first?.learningRate ?? .nan)" }.joined(separator: ", ") + "; "
-            + "whitening refreshed every \(plan.period) steps (GWNN's data pass every \(10 * plan.period)), no truncation, ε = 1e-3 × the mean eigenvalue; "
-            + "exact empirical Fisher of each layer on \(data.probeLabels.count) training images every \(plan.probeEvery) steps, "
-            + "damping λ = \(plan.damping) × its mean eigenvalue; \(o.seeds) seeds (\(o.scale.rawValue) scale)"
+        let grid = plan.rates.map { "\($0)" }.joined(separator: ", ")
+        let pilotSeeds = plan.pilotSeeds.map { "\($0)" }.joined(separator: " and ")
+        let chosen = Method.allCases.map { m -> String in
+            "\(m.label) \(runs[m]?.first?.learningRate ?? .nan)"
+        }.joined(separator: ", ")
+        var setup =
+            "\(data.name), \(data.train.count) training / \(data.testLabels.count) test images"
+        setup +=
+            " average-pooled to \(data.inputs) inputs; MLP \(data.inputs) → \(plan.hidden) → ReLU"
+        setup +=
+            " → \(data.train.classCount) in Double; SGD without momentum, batch \(plan.batchSize),"
+        setup +=
+            " \(plan.steps) steps; each method's learning rate is the one of {\(grid)} with the"
+        setup +=
+            " lowest loss after pilot runs of the same length on seeds \(pilotSeeds) (not reported"
+        setup +=
+            " seeds; the worse of the two counts, and a rate whose pilot diverged or ended above"
+        setup +=
+            " its initial loss is excluded): \(chosen); whitening refreshed every \(plan.period)"
+        setup +=
+            " steps on the step's batch (GWNN's data pass every \(10 * plan.period)), no truncation,"
+        setup +=
+            " ε = \(plan.epsilon) × the mean eigenvalue; exact empirical Fisher of each layer on"
+        setup +=
+            " \(data.probeLabels.count) training images every \(plan.probeEvery) steps, damping"
+        setup +=
+            " λ = \(plan.damping) × its mean eigenvalue; \(o.seeds) seeds (\(o.scale.rawValue) scale)"
         return StudyResult(
             name: .ngd, title: "6. Whitened layers and natural gradient (GWNN, EigenNet)",
             claim:
@@ -202,12 +222,12 @@ extension NGDStudy {
                 tables.append(
                     Table(
                         title:
-                            "Pilot runs (seed 0, no probes): loss on the probe images after the last step, per learning rate",
+                            "Pilot runs (two seeds outside the reported ones, no probes): the worse final loss on the probe images, per learning rate (— : diverged or not below the initial loss)",
                         columns: ["method"] + rates.map { "η = \($0)" },
                         rows: Method.allCases.map { m in
                             [m.label]
                                 + (pilots[m] ?? []).map {
-                                    $0.map { String(format: "%.3f", $0) } ?? "diverged"
+                                    $0.map { String(format: "%.3f", $0) } ?? "—"
                                 }
                         }))
             }

@@ -29,9 +29,9 @@ public enum NGDStudy {
         var hidden: Int
         var batchSize = 64
         /// The grid each method's learning rate is chosen from (see ``chooseRate(_:plan:data:)``).
-        var rates = [0.2, 0.1, 0.05, 0.02, 0.01]
-        /// The seed of the pilot runs that choose the rates (not one of the reported seeds 1…K).
-        var pilotSeed = 0
+        var rates = [0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002]
+        /// The seeds of the pilot runs that choose the rates (not reported seeds 1…K).
+        var pilotSeeds = [1001, 1002]
         var damping = 1e-3
         var period = 10
 
@@ -47,12 +47,25 @@ public enum NGDStudy {
             testCount = o.testCount ?? testCount
             if let e = o.epochs { steps = max(1, e * 10_000 / batchSize) }
             probeEvery = max(1, min(probeEvery, steps))
+            let env = ProcessInfo.processInfo.environment
+            if let v = env["NGD_BATCH"].flatMap(Int.init) { batchSize = v }
+            if let v = env["NGD_EPS"].flatMap(Double.init) { epsilon = v }
+            if let v = env["NGD_PERIOD"].flatMap(Int.init) { period = v }
+            if let v = env["NGD_RATES"] {
+                rates = v.split(separator: ",").compactMap { Double($0) }
+            }
+            if let v = env["NGD_METHODS"] {
+                methods = v.split(separator: ",").compactMap { Method(rawValue: String($0)) }
+            }
         }
+        var epsilon = 1e-3
+        var methods = Method.allCases
 
         /// The whitened layers' settings: every layer whitened in full, refreshed every T steps
         /// (GWNN's data pass every 10·T), EigenNet's S scale-preserving as in `normkit train`.
         var whitening: WhiteningSettings {
-            WhiteningSettings(kind: .wnn, period: period, preservesGradientScale: true)
+            WhiteningSettings(
+                kind: .wnn, period: period, epsilon: epsilon, preservesGradientScale: true)
         }
     }
 
@@ -168,7 +181,7 @@ public enum NGDStudy {
         var cursor = 0
         var elapsed = 0.0
         for step in 0...plan.steps {
-            if (probing && step % plan.probeEvery == 0) || step == plan.steps {
+            if (probing && step % plan.probeEvery == 0) || step == 0 || step == plan.steps {
                 let loss = try net.evaluate(data.probeX, data.probeLabels).loss
                 guard loss.isFinite else {
                     run.divergedAt = step
@@ -201,7 +214,7 @@ public enum NGDStudy {
                     run.divergedAt = step
                     break
                 }
-            } catch where isDivergence(error) {
+            } catch  where isDivergence(error) {
                 run.divergedAt = step
                 break
             }
@@ -214,19 +227,27 @@ public enum NGDStudy {
         return run
     }
 
-    /// The pilot of one method: its final probe-batch loss at every rate of the grid (nil when
-    /// it diverged), trained on ``Plan/pilotSeed`` without probes.
+    /// The pilot of one method: at every rate of the grid, the worse of its final probe-batch
+    /// losses on the ``Plan/pilotSeeds`` (trained as the reported runs, without probes), or nil
+    /// when a pilot diverged or did not go below the initial loss.
     static func pilot(_ method: Method, plan: Plan, data: StudyData) throws -> [Double?] {
         try plan.rates.map { rate in
-            let r = try train(
-                method, learningRate: rate, seed: plan.pilotSeed, plan: plan, data: data,
-                probing: false)
-            return r.diverged ? nil : r.losses.last
+            var worst = -Double.infinity
+            for seed in plan.pilotSeeds {
+                let r = try train(
+                    method, learningRate: rate, seed: seed, plan: plan, data: data,
+                    probing: false)
+                guard !r.diverged, let first = r.losses.first, let last = r.losses.last,
+                    last < first
+                else { return nil }
+                worst = max(worst, last)
+            }
+            return worst
         }
     }
 
-    /// The rate of the grid with the lowest pilot loss among those that did not diverge (the
-    /// smallest rate when every one diverged).
+    /// The rate of the grid with the lowest pilot loss among the stable ones (the smallest rate
+    /// when none is).
     static func chooseRate(_ pilotLosses: [Double?], rates: [Double]) -> Double {
         var best: (rate: Double, loss: Double)?
         for (rate, loss) in zip(rates, pilotLosses) {
