@@ -16,7 +16,7 @@ extension NGDStudy {
                 "condition_input_factor", "test_accuracy", "diverged_at",
             ]
         ]
-        for method in plan.methods {
+        for method in Method.allCases {
             let pilot = try pilot(method, plan: plan, data: data)
             pilots[method] = pilot
             let rate = chooseRate(pilot, rates: plan.rates)
@@ -282,23 +282,63 @@ extension NGDStudy {
             return s
         }
 
+        /// The first recorded step (and mean seconds) at which the seed-mean loss of `m` is at
+        /// most `target`, over the steps every seed reached.
+        func reach(_ m: Method, _ target: Double) -> (step: Int, seconds: Double)? {
+            let list = runs[m] ?? []
+            guard let shortest = list.min(by: { $0.losses.count < $1.losses.count }) else {
+                return nil
+            }
+            for k in shortest.losses.indices {
+                let mean = list.map { $0.losses[k] }.reduce(0, +) / Double(list.count)
+                if mean <= target {
+                    let seconds = list.map { $0.seconds[k] }.reduce(0, +) / Double(list.count)
+                    return (shortest.steps[k], seconds)
+                }
+            }
+            return nil
+        }
+
         var notes: [String] {
             var n: [String] = []
+            let rate = { (m: Method) in runs[m]?.first?.learningRate ?? .nan }
+            let whitened: [Method] = [.wnn, .gwnn, .eigennet]
+            n.append(
+                "Learning rates chosen by the pilots: "
+                    + Method.allCases.map { "\($0.label) \(rate($0))" }.joined(separator: ", ")
+                    + (whitened.allSatisfy { rate($0) < min(rate(.plain), rate(.bn)) }
+                        ? "; every whitened network needed a smaller rate than plain SGD and BN (larger rates diverged or ended above the initial loss in the pilots, see the pilot table)."
+                        : ".")
+            )
             let plainLoss = final(.plain, \.finalLoss)
             for m in Method.allCases where m != .plain {
                 n.append(
                     "\(m.label): final loss \(Wording.change(from: plainLoss, to: final(m, \.finalLoss), scale: 1, unit: "")) against plain SGD; "
-                        + "training time \(final(m, \.trainSeconds).text(digits: 1, unit: " s")) against \(final(.plain, \.trainSeconds).text(digits: 1, unit: " s"))."
+                        + "training time \(final(m, \.trainSeconds).text(digits: 2, unit: " s")) against \(final(.plain, \.trainSeconds).text(digits: 2, unit: " s"))."
                 )
             }
+            if plainLoss.mean.isFinite, let plainEnd = reach(.plain, plainLoss.mean) {
+                let parts = Method.allCases.filter { $0 != .plain }.map { m -> String in
+                    guard let r = reach(m, plainLoss.mean) else { return "\(m.label) never" }
+                    return "\(m.label) at step \(r.step) (\(String(format: "%.2f", r.seconds)) s)"
+                }
+                n.append(
+                    "Plain SGD's final loss \(String(format: "%.3f", plainLoss.mean)) (step \(plainEnd.step), \(String(format: "%.2f", plainEnd.seconds)) s of training steps) is first reached by "
+                        + parts.joined(separator: ", ")
+                        + " (seed means at the probe steps; wall time on a shared machine, so only large differences count)."
+                )
+            }
+            let factor = { (m: Method) in perSeed(m, 0, \.inputFactorCondition).text(digits: 1) }
             n.append(
-                "Mapping back: the step's change of the layer's affine map is measured directly, as W_eff and b_eff after a trial SGD step on the layer's own parameters minus before (WNN and EigenNet: S·V·P and b − S·V·P·μ; GWNN: A·Q·W; BN: diag(γ/σ_B)·W with the probe batch's statistics)."
+                "The hidden layer's input-side factor E[[â, 1][â, 1]ᵀ] in its own coordinates has κ "
+                    + Method.allCases.map { "\($0.label) \(factor($0))" }.joined(separator: ", ")
+                    + " on the probe images (1 would be white). A probe at step s (a multiple of T) sees the whitening estimated at step s − T on that step's batch of 64 images and held for T SGD steps, the oldest it gets; right after a refresh on the same batch the factor is I (NGDStudyTests)."
             )
             n.append(
-                "cos(g, F⁻¹g) at the same weights shows how far plain gradient and natural gradient are apart in each network; the step's cosine is the one to compare. For BN the Fisher treats the batch's mean and variance as fixed, and its own-coordinate κ covers W and b of the linear map, not γ and β."
+                "Mapping back: the step's change of the layer's affine map is measured directly, as W_eff and b_eff after a trial SGD step on the layer's own parameters minus before (WNN and EigenNet: S·V·P and b − S·V·P·μ; GWNN: A·Q·W; BN: diag(γ/σ_B)·W with the probe batch's statistics). With T = 1 on the probe batch, WNN's mapped step is exactly the natural gradient of the input-side Kronecker factor alone (NGDStudyTests); the exact Fisher also has the output-gradient side and is not a Kronecker product, which is what the cosine measures."
             )
             n.append(
-                "The whitening is re-estimated every T steps and held in between, so a probe sees whitening up to T − 1 steps old, as SGD does; the probes use the layers' current whitening without refreshing it."
+                "cos(g, F⁻¹g) at the same weights shows how far plain gradient and natural gradient are apart in each network; the step's cosine is the one to compare. For BN the Fisher treats the batch's mean and variance as fixed, and its own-coordinate κ covers W and b of the linear map, not γ and β. A run counts as diverged when its loss stops being finite or exceeds \(Int(NGDStudy.blowUp))× its initial value."
             )
             return n
         }

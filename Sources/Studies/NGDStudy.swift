@@ -28,7 +28,7 @@ public enum NGDStudy {
         var probeSize: Int
         var hidden: Int
         var batchSize = 64
-        /// The grid each method's learning rate is chosen from (see ``chooseRate(_:plan:data:)``).
+        /// The grid each method's learning rate is chosen from (see ``chooseRate(_:rates:)``).
         var rates = [0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002]
         /// The seeds of the pilot runs that choose the rates (not reported seeds 1…K).
         var pilotSeeds = [1001, 1002]
@@ -47,19 +47,10 @@ public enum NGDStudy {
             testCount = o.testCount ?? testCount
             if let e = o.epochs { steps = max(1, e * 10_000 / batchSize) }
             probeEvery = max(1, min(probeEvery, steps))
-            let env = ProcessInfo.processInfo.environment
-            if let v = env["NGD_BATCH"].flatMap(Int.init) { batchSize = v }
-            if let v = env["NGD_EPS"].flatMap(Double.init) { epsilon = v }
-            if let v = env["NGD_PERIOD"].flatMap(Int.init) { period = v }
-            if let v = env["NGD_RATES"] {
-                rates = v.split(separator: ",").compactMap { Double($0) }
-            }
-            if let v = env["NGD_METHODS"] {
-                methods = v.split(separator: ",").compactMap { Method(rawValue: String($0)) }
-            }
         }
+
+        /// ε of the whitening, relative to the mean eigenvalue (the library's default).
         var epsilon = 1e-3
-        var methods = Method.allCases
 
         /// The whitened layers' settings: every layer whitened in full, refreshed every T steps
         /// (GWNN's data pass every 10·T), EigenNet's S scale-preserving as in `normkit train`.
@@ -143,6 +134,9 @@ public enum NGDStudy {
             testLabels: split.test.labels)
     }
 
+    /// A probe-batch loss above this multiple of the initial loss ends a run as diverged.
+    static let blowUp = 10.0
+
     /// One training run's record.
     struct Run {
         var learningRate = Double.nan
@@ -152,7 +146,8 @@ public enum NGDStudy {
         /// The probes, indexed [probe][layer].
         var probes: [[LayerProbe]] = []
         var testAccuracy = Double.nan
-        /// The step at which the loss or the whitening statistics stopped being finite.
+        /// The step at which the loss or the whitening statistics stopped being finite, or the
+        /// probe loss passed ``NGDStudy/blowUp`` times its initial value.
         var divergedAt: Int?
         var diverged: Bool { divergedAt != nil }
     }
@@ -183,7 +178,8 @@ public enum NGDStudy {
         for step in 0...plan.steps {
             if (probing && step % plan.probeEvery == 0) || step == 0 || step == plan.steps {
                 let loss = try net.evaluate(data.probeX, data.probeLabels).loss
-                guard loss.isFinite else {
+                // Diverged: not finite, or ten times the initial loss (ln 10 ≈ 2.3 at start).
+                guard loss.isFinite, loss <= Self.blowUp * (run.losses.first ?? loss) else {
                     run.divergedAt = step
                     break
                 }
