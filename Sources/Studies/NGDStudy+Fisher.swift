@@ -36,9 +36,14 @@ extension NGDStudy {
                 (0..<rows.rows).reduce(0) { $0 + rows[$1, j] } / m
             }
             matrix = f
-            let (values, u) = try f.symmetricEigen()
-            eigenvalues = values.map { max($0, 0) }
-            eigenvectors = vectors ? u : nil
+            if vectors {
+                let (values, u) = try f.symmetricEigen()
+                eigenvalues = values.map { max($0, 0) }
+                eigenvectors = u
+            } else {
+                eigenvalues = try f.symmetricEigenvalues().map { max($0, 0) }
+                eigenvectors = nil
+            }
             let mean = eigenvalues.reduce(0, +) / Double(max(eigenvalues.count, 1))
             damping = relative * max(mean, Double.leastNormalMagnitude)
         }

@@ -181,7 +181,7 @@ struct NGDStudyTests {
     @Test(arguments: [NGDStudy.Method.wnn, .gwnn, .eigennet, .plain])
     func withPeriodOneTheInputFactorIsIdentity(_ method: NGDStudy.Method) throws {
         let x = try Self.rows(40, 5, seed: 9)
-        let settings = WhiteningSettings(kind: .wnn, period: 1, epsilon: 1e-9)
+        let settings = WhiteningSettings(kind: .wnn, period: 1, epsilon: 1e-12)
         var generator = SeededGenerator(seed: 5)
         let layer = try NGDStudy.DenseLayer(
             method, inputs: 5, outputs: 4, name: "fc", whitening: settings,
