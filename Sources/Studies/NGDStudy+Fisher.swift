@@ -54,7 +54,10 @@ extension NGDStudy {
         }
 
         /// (F + λI)⁻¹ v.
-        func solve(_ v: [Double]) -> [Double] {
+        func solve(_ v: [Double]) -> [Double] { solve(v, damping: damping) }
+
+        /// (F + λ′I)⁻¹ v for another absolute damping λ′.
+        func solve(_ v: [Double], damping: Double) -> [Double] {
             guard let u = eigenvectors else { return [] }
             let n = v.count
             var coefficients = [Double](repeating: 0, count: n)
@@ -74,6 +77,12 @@ extension NGDStudy {
 
         /// The damped natural gradient (F + λI)⁻¹ ḡ.
         var natural: [Double] { solve(gradient) }
+
+        /// (F + λ′I)⁻¹ ḡ with λ′ = `relative` · mean(Λ).
+        func natural(relativeDamping relative: Double) -> [Double] {
+            let mean = eigenvalues.reduce(0, +) / Double(max(eigenvalues.count, 1))
+            return solve(gradient, damping: relative * max(mean, Double.leastNormalMagnitude))
+        }
     }
 
     /// cos(a, b) (0 when either is zero).
@@ -100,6 +109,11 @@ extension NGDStudy {
         return out
     }
 
+    /// The second, stronger damping of the natural gradient (× the mean eigenvalue): with
+    /// κ ~ 10⁵, (F + λI)⁻¹ḡ at the weak damping is dominated by the smallest eigenvalues, which
+    /// a batch of m examples estimates worst.
+    static let strongDamping = 0.1
+
     /// What one probe measured on one layer.
     struct LayerProbe: Sendable {
         /// cos(−Δθ_eff, F⁻¹g): the step SGD takes on the layer's own parameters, as the change
@@ -107,6 +121,11 @@ extension NGDStudy {
         var updateCosine: Double
         /// cos(ḡ, F⁻¹g) at the same weights: what a plain SGD step on (W_eff, b_eff) would do.
         var gradientCosine: Double
+        /// The step's cosine with the natural gradient under the stronger damping
+        /// ``strongDamping`` (× the mean eigenvalue).
+        var updateCosineStrong: Double
+        /// cos(ḡ, ·) under the stronger damping.
+        var gradientCosineStrong: Double
         /// κ of the Fisher block of (W_eff, b_eff).
         var effectiveCondition: Double
         /// κ of the Fisher block of the layer's own trainable weight and bias.
@@ -136,6 +155,7 @@ extension NGDStudy {
         for layer in net.layers {
             let fisher = try Fisher(rows: layer.effectiveRows(), damping: damping)
             let natural = fisher.natural
+            let strong = fisher.natural(relativeDamping: strongDamping)
             let before = layer.effective()
             let saved = layer.parameters.map(\.value)
             for p in layer.parameters { try descend(p, eta) }
@@ -153,6 +173,8 @@ extension NGDStudy {
                 LayerProbe(
                     updateCosine: cosine(change, natural),
                     gradientCosine: cosine(fisher.gradient, natural),
+                    updateCosineStrong: cosine(change, strong),
+                    gradientCosineStrong: cosine(fisher.gradient, strong),
                     effectiveCondition: fisher.condition, ownCondition: own,
                     inputFactorCondition: inputFactor.condition))
         }

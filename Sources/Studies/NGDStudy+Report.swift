@@ -12,7 +12,8 @@ extension NGDStudy {
         var csv: [[String]] = [
             [
                 "method", "seed", "learning_rate", "step", "train_seconds", "loss", "layer",
-                "update_cosine", "gradient_cosine", "condition_effective", "condition_own",
+                "update_cosine", "gradient_cosine", "update_cosine_strong",
+                "gradient_cosine_strong", "condition_effective", "condition_own",
                 "condition_input_factor", "test_accuracy", "diverged_at",
             ]
         ]
@@ -38,6 +39,7 @@ extension NGDStudy {
                                 method.rawValue, "\(seed)", "\(rate)", "\(r.steps[k])",
                                 "\(r.seconds[k])", "\(r.losses[k])", "\(l + 1)",
                                 "\(p.updateCosine)", "\(p.gradientCosine)",
+                                "\(p.updateCosineStrong)", "\(p.gradientCosineStrong)",
                                 "\(p.effectiveCondition)", "\(p.ownCondition)",
                                 "\(p.inputFactorCondition)", "\(r.testAccuracy)", divergedAt,
                             ])
@@ -165,6 +167,12 @@ extension NGDStudy {
                     xLabel: "training step", yLabel: "cos(step, F⁻¹g)",
                     series: methods.map { series($0, 0, \.updateCosine) }, yIncludes: 0),
                 Chart(
+                    id: "ngd-cosine-hidden-strong",
+                    title:
+                        "Hidden layer: the same cosine with the stronger damping λ = \(NGDStudy.strongDamping) × the mean eigenvalue",
+                    xLabel: "training step", yLabel: "cos(step, F⁻¹g)",
+                    series: methods.map { series($0, 0, \.updateCosineStrong) }, yIncludes: 0),
+                Chart(
                     id: "ngd-cosine-output",
                     title: "Output layer: the same cosine (BN's classifier is a plain layer)",
                     xLabel: "training step", yLabel: "cos(step, F⁻¹g)",
@@ -197,6 +205,8 @@ extension NGDStudy {
                     perSeed(m, 0, \.updateCosine).text(digits: 3),
                     perSeed(m, 1, \.updateCosine).text(digits: 3),
                     perSeed(m, 0, \.gradientCosine).text(digits: 3),
+                    perSeed(m, 0, \.updateCosineStrong).text(digits: 3),
+                    perSeed(m, 0, \.gradientCosineStrong).text(digits: 3),
                     perSeed(m, 0, \.effectiveCondition).text(digits: 0),
                     perSeed(m, 0, \.ownCondition).text(digits: 0),
                     perSeed(m, 0, \.inputFactorCondition).text(digits: 1),
@@ -213,7 +223,10 @@ extension NGDStudy {
                         "Per method, mean over probes after step 0, then mean ± sd over \(seeds) seeds (κ: condition number of the damped block)",
                     columns: [
                         "method", "η", "cos(step, F⁻¹g) hidden", "cos(step, F⁻¹g) output",
-                        "cos(g, F⁻¹g) hidden, same weights", "κ hidden (x)", "κ hidden (own)",
+                        "cos(g, F⁻¹g) hidden, same weights",
+                        "cos(step, F⁻¹g) hidden, λ = \(NGDStudy.strongDamping)×",
+                        "cos(g, F⁻¹g) hidden, λ = \(NGDStudy.strongDamping)×", "κ hidden (x)",
+                        "κ hidden (own)",
                         "κ hidden input factor (own)", "κ output (own)", "final loss",
                         "test accuracy (%)", "training s", "diverged",
                     ], rows: rows)
@@ -234,10 +247,12 @@ extension NGDStudy {
             return tables
         }
 
-        /// Whether method `m`'s hidden-layer step is closer to F⁻¹g than plain SGD's.
-        func closer(_ m: Method) -> Bool {
-            let a = perSeed(m, 0, \.updateCosine)
-            let p = perSeed(.plain, 0, \.updateCosine)
+        /// Whether method `m`'s hidden-layer step is closer to F⁻¹g than `reference`'s (by more
+        /// than the seeds' spread), at the weak damping or, with `strong`, the strong one.
+        func closer(_ m: Method, than reference: Method = .plain, strong: Bool = false) -> Bool {
+            let key: KeyPath<LayerProbe, Double> = strong ? \.updateCosineStrong : \.updateCosine
+            let a = perSeed(m, 0, key)
+            let p = perSeed(reference, 0, key)
             return a.mean > p.mean && a.differs(from: p)
         }
 
@@ -248,27 +263,48 @@ extension NGDStudy {
             return a.mean < p.mean && a.differs(from: p)
         }
 
-        var matches: Bool { closer(.gwnn) && closer(.eigennet) && betterConditioned(.eigennet) }
+        var matches: Bool {
+            [false, true].allSatisfy { closer(.gwnn, strong: $0) && closer(.eigennet, strong: $0) }
+                && betterConditioned(.eigennet)
+        }
 
-        var headline: String {
-            func cos(_ m: Method) -> String { perSeed(m, 0, \.updateCosine).text(digits: 2) }
+        /// The cosines at one damping and what they say, in words.
+        func cosineSentence(strong: Bool) -> String {
+            let key: KeyPath<LayerProbe, Double> = strong ? \.updateCosineStrong : \.updateCosine
             let whitened: [Method] = [.wnn, .gwnn, .eigennet]
-            let yes = whitened.filter(closer).map(\.label)
-            let no = whitened.filter { !closer($0) }.map(\.label)
+            let yes = whitened.filter { closer($0, strong: strong) }.map(\.label)
+            let no = whitened.filter { !closer($0, strong: strong) }.map(\.label)
+            let overBN = whitened.filter { closer($0, than: .bn, strong: strong) }.map(\.label)
             var s =
-                "On the hidden layer, the cosine between SGD's step and the exact damped natural gradient is "
-                + whitened.map { "\($0.label) \(cos($0))" }.joined(separator: ", ")
-                + " against plain SGD \(cos(.plain)) and BN \(cos(.bn)): "
+                Method.allCases.map { "\($0.label) \(perSeed($0, 0, key).text(digits: 2))" }
+                .joined(separator: ", ") + ": "
             if no.isEmpty {
-                s += "every whitened layer's step is closer to natural gradient than SGD's"
+                s += "every whitened layer's step is closer to it than plain SGD's"
             } else if yes.isEmpty {
-                s +=
-                    "no whitened layer's step is closer to natural gradient than SGD's (the claim does not hold here)"
+                s += "no whitened layer's step is closer to it than plain SGD's"
             } else {
                 s +=
-                    "\(yes.joined(separator: " and ")) \(yes.count == 1 ? "is" : "are") closer than SGD, "
+                    "\(yes.joined(separator: " and ")) \(yes.count == 1 ? "is" : "are") closer than plain SGD, "
                     + "\(no.joined(separator: " and ")) \(no.count == 1 ? "is" : "are") not"
             }
+            s +=
+                overBN.isEmpty
+                ? ", none closer than BN"
+                : ", \(overBN.joined(separator: " and ")) closer than BN"
+            let largest = Method.allCases.map { perSeed($0, 0, key).mean }.filter(\.isFinite).max()
+            if let largest, largest < 0.5 {
+                s += String(format: ", and no step is near it (largest mean cosine %.2f)", largest)
+            }
+            return s
+        }
+
+        var headline: String {
+            let whitened: [Method] = [.wnn, .gwnn, .eigennet]
+            var s =
+                "Hidden layer, cosine between SGD's step (mapped back to the layer's map in x) and the exact natural gradient, λ = 10⁻³ × the mean eigenvalue: "
+                + cosineSentence(strong: false)
+                + String(format: "; λ = %g ×: ", NGDStudy.strongDamping)
+                + cosineSentence(strong: true)
             let kPlain = perSeed(.plain, 0, \.ownCondition).text(digits: 0)
             s +=
                 ". κ of the hidden layer's Fisher block in its own coordinates: plain \(kPlain), "

@@ -29,7 +29,7 @@ public enum NGDStudy {
         var hidden: Int
         var batchSize = 64
         /// The grid each method's learning rate is chosen from (see ``chooseRate(_:rates:)``).
-        var rates = [0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002]
+        var rates = [1, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002]
         /// The seeds of the pilot runs that choose the rates (not reported seeds 1…K).
         var pilotSeeds = [1001, 1002]
         var damping = 1e-3

@@ -87,6 +87,16 @@ struct NGDStudyTests {
         #expect(error < 1e-10, "relative error \(error)")
         // The solve is not the gradient itself: the check above could fail.
         #expect(Self.relativeError(mean, direct) > 0.1)
+        // Another damping through the same eigenvectors.
+        var strong = f
+        for a in 0..<n { strong[a * n + a] += 0.7 / damping * lambda }
+        let strongError = Self.relativeError(
+            fisher.natural(relativeDamping: 0.7), Self.directSolve(strong, mean))
+        #expect(strongError < 1e-10, "relative error \(strongError)")
+        // The eigenvalues alone are those of the full decomposition.
+        let alone = try Matrix(rows: n, cols: n, values: f).symmetricEigenvalues()
+        let full = try Matrix(rows: n, cols: n, values: f).symmetricEigen().values
+        #expect(Self.relativeError(alone, full) < 1e-12)
         // κ of F + λI from its extreme eigenvalues.
         let (values, _) = try Matrix(rows: n, cols: n, values: f).symmetricEigen()
         let kappa = (values.last! + lambda) / (max(values.first!, 0) + lambda)
@@ -306,5 +316,40 @@ struct NGDStudyTests {
         #expect(NGDStudy.chooseRate([nil, 0.9, 0.4, 0.6], rates: rates) == 0.1)
         #expect(NGDStudy.chooseRate([0.3, nil, 0.4, 0.6], rates: rates) == 0.5)
         #expect(NGDStudy.chooseRate([nil, nil, nil, nil], rates: rates) == 0.05)
+    }
+
+    /// The headline is computed from the runs: made-up probes where GWNN's step is closer to
+    /// F⁻¹g than plain SGD's at both dampings and WNN's is not give those words.
+    @Test func theHeadlineFollowsTheMeasurements() {
+        func run(_ cosine: Double, _ spread: Double) -> NGDStudy.Run {
+            var r = NGDStudy.Run(learningRate: 0.1)
+            r.steps = [0, 10, 20]
+            r.seconds = [0, 1, 2]
+            r.losses = [2.3, 1.0, 0.5]
+            r.probes = [0, 1, 2].map { k in
+                let c = cosine + spread * Double(k - 1)
+                let probe = NGDStudy.LayerProbe(
+                    updateCosine: c, gradientCosine: 0.1, updateCosineStrong: c,
+                    gradientCosineStrong: 0.2, effectiveCondition: 100, ownCondition: 100,
+                    inputFactorCondition: 2)
+                return [probe, probe]
+            }
+            return r
+        }
+        var runs: [NGDStudy.Method: [NGDStudy.Run]] = [:]
+        for m in NGDStudy.Method.allCases {
+            let c: Double = m == .gwnn ? 0.9 : 0.1
+            runs[m] = [run(c, 0.01), run(c + 0.01, 0.01), run(c - 0.01, 0.01)]
+        }
+        let analysis = NGDStudy.Analysis(runs: runs, seeds: 3)
+        let headline = analysis.headline
+        #expect(headline.contains("GWNN is closer than plain SGD, WNN and EigenNet are not"))
+        #expect(headline.contains("GWNN closer than BN"))
+        #expect(!headline.contains("no step is near it"))
+        #expect(!analysis.matches)  // EigenNet is not closer
+        runs[.gwnn] = runs[.plain]
+        let flat = NGDStudy.Analysis(runs: runs, seeds: 3).headline
+        #expect(flat.contains("no whitened layer's step is closer to it than plain SGD's"))
+        #expect(flat.contains("largest mean cosine 0.10"))
     }
 }
