@@ -347,6 +347,15 @@ struct NGDStudyTests {
         #expect(headline.contains("GWNN closer than BN"))
         #expect(!headline.contains("no step is near it"))
         #expect(!analysis.matches)  // EigenNet is not closer
+        var diagnosed = analysis
+        diagnosed.rates = [0.1, 0.01]
+        diagnosed.pilots = [.wnn: [nil, 0.5], .gwnn: [nil, 0.6], .eigennet: [nil, 0.7]]
+        diagnosed.freshPilots = [.wnn: [0.4, 0.5], .gwnn: [nil, 0.6], .eigennet: [nil, 0.7]]
+        let note = diagnosed.notes.first { $0.hasPrefix("Largest stable rate") } ?? ""
+        #expect(note.contains("WNN 0.01 with T = 10, 0.1 with T = 1; GWNN 0.01 with T = 10"))
+        #expect(note.contains("allows a larger rate for WNN:"))
+        diagnosed.freshPilots[.wnn] = [nil, 0.5]
+        #expect(diagnosed.notes.contains { $0.contains("does not allow a larger rate") })
         runs[.gwnn] = runs[.plain]
         let flat = NGDStudy.Analysis(runs: runs, seeds: 3).headline
         #expect(flat.contains("no whitened layer's step is closer to it than plain SGD's"))
