@@ -14,10 +14,13 @@ import Training
 ///   change of the layer's affine map (W_eff, b_eff) in the coordinates of its input x, and the
 ///   exact damped natural gradient (F + λI)⁻¹ḡ of (W_eff, b_eff) on the same batch;
 /// - the condition number of the layer's Fisher block in those coordinates and in the layer's
-///   own (whitened) coordinates;
+///   own (whitened) coordinates, and of its input-side Kronecker factor;
 ///
-/// then the loss against steps and against wall time, over seeds. See ``Fisher`` for the
-/// definitions and ``DenseLayer`` for the layers.
+/// then the loss against steps and against wall time, over seeds. Each method trains at its own
+/// rate, chosen from a grid by pilot runs on seeds that are not reported (``pilot(_:plan:data:)``,
+/// ``chooseRate(_:rates:)``): the whitened networks diverge at rates plain SGD needs. A run whose
+/// loss or whitening statistics stop being finite is recorded as diverged, not thrown. See
+/// ``Fisher`` for the definitions and ``DenseLayer`` for the layers.
 public enum NGDStudy {
     /// The study's sizes.
     struct Plan {
