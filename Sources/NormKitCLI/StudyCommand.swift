@@ -4,7 +4,7 @@ import NormKit
 import Studies
 import Training
 
-/// `normkit study NAME`: one of the five literature studies, with seeds, written as CSV, JSON
+/// `normkit study NAME`: one of the literature studies, with seeds, written as CSV, JSON
 /// and an HTML report.
 struct StudyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -16,10 +16,10 @@ struct StudyCommand: ParsableCommand {
     )
 
     @Argument(
-        help: "The study: batch-size, switchable, landscape, ablation, regularization or all.")
+        help: "The study: batch-size, switchable, landscape, ablation, regularization, ngd or all.")
     var name: String
     @Flag(help: "Minutes per study (the default).") var quick = false
-    @Flag(help: "The paper-shaped grid (about 26 minutes for all five on 2 cores).") var full =
+    @Flag(help: "The paper-shaped grid (about 45 minutes for all six on one core).") var full =
         false
     @Option(help: "Seeds per configuration (at least 3 for a spread).") var seeds = 3
     @Option(help: "Folder for the report (created if missing; other files are kept).") var output =

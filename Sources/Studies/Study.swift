@@ -2,7 +2,7 @@ import Foundation
 import NormKit
 import Training
 
-/// The five studies of `normkit study`, each reproducing a claim of the normalization
+/// The studies of `normkit study`, each reproducing a claim of the normalization
 /// literature on real data, with several seeds.
 public enum StudyName: String, CaseIterable, Sendable, Codable {
     /// BN against batch-independent normalizers as the batch shrinks (Wu & He 2018).
@@ -15,6 +15,8 @@ public enum StudyName: String, CaseIterable, Sendable, Codable {
     case ablation
     /// BN against population normalization with and without γ decay (Luo et al. 2019).
     case regularization
+    /// Whitened layers (WNN, GWNN, EigenNet) against the exact natural gradient (Luo 2017).
+    case ngd
 }
 
 /// How big a study run is, and on what.
@@ -196,6 +198,7 @@ public enum Studies {
         case .landscape: result = try LandscapeStudy.run(options, log: log)
         case .ablation: result = try AblationStudy.run(options, log: log)
         case .regularization: result = try RegularizationStudy.run(options, log: log)
+        case .ngd: result = try NGDStudy.run(options, log: log)
         }
         result.seconds = Date().timeIntervalSince(start)
         var command = "normkit study \(name.rawValue) --\(options.scale.rawValue)"

@@ -65,6 +65,8 @@ public enum TrainingError: Error, Equatable, CustomStringConvertible {
     case invalidSetting(name: String, value: String, requirement: String)
     /// A checkpoint does not fit the model.
     case checkpoint(String)
+    /// Training diverged: a layer met NaN or infinite values (`what`) in its state or input.
+    case diverged(layer: String, what: String)
 
     /// A readable one-line description.
     public var description: String {
@@ -79,6 +81,10 @@ public enum TrainingError: Error, Equatable, CustomStringConvertible {
             return "\(name) = \(value) is invalid: \(requirement)"
         case .checkpoint(let reason):
             return "checkpoint does not fit the model: \(reason)"
+        case .diverged(let layer, let what):
+            return
+                "\(layer): \(what) holds NaN or infinite values; training diverged (try a smaller "
+                + "learning rate)"
         }
     }
 }

@@ -288,6 +288,7 @@ public final class WhitenedAffine<Scalar: NormScalar> {
             let (mu, sigma) = x.withUnsafeBufferPointer {
                 WhiteningAlgebra.statistics(rows: $0, m: m, d: inputs)
             }
+            try requireFinite(sigma.values, "the input of a whitening refresh")
             let (p, inverse) = try WhiteningAlgebra.whitening(
                 sigma, rank: rank, epsilon: settings.epsilon)
             let old = WhiteningAlgebra.matrix(projection, rows: rank, cols: inputs)
@@ -313,10 +314,12 @@ public final class WhitenedAffine<Scalar: NormScalar> {
                 let (mu, sigma) = x.withUnsafeBufferPointer {
                     WhiteningAlgebra.statistics(rows: $0, m: m, d: inputs)
                 }
+                try requireFinite(sigma.values, "the input of a whitening refresh")
                 inputMean = try Tensor(shape: [inputs], rounding: mu)
                 inputCovariance = try WhiteningAlgebra.tensor(sigma, shape: [inputs, inputs])
             }
             let w = WhiteningAlgebra.matrix(weight.value, rows: outputs, cols: inputs)
+            try requireFinite(w.values, "the weight W")
             let sigmaX = WhiteningAlgebra.matrix(inputCovariance!, rows: inputs, cols: inputs)
             let nu = WhiteningAlgebra.apply(w, inputMean!.scalars.map { Double($0) })
             let sigmaZ = Matrix.product(w * sigmaX, w, transposeB: true)
@@ -346,6 +349,7 @@ public final class WhitenedAffine<Scalar: NormScalar> {
         let inverseRows = 1 / Double(max(m, 1)).squareRoot()
         for i in scaled.values.indices { scaled.values[i] *= inverseRows }
         let sigma = Matrix.product(scaled, scaled, transposeA: true)
+        try requireFinite(sigma.values, "the output gradient of a whitening refresh")
         let (values, vectors) = try sigma.symmetricEigen()
         let clamped = values.map { max($0, 0) }
         let meanValue = clamped.reduce(0, +) / Double(outputs)
@@ -372,6 +376,15 @@ public final class WhitenedAffine<Scalar: NormScalar> {
         weight.value = try WhiteningAlgebra.tensor(v, shape: [outputs, rank])
         gradientWhitening = try WhiteningAlgebra.tensor(newS, shape: [outputs, outputs])
         pendingLeft[weight.name] = pendingLeft[weight.name].map { change * $0 } ?? change
+    }
+
+    /// Refuses NaN or infinite statistics before LAPACK sees them (a diverged run reaches the
+    /// refresh before its loss is computed).
+    /// - Throws: ``TrainingError/diverged(layer:what:)``.
+    func requireFinite(_ values: [Double], _ what: String) throws(TrainingError) {
+        guard values.allSatisfy({ $0.isFinite }) else {
+            throw .diverged(layer: name, what: what)
+        }
     }
 
     func composeRight(_ name: String, _ change: Matrix) {

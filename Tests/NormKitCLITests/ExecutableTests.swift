@@ -152,3 +152,34 @@ struct NonUTF8ArgumentTests {
         #expect(y.shape == [4, 3])
     }
 }
+
+/// Bad whitening values end the real `normkit train` with a non-zero status, a message that
+/// names the value, and no checkpoint.
+@Suite("Train refusals on the executable")
+struct TrainRefusalExecutableTests {
+    @Test(arguments: [
+        (["--whiten-layers", "gwnn", "--whiten-rank", "0"], "whitening rank = 0 is invalid"),
+        (["--whiten-layers", "bogus"], "unknown whitened layers 'bogus'"),
+    ])
+    func aBadWhiteningValueExitsNonZeroNamingIt(_ flags: [String], _ message: String) throws {
+        try #require(FileManager.default.isExecutableFile(atPath: normkit), "\(normkit)")
+        let folder = NSTemporaryDirectory() + "normkit-exe-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: folder) }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: normkit)
+        process.arguments =
+            ["train", "--epochs", "1", "--checkpoint", folder + "/c.safetensors"] + flags
+        let errors = Pipe()
+        process.standardError = errors
+        process.standardOutput = FileHandle.nullDevice
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        let text = String(
+            decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        #expect(process.terminationReason == .exit && process.terminationStatus != 0)
+        #expect(text.contains(message), "\(text)")
+        #expect(!FileManager.default.fileExists(atPath: folder + "/c.safetensors"))
+    }
+}

@@ -105,4 +105,66 @@ struct TrainCommandTests {
         ])
         #expect(throws: TrainingError.self) { try bad.run() }
     }
+
+    /// `normkit train` with GWNN layers refreshed every 2 steps at rank 4 and standardized
+    /// gradients: one epoch on a tiny subset runs, its checkpoint keeps every layer's rank-4
+    /// whitening, and bad whitening values are refused before training with errors naming them.
+    @Test func whitenedTrainingRunsAndBadWhiteningValuesAreRefused() throws {
+        let dir = NSTemporaryDirectory() + "whiten-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let whitened = [
+            "--whiten-layers", "gwnn", "--whiten-every", "2", "--whiten-rank", "4", "--grad-norm",
+            "standardize",
+        ]
+        let small = [
+            "--epochs", "1", "--train-count", "64", "--test-count", "32", "--batch-size", "16",
+            "--lr", "0.01",
+        ]
+        var command = try NormKitCommand.parseAsRoot(
+            ["train"] + whitened + small + [
+                "--metrics", dir + "/m.csv", "--checkpoint", dir + "/c.safetensors",
+            ])
+        try command.run()
+        let csv = try String(contentsOfFile: dir + "/m.csv", encoding: .utf8)
+        let epoch = csv.split(separator: "\n")[1].split(separator: ",")
+        #expect(epoch.first == "1" && epoch.dropFirst().allSatisfy { Double($0)?.isFinite == true })
+        let stored = try Safetensors.read(contentsOf: dir + "/c.safetensors").tensors
+        let projections = stored.filter { $0.key.hasSuffix("whiten_projection") }
+        #expect(projections.count >= 2, "\(stored.keys.sorted())")
+        for (key, p) in projections { #expect(p.shape.first == 4, "\(key): \(p.shape)") }
+
+        let refusals: [([String], TrainingError)] = [
+            (
+                ["--whiten-layers", "gwnn", "--whiten-rank", "0"],
+                .invalidSetting(
+                    name: "whitening rank", value: "0",
+                    requirement: "must lie in 1…\(TrainingConfig.maximumWhiteningRank)")
+            ),
+            (
+                ["--whiten-layers", "bogus"],
+                .unknownName(
+                    kind: "whitened layers", name: "bogus",
+                    known: ["none", "wnn", "gwnn", "eigennet"])
+            ),
+            (
+                ["--whiten-layers", "gwnn", "--whiten-every", "0"],
+                .invalidSetting(
+                    name: "whitening period", value: "0",
+                    requirement: "must lie in 1…\(WhiteningSettings.maximumPeriod)")
+            ),
+            (
+                ["--grad-norm", "bogus"],
+                .unknownName(
+                    kind: "gradient normalization", name: "bogus",
+                    known: ["none", "scale", "standardize", "whiten"])
+            ),
+        ]
+        for (flags, error) in refusals {
+            var bad = try NormKitCommand.parseAsRoot(
+                ["train"] + small + flags + ["--checkpoint", dir + "/bad.safetensors"])
+            #expect(throws: error, "\(flags)") { try bad.run() }
+        }
+        #expect(!FileManager.default.fileExists(atPath: dir + "/bad.safetensors"))
+    }
 }
