@@ -130,9 +130,11 @@ public final class SPADE<Scalar: NormScalar>: ConditionalNormalizing, CustomStri
                 requirement: "must be odd (padding k/2 keeps the feature map's size)")
         }
         // The convolution weights, before they are allocated (and before k·k can overflow).
-        guard kernelSize <= 1 << 10 else {
+        let kernelLimit = 1 << 10
+        guard kernelSize <= kernelLimit else {
             throw .invalidHyperparameter(
-                name: "kernel size", value: "\(kernelSize)", requirement: "must be at most 1024")
+                name: "kernel size", value: "\(kernelSize)",
+                requirement: "must be at most \(kernelLimit)")
         }
         try HyperparameterCheck.parameterSize(
             [hiddenCount, labelCount, kernelSize, kernelSize], name: "mlp_shared.0.weight")

@@ -101,10 +101,16 @@ public enum ReferenceNormKernel {
         variance: [Double], operation: Operation
     ) -> [Double] {
         guard operation.scales else { return [Double](repeating: 1, count: variance.count) }
-        return variance.map {
-            let denominator = $0 + operation.epsilon
-            return denominator == 0 ? 0 : 1 / denominator.squareRoot()
-        }
+        return variance.map { reciprocalStandardDeviation($0, epsilon: operation.epsilon) }
+    }
+
+    /// One set's 1/√(σ² + ε): 0 where σ² + ε is exactly 0 (x̂ = 0, output β), NaN for NaN.
+    ///
+    /// The one place this rule is written for the reference, mixture and Kalman paths.
+    @inlinable
+    public static func reciprocalStandardDeviation(_ variance: Double, epsilon: Double) -> Double {
+        let denominator = variance + epsilon
+        return denominator == 0 ? 0 : 1 / denominator.squareRoot()
     }
 
     /// The forward pass `y = γ ⊙ (x − μ)·rstd + β`.

@@ -85,10 +85,8 @@ struct TrainCommand: ParsableCommand {
             BLAS.setThreads(threads)
         }
         if let benchmarkSteps {
-            guard (1...SizeLimits.maximumRepeats).contains(benchmarkSteps) else {
-                throw ValidationError(
-                    "--benchmark-steps must lie in 1…\(SizeLimits.maximumRepeats) (SizeLimits); got \(benchmarkSteps)"
-                )
+            do { try SizeLimits.checkRepeats(benchmarkSteps, name: "--benchmark-steps") } catch {
+                throw ValidationError(error.description)
             }
         }
         // The outputs are checked before training: a run must not end in an unwritable path.

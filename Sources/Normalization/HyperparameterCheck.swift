@@ -64,16 +64,6 @@ public enum HyperparameterCheck {
         }
     }
 
-    /// Refuses a SparsestMax radius outside [0, 1] (NaN included): the official schedule moves
-    /// it from 0 to 1, and the projection is defined on that range.
-    public static func sparsestMaxRadius(_ radius: Double) throws(NormError) {
-        guard radius >= 0, radius <= 1 else {
-            throw .invalidHyperparameter(
-                name: "radius", value: "\(radius)",
-                requirement: "a SparsestMax radius must lie in [0, 1]")
-        }
-    }
-
     /// Refuses a running variance or standard deviation with a negative, NaN or infinite entry.
     public static func runningVariance<Scalar: NormScalar>(
         _ values: Tensor<Scalar>, name: String = "running_var"

@@ -120,7 +120,7 @@ struct SwitchableBuilder: NormalizerBuilder {
             weighting: sparse ? .sparsestMax : .softmax,
             radiusSteps: try o.int("radius-steps") ?? 1, layout: o.layout)
         if let radius = try o.double("radius") {
-            try HyperparameterCheck.sparsestMaxRadius(radius)
+            try HyperparameterCheck.finite(radius, in: 0...1, name: "radius")
             layer.radiusOverride = radius
         }
         return layer

@@ -260,8 +260,7 @@ extension SourcedStatistics {
     /// NaN stays NaN.
     @inline(__always)
     static func reciprocalStandardDeviation(combined variance: Double, epsilon: Double) -> Double {
-        let d = max(variance, 0) + epsilon
-        return d == 0 ? 0 : 1 / d.squareRoot()
+        ReferenceNormKernel.reciprocalStandardDeviation(max(variance, 0), epsilon: epsilon)
     }
 
     /// The combined σ² of a propagated source (what Kalman's running estimate tracks).

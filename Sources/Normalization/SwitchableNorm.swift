@@ -398,7 +398,7 @@ public final class SwitchableNorm<Scalar: NormScalar>: CustomStringConvertible {
         // Values are checked before anything is loaded.
         if let t = tensors["running_var"] { try HyperparameterCheck.runningVariance(t) }
         if let t = tensors["radius"] {
-            try HyperparameterCheck.sparsestMaxRadius(Double(t.scalars[0]))
+            try HyperparameterCheck.finite(Double(t.scalars[0]), in: 0...1, name: "radius")
         }
         let flat = try loadMixtureParameters(tensors, expected: expected, layer: name)
         if let t = flat["running_mean"] { runningMean = t }

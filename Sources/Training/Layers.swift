@@ -151,13 +151,7 @@ public final class Conv2d<Scalar: NormScalar>: Module {
                 name: "Conv2d", value: "k\(kernel) s\(stride) p\(padding)",
                 requirement: "kernel, stride and padding must be at most \(Self.sizeLimit)")
         }
-        do {
-            try SizeLimits.checkElements(
-                [outChannels, inChannels, kernel, kernel], name: "Conv2d weight")
-        } catch {
-            throw TrainingError.invalidSetting(
-                name: error.name, value: error.value, requirement: error.requirement)
-        }
+        try Self.checkSize([outChannels, inChannels, kernel, kernel], name: "Conv2d weight")
         self.inChannels = inChannels
         self.outChannels = outChannels
         self.kernel = kernel
@@ -188,6 +182,14 @@ public final class Conv2d<Scalar: NormScalar>: Module {
     /// The largest kernel side, stride and padding a Conv2d accepts (sizes from files and flags
     /// stay far from overflow in ``outputSize(_:)``).
     public static var sizeLimit: Int { 1 << 16 }
+
+    /// ``SizeLimits/checkElements(_:maximumElements:name:text:)`` as a ``TrainingError``.
+    static func checkSize(_ shape: [Int], name: String) throws(TrainingError) {
+        do { try SizeLimits.checkElements(shape, name: name) } catch {
+            throw .invalidSetting(
+                name: error.name, value: error.value, requirement: error.requirement)
+        }
+    }
 
     /// Samples per im2col chunk: the chunk's columns stay under 2²² elements (16 MB of Float),
     /// so a training batch of the harness is one chunk and a 256-image evaluation batch a few.
@@ -301,14 +303,8 @@ public final class Conv2d<Scalar: NormScalar>: Module {
                 layer: "Conv2d", expected: "an image at least the kernel's size", actual: x.shape)
         }
         // The output and one sample's patch matrix must fit the size limit (checked products).
-        do {
-            try SizeLimits.checkElements([n, outChannels, ho, wo], name: "Conv2d output")
-            try SizeLimits.checkElements(
-                [inChannels * kernel * kernel, ho, wo], name: "Conv2d patches")
-        } catch {
-            throw TrainingError.invalidSetting(
-                name: error.name, value: error.value, requirement: error.requirement)
-        }
+        try Self.checkSize([n, outChannels, ho, wo], name: "Conv2d output")
+        try Self.checkSize([inChannels * kernel * kernel, ho, wo], name: "Conv2d patches")
         let k = inChannels * kernel * kernel
         let plane = ho * wo
         let chunk = chunkSize(n: n, columnsPerSample: k * plane)
