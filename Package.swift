@@ -34,7 +34,10 @@ let package = Package(
         /// Dense tensors of Float and Double with value semantics.
         .target(name: "TensorCore"),
         /// Stateless kernels over raw buffers; each fast kernel sits beside its reference.
-        .target(name: "NormKernels", exclude: ["README.md"]),
+        .target(name: "NormKernels", dependencies: ["CNormSIMD"], exclude: ["README.md"]),
+        /// AVX2 + FMA versions of the kernels' inner loops, chosen at run time on x86-64 (C,
+        /// because Swift cannot build one function for a CPU feature without unsafeFlags).
+        .target(name: "CNormSIMD"),
         /// The Π → Φ → Ψ core, the `Normalizing` protocol and the activation normalizers that
         /// need no BLAS.
         .target(name: "Normalization", dependencies: ["TensorCore", "NormKernels"]),
@@ -98,7 +101,9 @@ let package = Package(
         .target(name: "NormTestSupport", dependencies: ["NormKit"], path: "Tests/_TestSupport"),
         .testTarget(name: "TensorCoreTests", dependencies: ["TensorCore"]),
         .testTarget(name: "WhiteningTests", dependencies: ["NormKit", "NormTestSupport"]),
-        .testTarget(name: "NormKernelsTests", dependencies: ["NormKernels", "NormTestSupport"]),
+        .testTarget(
+            name: "NormKernelsTests", dependencies: ["NormKernels", "CNormSIMD", "NormTestSupport"]
+        ),
         .testTarget(name: "NormalizationTests", dependencies: ["NormKit", "NormTestSupport"]),
         .testTarget(name: "NormIOTests", dependencies: ["NormIO", "NormTestSupport"]),
         .testTarget(

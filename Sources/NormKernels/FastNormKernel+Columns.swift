@@ -1,3 +1,5 @@
+import CNormSIMD
+
 extension FastNormKernel {
     /// A column geometry `[outer, mid, inner]`.
     struct ColumnPlan {
@@ -16,6 +18,8 @@ extension FastNormKernel {
         let chunksPerOuter: Int
         /// The group of every inner column (a table: integer division per element is slow).
         let columnGroup: [Int]
+        /// Whether outputs are written with non-temporal stores (``Span/streams(_:)``).
+        let stream: Bool
 
         init(
             outer: Int, mid: Int, inner: Int, groupWidth: Int, reduceOuter: Bool, gamma: ColumnGamma
@@ -32,6 +36,7 @@ extension FastNormKernel {
             midChunk = reduceOuter ? max(1, (1 << 18) / max(inner, 1)) : max(mid, 1)
             chunksPerOuter = (mid + midChunk - 1) / midChunk
             columnGroup = (0..<inner).map { $0 / groupWidth }
+            stream = Span.streams(outer * mid * inner)
         }
 
         /// The mid rows of chunk c.
@@ -53,6 +58,20 @@ extension FastNormKernel {
         let a = scratch
         let q = scratch + inner
         for i in 0..<(2 * inner) { scratch[i] = 0 }
+        #if arch(x86_64)
+            if Span.wide {
+                // Blocks of 128 rows summed in Float, then flushed to Double, as below.
+                var m = rows.lowerBound
+                while m < rows.upperBound {
+                    let count = min(128, rows.upperBound - m)
+                    nk_column_sums(x + (o * plan.mid + m) * inner, count, inner, shift, a, q)
+                    Span.flush(a, into: s1, inner)
+                    Span.flush(q, into: s2, inner)
+                    m += count
+                }
+                return
+            }
+        #endif
         var pending = 0
         var m = rows.lowerBound
         while m < rows.upperBound {
@@ -282,7 +301,8 @@ extension FastNormKernel {
                                             x + offset, y + offset, inner, shift: columnShift,
                                             a: aTable, b: bTable,
                                             gamma: alongMid ? (gamma?[m] ?? 1) : 1,
-                                            beta: alongMid ? (beta?[m] ?? 0) : 0)
+                                            beta: alongMid ? (beta?[m] ?? 0) : 0,
+                                            stream: plan.stream)
                                     }
                                 }
                             }
@@ -318,23 +338,23 @@ extension FastNormKernel {
         let units = plan.outer * chunksPerOuter
         var partial1 = [Double](repeating: 0, count: units * inner)
         var partial2 = [Double](repeating: 0, count: units * inner)
-        // Per (outer, column) shifts and per-unit Float accumulators, allocated once per call.
+        // Per (outer, column) shifts, once per call. The Float accumulators live on each chunk's
+        // own stack: in one shared array, neighbouring chunks (run by different threads) shared
+        // a cache line at every boundary and stored to it on every row sweep.
         var shiftTable = [Float](repeating: 0, count: plan.outer * inner)
         for o in 0..<plan.outer {
             for i in 0..<inner { shiftTable[o * inner + i] = shifts[plan.set(outer: o, column: i)] }
         }
-        var scratchAll = [Float](repeating: 0, count: units * 2 * inner)
         partial1.withUnsafeMutableBufferPointer { p1 in
             partial2.withUnsafeMutableBufferPointer { p2 in
                 shiftTable.withUnsafeBufferPointer { sh in
-                    scratchAll.withUnsafeMutableBufferPointer { sc in
-                        Parallelism.forEachChunk(units, work: plan.outer * plan.mid * inner) { u in
-                            let o = u / chunksPerOuter
+                    Parallelism.forEachChunk(units, work: plan.outer * plan.mid * inner) { u in
+                        let o = u / chunksPerOuter
+                        withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * inner) { sc in
                             columnSums(
                                 x, plan, outer: o, rows: plan.midRows(chunk: u % chunksPerOuter),
                                 shift: sh.baseAddress! + o * inner, s1: p1.baseAddress! + u * inner,
-                                s2: p2.baseAddress! + u * inner,
-                                scratch: sc.baseAddress! + u * 2 * inner)
+                                s2: p2.baseAddress! + u * inner, scratch: sc.baseAddress!)
                         }
                     }
                 }
@@ -385,9 +405,11 @@ extension FastNormKernel {
         shiftTable.withUnsafeBufferPointer { sh in
             aTable.withUnsafeBufferPointer { av in
                 bTable.withUnsafeBufferPointer { bv in
-                    Parallelism.forEachChunk(
-                        plan.outer * chunksPerOuter, work: plan.outer * plan.mid * inner
-                    ) { u in
+                    // Last chunk first: the statistics pass just read x front to back, so its
+                    // end is what the last-level cache still holds.
+                    let units = plan.outer * chunksPerOuter
+                    Parallelism.forEachChunk(units, work: plan.outer * plan.mid * inner) { k in
+                        let u = units - 1 - k
                         let o = u / chunksPerOuter
                         for m in plan.midRows(chunk: u % chunksPerOuter) {
                             let offset = (o * plan.mid + m) * inner
@@ -396,8 +418,7 @@ extension FastNormKernel {
                             columnRow(
                                 x + offset, y + offset, inner, shift: sh.baseAddress! + o * inner,
                                 a: av.baseAddress! + o * inner, b: bv.baseAddress! + o * inner,
-                                gamma: gm,
-                                beta: bm)
+                                gamma: gm, beta: bm, stream: plan.stream)
                         }
                     }
                 }
@@ -410,8 +431,12 @@ extension FastNormKernel {
     static func columnRow(
         _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int,
         shift: UnsafePointer<Float>,
-        a: UnsafePointer<Float>, b: UnsafePointer<Float>, gamma: Float, beta: Float
+        a: UnsafePointer<Float>, b: UnsafePointer<Float>, gamma: Float, beta: Float,
+        stream: Bool = false
     ) {
+        #if arch(x86_64)
+            if Span.wide { return nk_column_row(x, y, n, shift, a, b, gamma, beta, stream ? 1 : 0) }
+        #endif
         let gv = Span.V(repeating: gamma)
         let bv = Span.V(repeating: beta)
         var i = 0
@@ -479,7 +504,8 @@ extension FastNormKernel {
         var colGD = [Double](repeating: 0, count: units * inner)
         var rowDG = [Double](repeating: 0, count: alongMid ? plan.outer * plan.mid : 0)
         var rowDB = [Double](repeating: 0, count: alongMid ? plan.outer * plan.mid : 0)
-        var accumulators = [Float](repeating: 0, count: units * 2 * inner)
+        // Float accumulators on each chunk's stack (a shared array put neighbouring chunks, run
+        // by different threads, on one cache line).
         shift.withUnsafeBufferPointer { sh in
             rTable.withUnsafeBufferPointer { rt in
                 tTable.withUnsafeBufferPointer { tt in
@@ -487,10 +513,13 @@ extension FastNormKernel {
                         colGD.withUnsafeMutableBufferPointer { cgd in
                             rowDG.withUnsafeMutableBufferPointer { rdg in
                                 rowDB.withUnsafeMutableBufferPointer { rdb in
-                                    accumulators.withUnsafeMutableBufferPointer { acc in
-                                        Parallelism.forEachChunk(units, work: work) { u in
+                                    Parallelism.forEachChunk(units, work: work) { u in
+                                        withUnsafeTemporaryAllocation(
+                                            of: Float.self, capacity: 2 * inner
+                                        ) { acc in
+                                            acc.initialize(repeating: 0)
                                             let o = u / chunksPerOuter
-                                            let a = acc.baseAddress! + u * 2 * inner
+                                            let a = acc.baseAddress!
                                             let q = a + inner
                                             let g1 = cg.baseAddress! + u * inner
                                             let g2 = cgd.baseAddress! + u * inner
@@ -595,7 +624,9 @@ extension FastNormKernel {
             aTable.withUnsafeBufferPointer { at in
                 bTable.withUnsafeBufferPointer { bt in
                     cTable.withUnsafeBufferPointer { ct in
-                        Parallelism.forEachChunk(units, work: work) { u in
+                        // Last chunk first, where the sums pass ended (still in cache).
+                        Parallelism.forEachChunk(units, work: work) { k in
+                            let u = units - 1 - k
                             let o = u / chunksPerOuter
                             for m in plan.midRows(chunk: u % chunksPerOuter) {
                                 let offset = (o * plan.mid + m) * inner
@@ -605,7 +636,7 @@ extension FastNormKernel {
                                     shift: sh.baseAddress! + o * inner,
                                     a: at.baseAddress! + o * inner,
                                     b: bt.baseAddress! + o * inner, c: ct.baseAddress! + o * inner,
-                                    gamma: gm)
+                                    gamma: gm, stream: plan.stream)
                             }
                         }
                     }
@@ -621,8 +652,13 @@ extension FastNormKernel {
         _ n: Int,
         shift: UnsafePointer<Float>, a: UnsafePointer<Float>, b: UnsafePointer<Float>,
         c: UnsafePointer<Float>,
-        gamma: Float
+        gamma: Float, stream: Bool = false
     ) {
+        #if arch(x86_64)
+            if Span.wide {
+                return nk_column_gradient_row(x, dy, dx, n, shift, a, b, c, gamma, stream ? 1 : 0)
+            }
+        #endif
         let gv = Span.V(repeating: gamma)
         var i = 0
         while i + 16 <= n {

@@ -15,6 +15,8 @@ extension FastNormKernel {
         /// Sets per chunk: enough work per chunk to amortise the dispatch.
         let setsPerChunk: Int
         let chunkCount: Int
+        /// Whether outputs are written with non-temporal stores (``Span/streams(_:)``).
+        let stream: Bool
 
         init(rows: Int, length: Int, setCount: Int, gamma: RowGamma) {
             self.rows = rows
@@ -37,6 +39,7 @@ extension FastNormKernel {
             segmentsPerRow = length / segment
             setsPerChunk = max(1, min(setCount, (1 << 14) / max(setSize, 1)))
             chunkCount = (setCount + setsPerChunk - 1) / setsPerChunk
+            stream = Span.streams(rows * length)
         }
 
         /// Groups of consecutive sets for the passes that keep partial parameter gradients: one
@@ -158,7 +161,7 @@ extension FastNormKernel {
                 Span.elementwise(
                     x + base, y + base, plan.length, shift: shift, rstd: Float(rstd),
                     term: Float(t),
-                    gamma: gamma.map { $0 + g }, beta: beta.map { $0 + g })
+                    gamma: gamma.map { $0 + g }, beta: beta.map { $0 + g }, stream: plan.stream)
             case .none, .segments:
                 let segment = plan.segment
                 for j in 0..<plan.segmentsPerRow {
@@ -167,7 +170,7 @@ extension FastNormKernel {
                     let b = beta.map { Double($0[p]) } ?? 0
                     Span.affine(
                         x + base + j * segment, y + base + j * segment, segment, shift: shift,
-                        scale: Float(g * rstd), offset: Float(b + g * t))
+                        scale: Float(g * rstd), offset: Float(b + g * t), stream: plan.stream)
                 }
             }
         }
@@ -208,7 +211,8 @@ extension FastNormKernel {
                         let g = plan.gammaIndex(row: r, segment: 0)
                         Span.elementwise(
                             x + base, y + base, plan.length, shift: shift, rstd: rv, term: t,
-                            gamma: gamma.map { $0 + g }, beta: beta.map { $0 + g })
+                            gamma: gamma.map { $0 + g }, beta: beta.map { $0 + g },
+                            stream: plan.stream)
                     case .none, .segments:
                         let segment = plan.segment
                         for j in 0..<plan.segmentsPerRow {
@@ -217,7 +221,8 @@ extension FastNormKernel {
                             let b = beta?[p] ?? 0
                             Span.affine(
                                 x + base + j * segment, y + base + j * segment, segment,
-                                shift: shift, scale: g * rv, offset: b + g * t)
+                                shift: shift, scale: g * rv, offset: b + g * t,
+                                stream: plan.stream)
                         }
                     }
                     s += 1
@@ -378,7 +383,9 @@ extension FastNormKernel {
             let aTable = shifts + sets
             let bTable = shifts + 2 * sets
             let cTable = shifts + 3 * sets
-            Parallelism.forEachChunk(chunks, work: rows * length) { k in
+            // Last chunk first: pass 1 ended there, so the cache still holds it.
+            Parallelism.forEachChunk(chunks, work: rows * length) { j in
+                let k = chunks - 1 - j
                 let first = k * rowsPerChunk
                 let last = min(rows, first + rowsPerChunk)
                 var s = first % sets
@@ -386,7 +393,7 @@ extension FastNormKernel {
                     let base = r * length
                     Span.gradient(
                         x + base, dy + base, dx + base, length, shift: shifts[s], a: aTable[s],
-                        b: bTable[s], c: cTable[s], gamma: nil)
+                        b: bTable[s], c: cTable[s], gamma: nil, stream: plan.stream)
                     s += 1
                     if s == sets { s = 0 }
                 }
@@ -483,15 +490,16 @@ extension FastNormKernel {
                 let p = plan.gammaIndex(row: r, segment: 0)
                 Span.gradient(
                     x + base, dy + base, dx + base, plan.length, shift: shift, a: Float(a),
-                    b: Float(b), c: Float(c), gamma: gamma.map { $0 + p })
+                    b: Float(b), c: Float(c), gamma: gamma.map { $0 + p }, stream: plan.stream)
             case .none, .segments:
                 for j in 0..<plan.segmentsPerRow {
                     let p = plan.gammaIndex(row: r, segment: j)
                     let g = gamma.map { Double($0[p]) } ?? 1
                     Span.gradient(
                         x + base + j * segment, dy + base + j * segment, dx + base + j * segment,
-                        segment, shift: shift, a: Float(a * g), b: Float(b), c: Float(c), gamma: nil
-                    )
+                        segment, shift: shift, a: Float(a * g), b: Float(b), c: Float(c),
+                        gamma: nil,
+                        stream: plan.stream)
                 }
             }
         }

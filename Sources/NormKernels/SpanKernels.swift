@@ -1,3 +1,11 @@
+import CNormSIMD
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
 /// SIMD loops over one contiguous span of `Float`s: the inner loops of every fast kernel.
 ///
 /// They use `SIMD16<Float>` with two accumulators and separate multiply and add (never
@@ -9,6 +17,36 @@
 @usableFromInline
 enum Span {
     @usableFromInline typealias V = SIMD16<Float>
+
+    /// Whether the loops below hand their work to the AVX2 + FMA versions in `CNormSIMD`: on an
+    /// x86-64 CPU that has both, unless the environment sets `NORMKIT_SIMD=baseline` (which CI
+    /// uses to run the fast-kernel tests a second time on the portable loops).
+    @usableFromInline static let wide: Bool = {
+        #if arch(x86_64)
+            if let v = getenv("NORMKIT_SIMD"), String(cString: v) == "baseline" { return false }
+            return nk_simd_level() == 1
+        #else
+            return false
+        #endif
+    }()
+    /// The output size, in elements, from which outputs are written with non-temporal stores.
+    ///
+    /// AVX2 loops only: the last-level cache's size in Floats (32 MiB when the system does not
+    /// say). An output that large cannot stay in cache for the next layer anyway, and streaming it skips
+    /// the read-for-ownership of every output line, a third of a large pass's memory traffic.
+    @usableFromInline static let streamingElements: Int = {
+        var bytes = 32 << 20
+        #if os(Linux)
+            let reported = sysconf(Int32(_SC_LEVEL3_CACHE_SIZE))
+            if reported > 0 { bytes = reported }
+        #endif
+        return bytes / MemoryLayout<Float>.size
+    }()
+
+    /// Whether an output of `count` elements is written with non-temporal stores.
+    @inline(__always) @usableFromInline
+    static func streams(_ count: Int) -> Bool { wide && count >= streamingElements }
+
     /// Elements summed in Float before a flush to Double.
     @usableFromInline static let block = 2048
 
@@ -36,6 +74,13 @@ enum Span {
     @inline(__always) @usableFromInline
     static func shiftedSums(_ x: UnsafePointer<Float>, _ n: Int, shift s: Float) -> (Double, Double)
     {
+        #if arch(x86_64)
+            if wide {
+                var sums = (0.0, 0.0)
+                nk_shifted_sums(x, n, s, &sums.0, &sums.1)
+                return sums
+            }
+        #endif
         let sv = V(repeating: s)
         var total1 = 0.0
         var total2 = 0.0
@@ -119,8 +164,11 @@ enum Span {
     @inline(__always) @usableFromInline
     static func affine(
         _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int, shift s: Float,
-        scale a: Float, offset b: Float
+        scale a: Float, offset b: Float, stream: Bool = false
     ) {
+        #if arch(x86_64)
+            if wide { return nk_affine(x, y, n, s, a, b, stream ? 1 : 0) }
+        #endif
         let sv = V(repeating: s)
         let av = V(repeating: a)
         let bv = V(repeating: b)
@@ -139,8 +187,12 @@ enum Span {
     @inline(__always) @usableFromInline
     static func elementwise(
         _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int, shift s: Float,
-        rstd r: Float, term t: Float, gamma: UnsafePointer<Float>?, beta: UnsafePointer<Float>?
+        rstd r: Float, term t: Float, gamma: UnsafePointer<Float>?, beta: UnsafePointer<Float>?,
+        stream: Bool = false
     ) {
+        #if arch(x86_64)
+            if wide { return nk_elementwise(x, y, n, s, r, t, gamma, beta, stream ? 1 : 0) }
+        #endif
         let sv = V(repeating: s)
         let rv = V(repeating: r)
         let tv = V(repeating: t)
@@ -166,6 +218,13 @@ enum Span {
     static func gradientSums(
         _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ n: Int, shift s: Float
     ) -> (Double, Double) {
+        #if arch(x86_64)
+            if wide {
+                var sums = (0.0, 0.0)
+                nk_gradient_sums(x, dy, n, s, &sums.0, &sums.1)
+                return sums
+            }
+        #endif
         let sv = V(repeating: s)
         var total1 = 0.0
         var total2 = 0.0
@@ -212,6 +271,14 @@ enum Span {
         rstd r: Float, term t: Float, gamma: UnsafePointer<Float>,
         dgamma: UnsafeMutablePointer<Float>, dbeta: UnsafeMutablePointer<Float>
     ) -> (Double, Double) {
+        #if arch(x86_64)
+            if wide {
+                var sums = (0.0, 0.0)
+                nk_elementwise_gradient_sums(
+                    x, dy, n, s, r, t, gamma, dgamma, dbeta, &sums.0, &sums.1)
+                return sums
+            }
+        #endif
         let sv = V(repeating: s)
         let rv = V(repeating: r)
         let tv = V(repeating: t)
@@ -253,8 +320,12 @@ enum Span {
     @inline(__always) @usableFromInline
     static func gradient(
         _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>,
-        _ n: Int, shift s: Float, a: Float, b: Float, c: Float, gamma: UnsafePointer<Float>?
+        _ n: Int, shift s: Float, a: Float, b: Float, c: Float, gamma: UnsafePointer<Float>?,
+        stream: Bool = false
     ) {
+        #if arch(x86_64)
+            if wide { return nk_gradient(x, dy, dx, n, s, a, b, c, gamma, stream ? 1 : 0) }
+        #endif
         let sv = V(repeating: s)
         let av = V(repeating: a)
         let bv = V(repeating: b)
@@ -284,6 +355,15 @@ enum Span {
         rstd: UnsafePointer<Float>, term: UnsafePointer<Float>, gamma: Float,
         sums: UnsafeMutablePointer<Float>, products: UnsafeMutablePointer<Float>, rowSums: Bool
     ) -> (Float, Float) {
+        #if arch(x86_64)
+            if wide {
+                var totals: (Float, Float) = (0, 0)
+                nk_column_accumulate(
+                    x, dy, n, shift, rstd, term, gamma, sums, products, rowSums ? 1 : 0,
+                    &totals.0, &totals.1)
+                return totals
+            }
+        #endif
         let gv = V(repeating: gamma)
         var rowX = V()
         var rowD = V()

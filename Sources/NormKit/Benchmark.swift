@@ -50,6 +50,9 @@ public enum Benchmark {
         public var bandwidthGBps: Double
         /// The kernels used.
         public var kernels: KernelChoice
+        /// Every timed call in call order, milliseconds (to see warm-up drift or a bimodal
+        /// machine that a median and a minimum hide).
+        public var timesMilliseconds: [Double] = []
 
         /// effective / bandwidth.
         public var bandwidthFraction: Double { effectiveGBps / bandwidthGBps }
@@ -63,7 +66,8 @@ public enum Benchmark {
                 + "\"kernels\":\"\(kernels.rawValue)\","
                 + "\"median_ms\":\(format(medianMilliseconds)),\"min_ms\":\(format(minimumMilliseconds)),"
                 + "\"effective_gbps\":\(format(effectiveGBps)),\"bandwidth_gbps\":\(format(bandwidthGBps)),"
-                + "\"bandwidth_fraction\":\(format(bandwidthFraction))}"
+                + "\"bandwidth_fraction\":\(format(bandwidthFraction)),"
+                + "\"times_ms\":[\(timesMilliseconds.map(format).joined(separator: ","))]}"
         }
 
         /// A readable summary.
@@ -120,15 +124,18 @@ public enum Benchmark {
             blackHole(sink)
             if i >= 3 { times.append(seconds(elapsed)) }
         }
+        let inOrder = times.map { $0 * 1e3 }
         times.sort()
         let median = times[times.count / 2]
         let bytes = Double(x.count * pass.bytesPerElement)
-        return Result(
+        var result = Result(
             layer: entry.name, shape: shape, layout: options.layout, pass: pass,
             threads: threads,
             repeats: repeats, medianMilliseconds: median * 1e3, minimumMilliseconds: times[0] * 1e3,
             effectiveGBps: bytes / median / 1e9, bandwidthGBps: copyBandwidth(threads: threads),
             kernels: kernels)
+        result.timesMilliseconds = inOrder
+        return result
     }
 
     /// Random conditioning inputs of the shapes a conditional layer reads, for timing it.
