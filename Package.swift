@@ -63,7 +63,7 @@ let package = Package(
         .target(
             name: "LinearAlgebra",
             dependencies: [
-                "TensorCore",
+                "TensorCore", "CNormSIMD",
                 .target(name: "COpenBLAS", condition: .when(platforms: [.linux])),
                 .target(name: "CLAPACKE", condition: .when(platforms: [.linux])),
             ]),

@@ -5,12 +5,20 @@
 #include <immintrin.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define NK_WIDE __attribute__((target("avx2,fma")))
 
 int nk_simd_level(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+}
+
+int nk_simd_enabled(void) {
+    const char *setting = getenv("NORMKIT_SIMD");
+    if (setting && strcmp(setting, "baseline") == 0) return 0;
+    return nk_simd_level();
 }
 
 // Elements to write one by one before y is 32-byte aligned (non-temporal stores need it).
@@ -302,6 +310,116 @@ NK_WIDE void nk_column_gradient_row(const float *x, const float *dy, float *dx, 
         dx[i] = __builtin_fmaf(dy[i] * gamma, a[i], inner);
     }
     if (stream) _mm_sfence();
+}
+
+// c = a·b for small row-major matrices (a m×k, b k×n, c m×n, no aliasing). Two rows of c at a
+// time, 16 columns each, stay in eight registers (enough independent FMAs to cover the FMA
+// latency) while the k rows of b stream past; each load of b serves both rows.
+NK_WIDE static inline void nk_dgemm_rows(long rows, long n, long k, const double *a,
+                                         const double *b, double *c) {
+    const double *a0 = a, *a1 = rows > 1 ? a + k : a;
+    long j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m256d c0 = _mm256_setzero_pd(), c1 = c0, c2 = c0, c3 = c0;
+        __m256d c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+        for (long p = 0; p < k; p++) {
+            const double *bp = b + p * n + j;
+            const __m256d b0 = _mm256_loadu_pd(bp), b1 = _mm256_loadu_pd(bp + 4);
+            const __m256d b2 = _mm256_loadu_pd(bp + 8), b3 = _mm256_loadu_pd(bp + 12);
+            const __m256d s = _mm256_set1_pd(a0[p]), t = _mm256_set1_pd(a1[p]);
+            c0 = _mm256_fmadd_pd(s, b0, c0);
+            c1 = _mm256_fmadd_pd(s, b1, c1);
+            c2 = _mm256_fmadd_pd(s, b2, c2);
+            c3 = _mm256_fmadd_pd(s, b3, c3);
+            c4 = _mm256_fmadd_pd(t, b0, c4);
+            c5 = _mm256_fmadd_pd(t, b1, c5);
+            c6 = _mm256_fmadd_pd(t, b2, c6);
+            c7 = _mm256_fmadd_pd(t, b3, c7);
+        }
+        _mm256_storeu_pd(c + j, c0);
+        _mm256_storeu_pd(c + j + 4, c1);
+        _mm256_storeu_pd(c + j + 8, c2);
+        _mm256_storeu_pd(c + j + 12, c3);
+        if (rows > 1) {
+            _mm256_storeu_pd(c + n + j, c4);
+            _mm256_storeu_pd(c + n + j + 4, c5);
+            _mm256_storeu_pd(c + n + j + 8, c6);
+            _mm256_storeu_pd(c + n + j + 12, c7);
+        }
+    }
+    for (; j + 4 <= n; j += 4) {
+        __m256d c0 = _mm256_setzero_pd(), c4 = c0;
+        for (long p = 0; p < k; p++) {
+            const __m256d bv = _mm256_loadu_pd(b + p * n + j);
+            c0 = _mm256_fmadd_pd(_mm256_set1_pd(a0[p]), bv, c0);
+            c4 = _mm256_fmadd_pd(_mm256_set1_pd(a1[p]), bv, c4);
+        }
+        _mm256_storeu_pd(c + j, c0);
+        if (rows > 1) _mm256_storeu_pd(c + n + j, c4);
+    }
+    for (; j < n; j++) {
+        double v0 = 0, v1 = 0;
+        for (long p = 0; p < k; p++) {
+            v0 = __builtin_fma(a0[p], b[p * n + j], v0);
+            v1 = __builtin_fma(a1[p], b[p * n + j], v1);
+        }
+        c[j] = v0;
+        if (rows > 1) c[n + j] = v1;
+    }
+}
+
+NK_WIDE void nk_small_dgemm(long m, long n, long k, const double *a, const double *b, double *c) {
+    for (long i = 0; i < m; i += 2) {
+        nk_dgemm_rows(m - i > 1 ? 2 : 1, n, k, a + i * k, b, c + i * n);
+    }
+}
+
+// Rows r of C (r ≤ 4) over columns [j, j + w·8) for w ≤ 2 vectors: C += A·B (accumulate) or
+// C = A·B, with the r×w accumulators in registers for all k.
+#define NK_SGEMM_BLOCK(R, W)                                                                      \
+    do {                                                                                          \
+        __m256 acc[4][2];                                                                         \
+        for (int r = 0; r < (R); r++)                                                             \
+            for (int v = 0; v < (W); v++)                                                         \
+                acc[r][v] = accumulate ? _mm256_loadu_ps(c + (i + r) * ldc + j + 8 * v)           \
+                                       : _mm256_setzero_ps();                                     \
+        for (long p = 0; p < k; p++) {                                                            \
+            __m256 bv[2];                                                                         \
+            for (int v = 0; v < (W); v++) bv[v] = _mm256_loadu_ps(b + p * ldb + j + 8 * v);       \
+            for (int r = 0; r < (R); r++) {                                                       \
+                const __m256 s = _mm256_broadcast_ss(a + (i + r) * lda + p);                      \
+                for (int v = 0; v < (W); v++) acc[r][v] = _mm256_fmadd_ps(s, bv[v], acc[r][v]);   \
+            }                                                                                     \
+        }                                                                                         \
+        for (int r = 0; r < (R); r++)                                                             \
+            for (int v = 0; v < (W); v++) _mm256_storeu_ps(c + (i + r) * ldc + j + 8 * v, acc[r][v]); \
+    } while (0)
+
+NK_WIDE void nk_small_sgemm(long m, long n, long k, const float *a, long lda, const float *b,
+                            long ldb, float *c, long ldc, int accumulate) {
+    long i = 0;
+    for (; i + 4 <= m; i += 4) {
+        long j = 0;
+        for (; j + 16 <= n; j += 16) NK_SGEMM_BLOCK(4, 2);
+        for (; j + 8 <= n; j += 8) NK_SGEMM_BLOCK(4, 1);
+        for (; j < n; j++) {
+            for (int r = 0; r < 4; r++) {
+                float v = accumulate ? c[(i + r) * ldc + j] : 0;
+                for (long p = 0; p < k; p++) v = __builtin_fmaf(a[(i + r) * lda + p], b[p * ldb + j], v);
+                c[(i + r) * ldc + j] = v;
+            }
+        }
+    }
+    for (; i < m; i++) {
+        long j = 0;
+        for (; j + 16 <= n; j += 16) NK_SGEMM_BLOCK(1, 2);
+        for (; j + 8 <= n; j += 8) NK_SGEMM_BLOCK(1, 1);
+        for (; j < n; j++) {
+            float v = accumulate ? c[i * ldc + j] : 0;
+            for (long p = 0; p < k; p++) v = __builtin_fmaf(a[i * lda + p], b[p * ldb + j], v);
+            c[i * ldc + j] = v;
+        }
+    }
 }
 
 #endif

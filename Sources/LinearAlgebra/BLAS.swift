@@ -1,3 +1,4 @@
+import CNormSIMD
 import TensorCore
 
 #if canImport(Accelerate)
@@ -8,8 +9,11 @@ import TensorCore
 
 /// Matrix products through the platform BLAS (OpenBLAS on Linux, Accelerate on Apple).
 ///
-/// Row-major `C ← α·op(A)·op(B) + β·C` with `op` the identity or the transpose; NormKit writes no
-/// GEMM of its own.
+/// Row-major `C ← α·op(A)·op(B) + β·C` with `op` the identity or the transpose. Two shapes skip
+/// the library on x86-64 machines with AVX2 and FMA (``registerKernels``): Float products with
+/// a short inner dimension (a whitening matrix times rows of data), and small Double products
+/// (``Matrix/product(_:_:transposeA:transposeB:)``); at those sizes BLAS spends more time
+/// packing its operands than multiplying.
 public enum BLAS {
     /// OpenBLAS starts single-threaded in NormKit.
     ///
@@ -21,6 +25,20 @@ public enum BLAS {
         #endif
         return true
     }()
+
+    /// Whether the AVX2 + FMA register kernels of `CNormSIMD` replace BLAS for the small
+    /// shapes named above: on x86-64 with AVX2 and FMA, unless the environment sets
+    /// `NORMKIT_SIMD=baseline`.
+    public static let registerKernels: Bool = {
+        #if arch(x86_64)
+            return nk_simd_enabled() == 1
+        #else
+            return false
+        #endif
+    }()
+
+    /// The longest inner dimension k for which a Float product runs in the register kernel.
+    static let registerKernelDepth = 64
 
     /// Limits the BLAS library's own threads (OpenBLAS keeps a pool); the default is 1.
     ///
@@ -84,6 +102,18 @@ public enum BLAS {
         _ a: UnsafePointer<T>, lda: Int, _ b: UnsafePointer<T>, ldb: Int, beta: T = 0,
         _ c: UnsafeMutablePointer<T>, ldc: Int
     ) {
+        #if arch(x86_64)
+            if T.self == Float.self, registerKernels, !transposeA, !transposeB, alpha == 1,
+                beta == 0 || beta == 1, k <= registerKernelDepth
+            {
+                nk_small_sgemm(
+                    m, n, k, UnsafeRawPointer(a).assumingMemoryBound(to: Float.self), lda,
+                    UnsafeRawPointer(b).assumingMemoryBound(to: Float.self), ldb,
+                    UnsafeMutableRawPointer(c).assumingMemoryBound(to: Float.self), ldc,
+                    beta == 1 ? 1 : 0)
+                return
+            }
+        #endif
         _ = startsSingleThreaded
         let ta = transposeA ? CblasTrans : CblasNoTrans
         let tb = transposeB ? CblasTrans : CblasNoTrans

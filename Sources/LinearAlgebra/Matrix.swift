@@ -1,3 +1,4 @@
+import CNormSIMD
 import TensorCore
 
 #if canImport(Accelerate)
@@ -58,7 +59,10 @@ public struct Matrix: Sendable, Equatable {
     /// The trace.
     public var trace: Double { (0..<min(rows, cols)).reduce(0) { $0 + self[$1, $1] } }
 
-    /// op(a)·op(b) through BLAS.
+    /// op(a)·op(b) through BLAS; untransposed products of at most 32³ multiply-adds (the
+    /// whitening layers' d × d algebra for d ≤ 32) run in `CNormSIMD`'s AVX2 + FMA loop instead
+    /// (see ``BLAS/registerKernels``): at these sizes `dgemm` spends more time packing and
+    /// zeroing than multiplying.
     public static func product(
         _ a: Matrix, _ b: Matrix, transposeA: Bool = false, transposeB: Bool = false
     ) -> Matrix {
@@ -67,6 +71,19 @@ public struct Matrix: Sendable, Equatable {
         let n = transposeB ? b.rows : b.cols
         precondition(k == (transposeB ? b.cols : b.rows), "Matrix product sizes do not agree.")
         var c = Matrix(rows: m, cols: n)
+        #if arch(x86_64)
+            if BLAS.registerKernels, !transposeA, !transposeB, m * n * k <= 1 << 15 {
+                a.values.withUnsafeBufferPointer { pa in
+                    b.values.withUnsafeBufferPointer { pb in
+                        c.values.withUnsafeMutableBufferPointer { pc in
+                            nk_small_dgemm(
+                                m, n, k, pa.baseAddress!, pb.baseAddress!, pc.baseAddress!)
+                        }
+                    }
+                }
+                return c
+            }
+        #endif
         a.values.withUnsafeBufferPointer { pa in
             b.values.withUnsafeBufferPointer { pb in
                 c.values.withUnsafeMutableBufferPointer { pc in

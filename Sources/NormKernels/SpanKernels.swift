@@ -23,8 +23,7 @@ enum Span {
     /// uses to run the fast-kernel tests a second time on the portable loops).
     @usableFromInline static let wide: Bool = {
         #if arch(x86_64)
-            if let v = getenv("NORMKIT_SIMD"), String(cString: v) == "baseline" { return false }
-            return nk_simd_level() == 1
+            return nk_simd_enabled() == 1
         #else
             return false
         #endif

@@ -242,5 +242,52 @@ struct SIMDLoopTests {
                 }
             }
         }
+
+        /// The register GEMM kernels behind `BLAS.gemm` (Float, short k) and `Matrix.product`
+        /// (small Double), on awkward sizes and row strides wider than the rows.
+        @Test("AVX2 small GEMM kernels", arguments: [1, 3, 4, 5, 16, 17])
+        func smallProducts(m: Int) {
+            guard nk_simd_level() == 1 else { return }
+            for n in [1, 7, 8, 15, 16, 17, 33, 100] {
+                for k in [1, 3, 16, 17] {
+                    let (lda, ldb, ldc) = (k + 2, n + 3, n + 1)
+                    let a = Self.values(m * lda, seed: UInt64(m * 100 + n * 10 + k))
+                    let b = Self.values(k * ldb, seed: UInt64(m * 100 + n * 10 + k) + 1)
+                    for accumulate: Int32 in [0, 1] {
+                        let start = Self.values(m * ldc, seed: UInt64(n))
+                        var c = start
+                        nk_small_sgemm(m, n, k, a, lda, b, ldb, &c, ldc, accumulate)
+                        for i in 0..<m {
+                            for j in 0..<n {
+                                var want = accumulate == 1 ? Double(start[i * ldc + j]) : 0
+                                for p in 0..<k {
+                                    want += Double(a[i * lda + p]) * Double(b[p * ldb + j])
+                                }
+                                #expect(
+                                    Self.close(c[i * ldc + j], want, scale: Double(k)),
+                                    "sgemm \(m)×\(n)×\(k) at (\(i), \(j))")
+                            }
+                            // The padding beyond n is left alone.
+                            for j in n..<ldc {
+                                #expect(c[i * ldc + j] == start[i * ldc + j], "sgemm padding")
+                            }
+                        }
+                    }
+                    let ad = Self.values(m * k, seed: UInt64(k)).map { Double($0) / 3 }
+                    let bd = Self.values(k * n, seed: UInt64(k) + 7).map { Double($0) / 7 }
+                    var cd = [Double](repeating: .nan, count: m * n)
+                    nk_small_dgemm(m, n, k, ad, bd, &cd)
+                    for i in 0..<m {
+                        for j in 0..<n {
+                            var want = 0.0
+                            for p in 0..<k { want += ad[i * k + p] * bd[p * n + j] }
+                            #expect(
+                                abs(cd[i * n + j] - want) <= 1e-14 * Double(k),
+                                "dgemm \(m)×\(n)×\(k) at (\(i), \(j))")
+                        }
+                    }
+                }
+            }
+        }
     #endif
 }

@@ -14,6 +14,10 @@
 /// 1 when the CPU has AVX2 and FMA, else 0.
 int nk_simd_level(void);
 
+/// nk_simd_level(), or 0 when the environment sets NORMKIT_SIMD=baseline (the portable loops,
+/// which CI tests this way): the switch every caller of the functions below consults.
+int nk_simd_enabled(void);
+
 /// y = a·(x − s) + b over n elements; stream != 0 writes y with non-temporal stores.
 void nk_affine(const float *x, float *y, long n, float s, float a, float b, int stream);
 
@@ -57,6 +61,16 @@ void nk_column_accumulate(const float *x, const float *dy, long n, const float *
 void nk_column_gradient_row(const float *x, const float *dy, float *dx, long n,
                             const float *shift, const float *a, const float *b, const float *c,
                             float gamma, int stream);
+
+/// c = a·b for row-major a (m×k), b (k×n), c (m×n) that do not overlap; meant for the d × d
+/// whitening algebra (d ≤ 32), where a BLAS call costs more than the arithmetic.
+void nk_small_dgemm(long m, long n, long k, const double *a, const double *b, double *c);
+
+/// C = A·B, or C += A·B when accumulate != 0, for row-major A (m×k, row stride lda), B (k×n,
+/// ldb) and C (m×n, ldc) in Float, with k small (the d × d whitening matrix times d rows of
+/// data): no packing, four rows of C by sixteen columns in registers for the whole of k.
+void nk_small_sgemm(long m, long n, long k, const float *a, long lda, const float *b, long ldb,
+                    float *c, long ldc, int accumulate);
 
 #endif
 #endif
