@@ -138,39 +138,79 @@ NK_WIDE void nk_gradient_sums(const float *x, const float *dy, long n, float s, 
     nk_weighted_sums(x, dy, n, s, sum, products);
 }
 
-NK_WIDE void nk_elementwise_gradient_sums(const float *x, const float *dy, long n, float s,
-                                          float r, float t, const float *gamma, float *dgamma,
-                                          float *dbeta, double *sum, double *products) {
-    const __m256 sv = _mm256_set1_ps(s), rv = _mm256_set1_ps(r), tv = _mm256_set1_ps(t);
-    double t1 = 0, t2 = 0;
+// R rows (R ≤ 4, a constant after inlining) of length n, `stride` apart, sharing γ: per row
+// Σ g and Σ g·(x − s) with g = dy·γ (Float over blocks of NK_BLOCK columns, then Double), and
+// Σ over the R rows of dy·x̂ and dy added to dgamma and dbeta once per column: the partials
+// are read and written once per R rows instead of once per row.
+NK_WIDE __attribute__((always_inline)) static inline void nk_rows_gradient_sums(
+    int R, const float *x, const float *dy, long stride, long n, const float *s, const float *r,
+    const float *t, const float *gamma, float *dgamma, float *dbeta, double *sums,
+    double *products) {
+    double t1[4] = {0, 0, 0, 0}, t2[4] = {0, 0, 0, 0};
     long i = 0;
     while (i < n) {
         long end = i + NK_BLOCK < n ? i + NK_BLOCK : n;
-        __m256 a0 = _mm256_setzero_ps(), q0 = a0;
+        __m256 a[4], q[4];
+        for (int k = 0; k < R; k++) a[k] = q[k] = _mm256_setzero_ps();
         for (; i + 8 <= end; i += 8) {
-            __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i), sv);
-            __m256 dyv = _mm256_loadu_ps(dy + i);
-            __m256 g = _mm256_mul_ps(dyv, _mm256_loadu_ps(gamma + i));
-            a0 = _mm256_add_ps(a0, g);
-            q0 = _mm256_fmadd_ps(g, d, q0);
-            __m256 xhat = _mm256_fmadd_ps(d, rv, tv);
-            _mm256_storeu_ps(dgamma + i, _mm256_fmadd_ps(dyv, xhat, _mm256_loadu_ps(dgamma + i)));
-            _mm256_storeu_ps(dbeta + i, _mm256_add_ps(_mm256_loadu_ps(dbeta + i), dyv));
+            const __m256 gv = _mm256_loadu_ps(gamma + i);
+            __m256 dg = _mm256_setzero_ps(), db = dg;
+            for (int k = 0; k < R; k++) {
+                __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + k * stride + i), _mm256_set1_ps(s[k]));
+                __m256 dyv = _mm256_loadu_ps(dy + k * stride + i);
+                __m256 g = _mm256_mul_ps(dyv, gv);
+                a[k] = _mm256_add_ps(a[k], g);
+                q[k] = _mm256_fmadd_ps(g, d, q[k]);
+                __m256 xhat = _mm256_fmadd_ps(d, _mm256_set1_ps(r[k]), _mm256_set1_ps(t[k]));
+                dg = _mm256_fmadd_ps(dyv, xhat, dg);
+                db = _mm256_add_ps(db, dyv);
+            }
+            _mm256_storeu_ps(dgamma + i, _mm256_add_ps(_mm256_loadu_ps(dgamma + i), dg));
+            _mm256_storeu_ps(dbeta + i, _mm256_add_ps(_mm256_loadu_ps(dbeta + i), db));
         }
-        float r1 = 0, r2 = 0;
+        float r1[4] = {0, 0, 0, 0}, r2[4] = {0, 0, 0, 0};
         for (; i < end; i++) {
-            float d = x[i] - s;
-            float g = dy[i] * gamma[i];
-            r1 += g;
-            r2 = __builtin_fmaf(g, d, r2);
-            dgamma[i] = __builtin_fmaf(dy[i], __builtin_fmaf(d, r, t), dgamma[i]);
-            dbeta[i] += dy[i];
+            float dg = 0, db = 0;
+            for (int k = 0; k < R; k++) {
+                float d = x[k * stride + i] - s[k];
+                float dyk = dy[k * stride + i];
+                float g = dyk * gamma[i];
+                r1[k] += g;
+                r2[k] = __builtin_fmaf(g, d, r2[k]);
+                dg = __builtin_fmaf(dyk, __builtin_fmaf(d, r[k], t[k]), dg);
+                db += dyk;
+            }
+            dgamma[i] += dg;
+            dbeta[i] += db;
         }
-        t1 += (double)nk_hsum(a0) + (double)r1;
-        t2 += (double)nk_hsum(q0) + (double)r2;
+        for (int k = 0; k < R; k++) {
+            t1[k] += (double)nk_hsum(a[k]) + (double)r1[k];
+            t2[k] += (double)nk_hsum(q[k]) + (double)r2[k];
+        }
     }
-    *sum = t1;
-    *products = t2;
+    for (int k = 0; k < R; k++) {
+        sums[k] = t1[k];
+        products[k] = t2[k];
+    }
+}
+
+NK_WIDE void nk_elementwise_gradient_sums(const float *x, const float *dy, long n, float s,
+                                          float r, float t, const float *gamma, float *dgamma,
+                                          float *dbeta, double *sum, double *products) {
+    nk_rows_gradient_sums(1, x, dy, 0, n, &s, &r, &t, gamma, dgamma, dbeta, sum, products);
+}
+
+NK_WIDE void nk_rows_elementwise_gradient_sums(long rows, const float *x, const float *dy,
+                                               long stride, long n, const float *s,
+                                               const float *r, const float *t,
+                                               const float *gamma, float *dgamma, float *dbeta,
+                                               double *sums, double *products) {
+    switch (rows) {
+    case 1: nk_rows_gradient_sums(1, x, dy, stride, n, s, r, t, gamma, dgamma, dbeta, sums, products); break;
+    case 2: nk_rows_gradient_sums(2, x, dy, stride, n, s, r, t, gamma, dgamma, dbeta, sums, products); break;
+    case 3: nk_rows_gradient_sums(3, x, dy, stride, n, s, r, t, gamma, dgamma, dbeta, sums, products); break;
+    default: nk_rows_gradient_sums(4, x, dy, stride, n, s, r, t, gamma, dgamma, dbeta, sums, products); break;
+    }
 }
 
 NK_WIDE void nk_gradient(const float *x, const float *dy, float *dx, long n, float s, float a,

@@ -1,3 +1,5 @@
+import CNormSIMD
+
 extension FastNormKernel {
     /// The sets of a row geometry, processed whole by one chunk each.
     struct RowPlan {
@@ -47,9 +49,15 @@ extension FastNormKernel {
         }
 
         /// Groups of consecutive sets for the passes that keep partial parameter gradients: one
-        /// per 32K elements, at most 64 (parenthesised: `>>` binds tighter than `*` in Swift, and
-        /// `rows * length >> 15` once put every row backward on one thread).
-        var gradientGroups: Int { max(1, min(setCount, 64, (rows * length) >> 15)) }
+        /// per 32K elements, at most 64, and at most max(16, 64K / parameters) so that the
+        /// Double partials (zeroed, then merged serially) stay small: with 64 groups of 4096
+        /// parameters, LayerNorm (4096, 4096) backward spent a fifth of its time on them.
+        /// (Parenthesised: `>>` binds tighter than `*` in Swift, and `rows * length >> 15` once
+        /// put every row backward on one thread.)
+        func gradientGroups(parameters: Int) -> Int {
+            let byParameters = max(16, (1 << 16) / max(parameters, 1))
+            return max(1, min(setCount, 64, byParameters, (rows * length) >> 15))
+        }
 
         /// Sets of group k when the sets are cut into `groups` groups of consecutive sets.
         func group(_ k: Int, of groups: Int) -> Range<Int> {
@@ -263,13 +271,16 @@ extension FastNormKernel {
         }
         // Groups of consecutive sets, fixed by the sizes alone: each keeps partial parameter
         // gradients, merged in group order afterwards.
-        let chunks = plan.gradientGroups
-        let hasGamma = gamma != nil
         let parameterCount = dgamma.count
+        let chunks = plan.gradientGroups(parameters: parameterCount)
+        let hasGamma = gamma != nil
         var partialGamma = [Double](repeating: 0, count: hasGamma ? chunks * parameterCount : 0)
         var partialBeta = [Double](repeating: 0, count: hasGamma ? chunks * parameterCount : 0)
         let elementwise: Bool
         if case .elementwise = plan.gamma { elementwise = true } else { elementwise = false }
+        // One row per set sharing one γ (LayerNorm, RMSNorm): blocks of four rows.
+        let rowBlocks =
+            Span.wide && elementwise && hasGamma && plan.rowsPerSet == 1 && plan.cycle == 1
         partialGamma.withUnsafeMutableBufferPointer { pg in
             partialBeta.withUnsafeMutableBufferPointer { pb in
                 Parallelism.forEachChunk(chunks, work: plan.rows * plan.length) { k in
@@ -280,6 +291,18 @@ extension FastNormKernel {
                         repeating: 0, count: elementwise && hasGamma ? 2 * parameterCount : 0)
                     scratch.withUnsafeMutableBufferPointer { sp in
                         let sets = plan.group(k, of: chunks)
+                        #if arch(x86_64)
+                            if rowBlocks, let gamma, let base = sp.baseAddress, let dgOut,
+                                let dbOut
+                            {
+                                rowsBackwardInBlocks(
+                                    x, dy, plan, sets: sets, mean: mean, rstd: rstd,
+                                    operation: op, constant: statisticsAreConstant, gamma: gamma,
+                                    dx: dx, dgamma: dgOut, dbeta: dbOut, scratch: base,
+                                    parameterCount: parameterCount)
+                                return
+                            }
+                        #endif
                         for (done, s) in sets.enumerated() {
                             if done % 64 == 63, elementwise, hasGamma, let base = sp.baseAddress,
                                 let dgOut, let dbOut
@@ -407,6 +430,70 @@ extension FastNormKernel {
         }
     }
 
+    #if arch(x86_64)
+        /// The backward of `sets` when every set is one row and all rows share one γ.
+        ///
+        /// LayerNorm and RMSNorm, AVX2 only: four rows at a time go through
+        /// `nk_rows_elementwise_gradient_sums`, which adds their dγ and dβ to the Float
+        /// `scratch` partials once per column instead of once per row, then each row's dx is
+        /// written while the rows are still in cache. The partials are flushed to `dgamma`,
+        /// `dbeta` every 64 rows, as on the row-by-row path.
+        static func rowsBackwardInBlocks(
+            _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: RowPlan,
+            sets: Range<Int>, mean: [Double], rstd: [Double],
+            operation op: ReferenceNormKernel.Operation, constant: Bool,
+            gamma: UnsafePointer<Float>, dx: UnsafeMutablePointer<Float>,
+            dgamma: UnsafeMutablePointer<Double>, dbeta: UnsafeMutablePointer<Double>,
+            scratch: UnsafeMutablePointer<Float>, parameterCount: Int
+        ) {
+            let length = plan.length
+            // Per block: shift, rstd and term of each row (Float), then its two sums (Double).
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: 12) { table in
+                withUnsafeTemporaryAllocation(of: Double.self, capacity: 8) { results in
+                    let (sp, rp, tp) = (
+                        table.baseAddress!, table.baseAddress! + 4, table.baseAddress! + 8
+                    )
+                    let (up, pp) = (results.baseAddress!, results.baseAddress! + 4)
+                    var first = sets.lowerBound
+                    var sinceFlush = 0
+                    while first < sets.upperBound {
+                        let count = min(4, sets.upperBound - first)
+                        if sinceFlush >= 64 {
+                            Span.flush(scratch, into: dgamma, parameterCount)
+                            Span.flush(scratch + parameterCount, into: dbeta, parameterCount)
+                            sinceFlush = 0
+                        }
+                        for q in 0..<count {
+                            let m = mean[first + q]
+                            sp[q] = Float(m)
+                            rp[q] = Float(rstd[first + q])
+                            tp[q] = Float((Double(sp[q]) - m) * rstd[first + q])
+                        }
+                        let base = first * length
+                        nk_rows_elementwise_gradient_sums(
+                            count, x + base, dy + base, length, length, sp, rp, tp, gamma,
+                            scratch, scratch + parameterCount, up, pp)
+                        for q in 0..<count {
+                            let s = first + q
+                            let t = (Double(sp[q]) - mean[s]) * rstd[s]
+                            let (a, b, c) = gradientCoefficients(
+                                n: plan.setSize, rstd: rstd[s], term: t, sumG: up[q],
+                                sumGD: pp[q], operation: op, constant: constant)
+                            let row = base + q * length
+                            Span.gradient(
+                                x + row, dy + row, dx + row, length, shift: sp[q], a: Float(a),
+                                b: Float(b), c: Float(c), gamma: gamma, stream: plan.stream)
+                        }
+                        first += count
+                        sinceFlush += count
+                    }
+                }
+            }
+            Span.flush(scratch, into: dgamma, parameterCount)
+            Span.flush(scratch + parameterCount, into: dbeta, parameterCount)
+        }
+    #endif
+
     @inline(__always)
     static func rowsBackwardSet(
         _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: RowPlan, set s: Int,
@@ -516,7 +603,7 @@ extension FastNormKernel {
         _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ plan: RowPlan, mean: [Double],
         rstd: [Double], gamma: UnsafePointer<Float>?, parameterCount: Int
     ) -> GradientSums {
-        let chunks = plan.gradientGroups
+        let chunks = plan.gradientGroups(parameters: parameterCount)
         let hasGamma = gamma != nil
         var result = GradientSums(
             sumG: [Double](repeating: 0, count: plan.setCount),

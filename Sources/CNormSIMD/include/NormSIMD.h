@@ -39,6 +39,14 @@ void nk_elementwise_gradient_sums(const float *x, const float *dy, long n, float
                                   float t, const float *gamma, float *dgamma, float *dbeta,
                                   double *sum, double *products);
 
+/// nk_elementwise_gradient_sums for `rows` (1 to 4) rows `stride` elements apart that share γ,
+/// with per-row shift, rstd and term; per-row sums in sums[k], products[k], and the rows' dy·x̂
+/// and dy added to dgamma and dbeta once per column (LayerNorm and RMSNorm backward).
+void nk_rows_elementwise_gradient_sums(long rows, const float *x, const float *dy, long stride,
+                                       long n, const float *s, const float *r, const float *t,
+                                       const float *gamma, float *dgamma, float *dbeta,
+                                       double *sums, double *products);
+
 /// dx = a·dy·γ + b·(x − s) + c (γ per element, or NULL for 1).
 void nk_gradient(const float *x, const float *dy, float *dx, long n, float s, float a, float b,
                  float c, const float *gamma, int stream);
