@@ -40,6 +40,10 @@ public enum BLAS {
     /// The longest inner dimension k for which a Float product runs in the register kernel.
     static let registerKernelDepth = 64
 
+    /// The most multiply-adds (m·n·k, 32³) of a Double ``Matrix`` product that runs in the
+    /// register kernel.
+    static let registerKernelDoubleWork = 1 << 15
+
     /// Limits the BLAS library's own threads (OpenBLAS keeps a pool); the default is 1.
     ///
     /// The setting is process-wide: call it before work starts (`normkit train --threads`),

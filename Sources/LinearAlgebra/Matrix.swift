@@ -72,7 +72,9 @@ public struct Matrix: Sendable, Equatable {
         precondition(k == (transposeB ? b.cols : b.rows), "Matrix product sizes do not agree.")
         var c = Matrix(rows: m, cols: n)
         #if arch(x86_64)
-            if BLAS.registerKernels, !transposeA, !transposeB, m * n * k <= 1 << 15 {
+            if BLAS.registerKernels, !transposeA, !transposeB,
+                m * n * k <= BLAS.registerKernelDoubleWork
+            {
                 a.values.withUnsafeBufferPointer { pa in
                     b.values.withUnsafeBufferPointer { pb in
                         c.values.withUnsafeMutableBufferPointer { pc in

@@ -447,13 +447,16 @@ extension FastNormKernel {
             scratch: UnsafeMutablePointer<Float>, parameterCount: Int
         ) {
             let length = plan.length
-            // Per block: shift, rstd and term of each row (Float), then its two sums (Double).
+            // Per block: shift, rstd and term of each row (Float), its term in Double and its
+            // two sums (Double).
             withUnsafeTemporaryAllocation(of: Float.self, capacity: 12) { table in
-                withUnsafeTemporaryAllocation(of: Double.self, capacity: 8) { results in
+                withUnsafeTemporaryAllocation(of: Double.self, capacity: 12) { results in
                     let (sp, rp, tp) = (
                         table.baseAddress!, table.baseAddress! + 4, table.baseAddress! + 8
                     )
-                    let (up, pp) = (results.baseAddress!, results.baseAddress! + 4)
+                    let (up, pp, terms) = (
+                        results.baseAddress!, results.baseAddress! + 4, results.baseAddress! + 8
+                    )
                     var first = sets.lowerBound
                     var sinceFlush = 0
                     while first < sets.upperBound {
@@ -467,7 +470,8 @@ extension FastNormKernel {
                             let m = mean[first + q]
                             sp[q] = Float(m)
                             rp[q] = Float(rstd[first + q])
-                            tp[q] = Float((Double(sp[q]) - m) * rstd[first + q])
+                            terms[q] = (Double(sp[q]) - m) * rstd[first + q]
+                            tp[q] = Float(terms[q])
                         }
                         let base = first * length
                         nk_rows_elementwise_gradient_sums(
@@ -475,9 +479,8 @@ extension FastNormKernel {
                             scratch, scratch + parameterCount, up, pp)
                         for q in 0..<count {
                             let s = first + q
-                            let t = (Double(sp[q]) - mean[s]) * rstd[s]
                             let (a, b, c) = gradientCoefficients(
-                                n: plan.setSize, rstd: rstd[s], term: t, sumG: up[q],
+                                n: plan.setSize, rstd: rstd[s], term: terms[q], sumG: up[q],
                                 sumGD: pp[q], operation: op, constant: constant)
                             let row = base + q * length
                             Span.gradient(
